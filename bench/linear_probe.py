@@ -1,0 +1,68 @@
+"""The `cached` probe against moco's main_lincls protocol on the same frozen backbone and data.
+
+Prints each protocol's wall time and top-1, and the time ratio. The backbone is a pretraining
+checkpoint (``--checkpoint``; by default the quickstart's MoCo v2 + MLP one if it exists, else a
+random-init backbone). Both protocols run the same number of epochs with the same classifier, lr
+schedule and seed.
+
+    python bench/linear_probe.py [--epochs 30] [--checkpoint runs/quickstart/pretrain/<key>/checkpoints/final.pt]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from evaluators.linear_probe import linear_probe
+from pipeline.grid import load_grid
+from pipeline.spec import to_dict
+from trainers.pretrain import pretrain
+from trainers.sink import ListSink
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quickstart_checkpoint() -> Path | None:
+    for spec_file in sorted((REPO / "runs" / "quickstart" / "pretrain").glob("*/spec.json")):
+        spec = json.loads(spec_file.read_text())["spec"]
+        done = spec_file.parent / "DONE"
+        if done.exists() and spec["pretrain"]["method"] == "mocov2" and spec["pretrain"]["head"]["kind"] == "mlp":
+            return spec_file.parent / "checkpoints" / "final.pt"
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--checkpoint", type=Path)
+    args = ap.parse_args()
+    cfg = load_grid(REPO / "grids" / "quickstart.yaml").cells[0].config
+    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "linear_probe": to_dict(cfg.linear_probe)}
+    spec["linear_probe"]["epochs"] = args.epochs
+    tmp = Path(tempfile.mkdtemp(prefix="bench-probe-"))
+    ckpt = args.checkpoint or quickstart_checkpoint()
+    if ckpt is None:
+        spec["pretrain"] = dict(to_dict(cfg.pretrain), method="none")
+        ckpt = Path(pretrain(spec, tmp / "pre", ListSink())["checkpoint"])
+        print("backbone: random init (run `make quickstart` first to probe a MoCo v2 backbone)")
+    else:
+        print(f"backbone: {ckpt}")
+    print(f"torch threads: {torch.get_num_threads()}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}, "
+          f"epochs: {args.epochs}, train images: {cfg.dataset.num_train}")
+    results = {}
+    for mode in ("cached", "moco"):
+        spec["linear_probe"]["mode"] = mode
+        t0 = time.perf_counter()
+        r = linear_probe(spec, {"checkpoint": str(ckpt)}, tmp / mode, ListSink())
+        results[mode] = (time.perf_counter() - t0, r["top1"])
+        print(f"{mode:>7}: {results[mode][0]:8.1f} s   top-1 {r['top1']:.2f}")
+    (tc, ac), (tm, am) = results["cached"], results["moco"]
+    print(f"speed-up cached vs moco: {tm / tc:.1f}x   |delta top-1| = {abs(ac - am):.2f} pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Run callables as Ray tasks: on a private local cluster (the default) or on an existing one.
+
+Plain ``@ray.remote`` functions that pass ObjectRefs build the DAG: Ray Workflows were removed
+after Ray 2.47 and ``.bind()`` DAGs are deprecated in 2.60. A task whose argument is the ObjectRef
+of a failed task is not run; Ray fails it with the upstream error.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+
+
+class ResourceError(Exception):
+    """A task asks for more than the cluster has; it would wait forever."""
+
+
+class ConnectError(Exception):
+    """The Ray cluster at the given address cannot be joined."""
+
+
+class RayBackend:
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+                 env_vars: dict[str, str] | None = None):
+        self.address = address
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.env_vars = env_vars or {}
+        self._remote: dict[Callable, Any] = {}
+
+    def __enter__(self) -> RayBackend:
+        kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
+                                      logging_level="ERROR", runtime_env={"env_vars": self.env_vars})
+        if self.address is None:
+            # "local" always starts a private cluster; a bare ray.init() may join one already running
+            kwargs.update(address="local", num_cpus=self.num_cpus, num_gpus=self.num_gpus)
+        else:
+            kwargs.pop("include_dashboard")
+            kwargs["address"] = self.address
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError) as err:
+            hint = ""
+            if "auth" in str(err).lower() or "token" in str(err).lower():
+                hint = (" The cluster uses token authentication: export RAY_AUTH_MODE=token and the cluster's "
+                        "token (RAY_AUTH_TOKEN, or ~/.ray/auth_token on this machine).")
+            raise ConnectError(f"cannot join the Ray cluster at {self.address}: {str(err).splitlines()[-1]}.{hint}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ray.shutdown()  # stops a cluster we started; only disconnects from one we joined
+
+    def resources(self) -> dict[str, float]:
+        return dict(ray.cluster_resources())
+
+    def check_fits(self, label: str, cpus: float, gpus: float) -> None:
+        total = self.resources()
+        for name, want in (("CPU", cpus), ("GPU", gpus)):
+            have = total.get(name, 0.0)
+            if want > have:
+                raise ResourceError(f"{label} asks for {want:g} {name}s but the Ray cluster has {have:g}")
+
+    def submit(self, fn: Callable, args: Sequence[Any], *, name: str, cpus: float, gpus: float,
+               retries: int = 0) -> ray.ObjectRef:
+        if fn not in self._remote:
+            self._remote[fn] = ray.remote(fn)
+        return self._remote[fn].options(num_cpus=cpus, num_gpus=gpus, name=name, max_retries=retries,
+                                        retry_exceptions=False).remote(*args)
+
+    @staticmethod
+    def wait(refs: list, timeout: float) -> tuple[list, list]:
+        if not refs:
+            return [], []
+        return ray.wait(refs, num_returns=len(refs), timeout=timeout)
+
+    @staticmethod
+    def outcome(ref: ray.ObjectRef) -> tuple[bool, Any]:
+        """(True, value) or (False, the exception)."""
+        try:
+            return True, ray.get(ref)
+        except Exception as err:  # RayTaskError wraps the task's exception; WorkerCrashedError etc.
+            return False, err
+
+
+def local_env() -> dict[str, str]:
+    """Environment a worker needs to see what the driver sees."""
+    keep = ("SSLGRID_CACHE", "MLFLOW_TRACKING_URI", "PYTHONPATH")
+    return {k: os.environ[k] for k in keep if k in os.environ}

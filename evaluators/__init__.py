@@ -1,0 +1,1 @@
+"""Pure PyTorch evaluations of a pretrained backbone. May import trainers' builders, never the reverse."""

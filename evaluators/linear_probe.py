@@ -1,0 +1,99 @@
+"""Linear probe on a frozen backbone: top-1 of a linear classifier on pooled features h.
+
+Two protocols, recorded in the result as ``protocol``:
+
+- ``moco``: facebookresearch/moco main_lincls.py. Every epoch sees fresh RandomResizedCrop + flip
+  views pushed through the frozen backbone (in eval mode, so BN statistics cannot move); fc
+  initialised N(0, 0.01), SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, ×0.1 at 60 and 80.
+- ``cached`` (default): the backbone runs once over un-augmented train and val images; the same
+  classifier and schedule are then trained on the stored features. This trades the probe's crop
+  augmentation for a cost independent of the backbone; bench/linear_probe.py measures both.
+
+Validation is on the un-augmented ``val`` split, after every epoch. Like main_lincls's
+``sanity_check``, the stage fails if any backbone tensor (weights or BN statistics) changed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainers.augment import AugmentParams, eval_view, probe_view
+from trainers.data import load_split
+from trainers.loop import LoopConfig, device, fit
+from trainers.pretrain import load_backbone
+from trainers.sink import Sink
+
+PROTOCOLS = ("cached", "moco")
+
+
+class BackboneChanged(AssertionError):
+    pass
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, images: torch.Tensor, aug: AugmentParams, batch: int = 512) -> torch.Tensor:
+    dev = next(backbone.parameters()).device
+    out = [backbone(eval_view(images[i:i + batch].to(dev), aug)).float().cpu() for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def sanity_check(backbone: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """Every backbone tensor must equal its value before the probe (moco main_lincls sanity_check)."""
+    for name, value in backbone.state_dict().items():
+        if not torch.equal(value.cpu(), before[name]):
+            raise BackboneChanged(f"backbone tensor {name} changed during the linear probe")
+
+
+def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
+    """spec: sections ``dataset``, ``backbone`` and ``linear_probe``; upstream: the pretrain result."""
+    p = spec["linear_probe"]
+    dev = device()
+    backbone = load_backbone(spec, upstream["checkpoint"]).to(dev)
+    backbone.requires_grad_(False)
+    before = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
+    aug = AugmentParams()
+    size = spec["dataset"]["image_size"]
+    val_feats = extract(backbone, val.images, aug)
+    num_classes = len(train.classes)
+
+    torch.manual_seed(p["seed"])
+    fc = nn.Linear(val_feats.shape[1], num_classes)
+    fc.weight.data.normal_(mean=0.0, std=0.01)  # main_lincls init
+    fc.bias.data.zero_()
+    fc.to(dev)
+
+    if p["mode"] == "cached":
+        inputs = extract(backbone, train.images, aug)
+
+        def step(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+            return F.cross_entropy(fc(x), y), {}
+    elif p["mode"] == "moco":
+        inputs = train.images
+
+        def step(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+            with torch.no_grad():
+                h = backbone(probe_view(x, aug, size, g))
+            return F.cross_entropy(fc(h), y), {}
+    else:
+        raise ValueError(f"unknown probe mode {p['mode']!r}")
+
+    @torch.no_grad()
+    def evaluate(epoch: int) -> dict[str, float]:
+        logits = fc(val_feats.to(dev))
+        return {"val_top1": 100.0 * float((logits.argmax(1).cpu() == val.labels).float().mean())}
+
+    milestones = p["milestones"] if p["milestones"] is not None else [int(0.6 * p["epochs"]), int(0.8 * p["epochs"])]
+    cfg = LoopConfig(epochs=p["epochs"], batch_size=min(p["batch_size"], len(train)), lr=p["lr"],
+                     weight_decay=p["weight_decay"], momentum=p["momentum"], schedule="step",
+                     milestones=tuple(milestones), seed=p["seed"])
+    history = fit(fc, step, fc.parameters(), inputs, train.labels, cfg, Path(workdir) / "checkpoints" / "last.pt",
+                  sink, on_epoch_end=evaluate)
+    sanity_check(backbone, before)
+    top1 = history[-1]["val_top1"]
+    best = max(h["val_top1"] for h in history)
+    sink.log({"top1": top1, "best_top1": best}, step=p["epochs"])
+    return {"top1": top1, "best_top1": best, "protocol": p["mode"], "epochs": p["epochs"]}

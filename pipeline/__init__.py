@@ -1,0 +1,1 @@
+"""The only package that knows the others: grid file → specs → plan → execution → tracking → reports."""

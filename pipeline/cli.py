@@ -1,0 +1,214 @@
+"""``sslgrid``: plan, run, status, report and ui for a grid file.
+
+Exit codes: 0 all stages done; 1 some stage failed (the rest of the grid finished); 2 bad input
+(nothing was launched, nothing computed was touched).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.grid import Grid, GridError, load_grid
+from pipeline.plan import Plan, build_plan, describe
+from pipeline.spec import Problem
+
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", help="grid YAML file, e.g. grids/quickstart.yaml")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any field, e.g. -o pretrain.epochs=2 (repeatable)")
+    p.add_argument("--workdir", help="default: runs/<grid name>")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sslgrid", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="show the stages a grid needs; launches nothing")
+    _common(p)
+    p = sub.add_parser("run", help="run (or resume) a grid")
+    _common(p)
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a private local one")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the private local cluster (default: all)")
+    p.add_argument("--num-gpus", type=int, help="GPUs of the private local cluster (default: all)")
+    p = sub.add_parser("status", help="each stage's state, MLflow run and key metrics")
+    _common(p)
+    p = sub.add_parser("report", help="the grid's results as a table (Markdown; CSV beside it)")
+    _common(p)
+    p = sub.add_parser("ui", help="start the MLflow UI on a grid's tracking store (loopback)")
+    p.add_argument("grid", nargs="?", help="grid YAML file (for its tracking URI and experiment)")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    return ap
+
+
+def _load(args: argparse.Namespace) -> Plan:
+    grid = load_grid(args.grid, args.override, args.workdir, args.tracking_uri)
+    plan = build_plan(grid)
+    preflight(grid)
+    return plan
+
+
+def preflight(grid: Grid) -> None:
+    """Checks that need the file system, done before anything starts."""
+    problems = []
+    for cell in grid.cells:
+        ds = cell.config.dataset
+        if ds.name == "imagefolder":
+            for split in ("train", "val"):
+                if not (Path(ds.root) / split).is_dir():
+                    problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root,
+                                     f"has no {split}/ folder; an imagefolder root holds train/<class>/ and val/<class>/")))
+    if problems:
+        raise GridError(str(grid.path), problems)
+
+
+def cmd_plan(args: argparse.Namespace, console: Console) -> int:
+    plan = _load(args)
+    table = Table(title=f"{plan.grid.name}: {len(plan.grid.cells)} cells")
+    rows = describe(plan)
+    for col in rows[0]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[str(v) for v in r.values()])
+    console.print(table)
+    from pipeline.execute import stage_state
+
+    done = sum(stage_state(s, plan.grid.workdir)["state"] == "done" for s in plan.ordered())
+    console.print(f"stages: {plan.naive_count} naive, {len(plan.stages)} after dedup, {done} already done")
+    console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    from cluster.ray_backend import ConnectError, RayBackend, ResourceError, local_env
+    from pipeline.execute import execute
+    from pipeline.report import write_report
+    from pipeline.tracking import client, prepare_runs
+
+    plan = _load(args)
+    console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
+                  f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
+    exp_id, parent_id, run_ids = prepare_runs(plan)
+    c = client(plan.grid.tracking_uri)
+    c.update_run(parent_id, status="RUNNING")
+
+    def backend() -> RayBackend:
+        return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, env_vars=local_env())
+
+    try:
+        outcomes = execute(plan, run_ids, backend, console)
+    except ResourceError as err:
+        c.set_terminated(parent_id, "FAILED")
+        kind = str(err).split()[0]
+        console.print(f"[red]{plan.grid.path}: {err}.[/] Fix: lower {kind}.gpus/cpus in the grid's resources, "
+                      f"or pass --ray-address of a cluster that has them. Nothing was launched.")
+        return EXIT_USAGE
+    except ConnectError as err:
+        c.set_terminated(parent_id, "FAILED")
+        console.print(f"[red]--ray-address: {err}[/] Nothing was launched.", markup=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        c.set_terminated(parent_id, "KILLED")
+        console.print("interrupted: finished stages are kept; rerun the same command to resume")
+        return 130
+    failed = [o for o in outcomes.values() if o.state in ("failed", "upstream_failed")]
+    cached = sum(o.state == "cached" for o in outcomes.values())
+    ran = sum(o.state == "done" for o in outcomes.values())
+    console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
+    for o in failed:
+        console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
+    text, files = write_report(plan, parent_id)
+    c.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    console.print(text, markup=False, highlight=False)
+    console.print(f"report: {files[0]}")
+    console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+    return EXIT_FAILED if failed else 0
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.execute import stage_state
+    from pipeline.report import stage_runs
+
+    plan = _load(args)
+    df = stage_runs(plan)
+    table = Table(title=f"{plan.grid.name}")
+    for col in ("stage", "key", "cells", "state", "mlflow run", "mlflow status", "metrics", "error"):
+        table.add_column(col, overflow="fold")
+    for s in plan.ordered():
+        info = stage_state(s, plan.grid.workdir)
+        state = info["state"]
+        if state == "started":
+            state = f"started {info['done']}/{info['total']}"
+        run_id = status = metrics = ""
+        if s.key in df.index:
+            row = df.loc[s.key]
+            run_id, status = row["run_id"], row["status"]
+            names = ("top1", "loss") if s.kind == "pretrain" else ("top1",)
+            metrics = " ".join(f"{n}={row[f'metrics.{n}']:.3f}" for n in names
+                               if f"metrics.{n}" in row and row[f"metrics.{n}"] == row[f"metrics.{n}"])
+        error = info.get("error", "")
+        if not error and s.key in df.index and "tags.sslgrid.error" in df.columns:
+            error = df.at[s.key, "tags.sslgrid.error"] or ""
+        table.add_row(s.kind, s.key, ", ".join(s.cells), state, run_id, status, metrics, str(error))
+    console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.report import write_report
+
+    plan = _load(args)
+    text, files = write_report(plan)
+    console.print(text, markup=False, highlight=False)
+    console.print(f"written: {', '.join(map(str, files))}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.grid import DEFAULT_TRACKING_URI, _absolute_uri
+    from pipeline.tracking import client
+
+    uri, experiment = args.tracking_uri, None
+    if args.grid:
+        grid = load_grid(args.grid, tracking_uri=args.tracking_uri)
+        uri, experiment = grid.tracking_uri, grid.name
+    uri = uri or _absolute_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), Path.cwd())
+    url = f"http://{args.host}:{args.port}/"
+    if experiment:
+        exp = client(uri).get_experiment_by_name(experiment)
+        if exp is not None:
+            url += f"#/experiments/{exp.experiment_id}/runs"  # the runs table, not the GenAI overview page
+    console.print(f"MLflow UI on {uri}\nopen {url}  (Ctrl-C stops it)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    return subprocess.call(cmd)
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "report": cmd_report, "ui": cmd_ui}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    try:
+        return COMMANDS[args.command](args, console)
+    except GridError as err:
+        print(str(err), file=sys.stderr)
+        print("nothing was launched.", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

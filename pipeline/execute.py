@@ -1,0 +1,215 @@
+"""Plan → tasks on a backend → outcomes, with resume and live progress.
+
+- A stage whose directory holds ``DONE`` is cached: its ``result.json`` is reused and it never
+  reaches the backend. When every stage is cached, no Ray cluster is started at all.
+- Every other stage is one task. It gets its upstream results as ObjectRefs, so Ray starts it
+  when they are ready and never starts it when one of them failed.
+- A task opens no MLflow run: it logs to the run id the driver created for its identity, which is
+  the same run on every rerun, so a resumed stage continues its run.
+"""
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.plan import SCHEMA_VERSION, Plan, Stage
+from pipeline.stages import ARTIFACTS, STAGES
+from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
+
+
+@dataclass
+class Outcome:
+    stage: Stage
+    state: str  # cached | done | failed | upstream_failed
+    result: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def payload(plan: Plan, stage: Stage, run_id: str) -> dict[str, Any]:
+    return {"kind": stage.kind, "key": stage.key, "spec": stage.spec, "identity": stage.identity,
+            "upstream": list(stage.upstream), "dir": str(stage.directory(plan.grid.workdir)),
+            "tracking_uri": plan.grid.tracking_uri, "run_id": run_id}
+
+
+def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
+    """Run one stage where the backend put it. Raises on failure, after recording it in
+    ``status.json`` and in the stage's MLflow run (status FAILED, tag ``sslgrid.error``)."""
+    d = Path(p["dir"])
+    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "spec.json", {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
+                                 "identity": p["identity"], "upstream": p["upstream"]})
+    (d / "status.json").unlink(missing_ok=True)
+    c = client(p["tracking_uri"])
+    run_id = p["run_id"]
+    c.update_run(run_id, status="RUNNING")
+    c.set_tag(run_id, ERROR, "")
+    sink = MlflowSink(p["tracking_uri"], run_id, d)
+    t0 = time.time()
+    try:
+        result = STAGES[p["kind"]](p["spec"], list(upstream), d, sink)
+    except BaseException as err:
+        message = f"{type(err).__name__}: {err}"
+        write_json(d / "status.json", {"state": "failed", "error": message, "traceback": traceback.format_exc()})
+        try:
+            c.set_tag(run_id, ERROR, message[:5000])
+            c.set_terminated(run_id, "FAILED")
+        finally:
+            raise
+    result["seconds"] = round(time.time() - t0, 3)
+    write_json(d / "result.json", result)
+    # final values at the step after the last epoch, so they never interleave with the streamed ones
+    sink.log(numeric(result), step=int(result.get("epochs", result.get("epochs_trained", 0))))
+    for name in ("spec.json", "result.json") + ARTIFACTS.get(p["kind"], ()):
+        if (d / name).exists():
+            sink.artifact(d / name)
+    c.set_terminated(run_id, "FINISHED")
+    write_json(d / "DONE", {"finished": time.time()})  # last: its presence means all of the above happened
+    return result
+
+
+def stage_state(stage: Stage, workdir: Path) -> dict[str, Any]:
+    """What the work directory says about a stage: done, failed, started (with progress) or pending."""
+    d = stage.directory(workdir)
+    if (d / "DONE").exists():
+        return {"state": "done", "result": json.loads((d / "result.json").read_text())}
+    info: dict[str, Any] = {"state": "pending"}
+    if (d / "progress.json").exists():
+        prog = json.loads((d / "progress.json").read_text())
+        info.update(state="started", done=prog["done"], total=prog["total"])
+    if (d / "status.json").exists():
+        info.update(json.loads((d / "status.json").read_text()))
+    return info
+
+
+class _Display:
+    """Per-stage epoch bars and the grid's finished/running/failed counts, via rich."""
+
+    def __init__(self, console: Console, plan: Plan, pending: list[Stage], cached: int):
+        self.console, self.plan = console, plan
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
+                                 transient=False)
+        self.overall = self.progress.add_task("[bold]grid", total=len(plan.stages), completed=cached, note="")
+        self.tasks = {s.key: self.progress.add_task(f"  {s.kind}:{s.cells[0]} [dim]{s.key}", total=None, note="queued",
+                                                    start=False) for s in pending}
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.counts = {"finished": cached, "failed": 0}
+
+    def __enter__(self) -> _Display:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def poll(self, pending: list[Stage]) -> None:
+        running = 0
+        for s in pending:
+            f = s.directory(self.plan.grid.workdir) / "progress.json"
+            if not f.exists():
+                continue
+            try:
+                prog = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            running += 1
+            done, total = prog["done"], prog["total"]
+            if self.seen.get(s.key) != (done, total):
+                self.seen[s.key] = (done, total)
+                self.progress.start_task(self.tasks[s.key])
+                self.progress.update(self.tasks[s.key], completed=done, total=total, note="epochs")
+        self.progress.update(self.overall, note=f"finished {self.counts['finished']} · running {running} · "
+                                                f"failed {self.counts['failed']}")
+
+    def finish(self, o: Outcome) -> None:
+        t = self.tasks[o.stage.key]
+        if o.state == "done":
+            self.counts["finished"] += 1
+            self.progress.update(t, note="[green]done", completed=self.progress.tasks[t].total or 1,
+                                 total=self.progress.tasks[t].total or 1)
+        else:
+            self.counts["failed"] += 1
+            self.progress.update(t, note=f"[red]{o.state}")
+        self.progress.advance(self.overall)
+        self.progress.update(self.overall, note=f"finished {self.counts['finished']} · failed {self.counts['failed']}")
+
+
+def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Console | None = None
+            ) -> dict[str, Outcome]:
+    """Run every stage that is not done. ``backend_factory()`` gives a context manager with
+    ``submit``/``wait``/``outcome``/``check_fits`` (cluster/ray_backend.py); it is only called when
+    there is something to run."""
+    console = console or Console()
+    workdir = plan.grid.workdir
+    outcomes: dict[str, Outcome] = {}
+    pending: list[Stage] = []
+    c = client(plan.grid.tracking_uri)
+    for s in plan.ordered():
+        info = stage_state(s, workdir)
+        if info["state"] == "done":
+            outcomes[s.key] = Outcome(s, "cached", info["result"])
+            run = c.get_run(run_ids[s.key])
+            if run.info.status != "FINISHED":  # a crash between DONE and the status update
+                c.set_terminated(run_ids[s.key], "FINISHED")
+        else:
+            pending.append(s)
+    if not pending:
+        return outcomes
+
+    with backend_factory() as backend:
+        has_gpu = backend.resources().get("GPU", 0) >= 1
+        wants = {}
+        for s in pending:
+            res = plan.grid.resources[s.kind]
+            gpus = res.gpus if res.gpus is not None else (1.0 if has_gpu else 0.0)
+            backend.check_fits(f"resources.{s.kind}", res.cpus, gpus)
+            wants[s.key] = (res.cpus, gpus)
+        refs: dict[str, Any] = {}
+        for s in pending:
+            args = [outcomes[u].result if u in outcomes else refs[u] for u in s.upstream]
+            cpus, gpus = wants[s.key]
+            # retries=1: a crashed worker is retried once, and resumes from its checkpoint
+            refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key]), *args],
+                                         name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1)
+        started = time.time()
+        by_ref = {refs[s.key]: s for s in pending}
+        waiting = list(by_ref)
+        with _Display(console, plan, pending, len(outcomes)) as display:
+            while waiting:
+                ready, waiting = backend.wait(waiting, timeout=0.5)
+                display.poll([by_ref[r] for r in waiting])
+                order = {k: i for i, k in enumerate(plan.stages)}
+                for ref in sorted(ready, key=lambda r: order[by_ref[r].key]):  # upstream before dependents
+                    s = by_ref[ref]
+                    ok, value = backend.outcome(ref)
+                    o = Outcome(s, "done", value, seconds=time.time() - started) if ok else \
+                        _failure(plan, s, value, outcomes)
+                    outcomes[s.key] = o
+                    display.finish(o)
+    for s in pending:
+        o = outcomes[s.key]
+        if o.state == "upstream_failed":  # record why it did not run
+            c.set_tag(run_ids[s.key], ERROR, o.error)
+            c.set_terminated(run_ids[s.key], "KILLED")
+        elif o.state == "failed" and c.get_run(run_ids[s.key]).info.status != "FAILED":
+            c.set_tag(run_ids[s.key], ERROR, o.error[:5000])  # the worker died before it could say so
+            c.set_terminated(run_ids[s.key], "FAILED")
+    return outcomes
+
+
+def _failure(plan: Plan, s: Stage, err: BaseException, outcomes: dict[str, Outcome]) -> Outcome:
+    for u in s.upstream:
+        if u in outcomes and outcomes[u].state in ("failed", "upstream_failed"):
+            return Outcome(s, "upstream_failed", error=f"not run: upstream {outcomes[u].stage.label} failed")
+    status = s.directory(plan.grid.workdir) / "status.json"
+    if status.exists():
+        return Outcome(s, "failed", error=json.loads(status.read_text())["error"])
+    return Outcome(s, "failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

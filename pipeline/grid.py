@@ -1,0 +1,267 @@
+"""Grid file → validated cells. Nothing here starts anything.
+
+A grid file (YAML)::
+
+    name: quickstart                 # MLflow experiment and default work directory runs/<name>
+    workdir: runs/quickstart         # optional
+    tracking_uri: sqlite:///mlflow.db  # optional; MLflow's own default
+    defaults:                        # the base configuration of every cell (pipeline/spec.py StageConfig)
+      dataset: {name: synthetic}
+      pretrain: {method: mocov2, epochs: 6}
+    axes:                            # dotted keys → lists of values; cartesian product
+      pretrain.head.kind: [mlp, none]
+    cells:                           # explicit extra cells (not crossed with the axes)
+      - {name: random-init, pretrain.method: none}
+    evaluations: [linear_probe]      # stages that follow every pretraining
+    resources:                       # per stage kind
+      pretrain: {cpus: 1, gpus: 0}
+
+Command-line overrides (``-o pretrain.epochs=2``) set a field everywhere: in ``defaults`` and in
+every axis or cell that sets the same key. Keys outside ``defaults`` (``name``, ``workdir``,
+``resources.pretrain.cpus``...) set the grid's own fields.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.spec import (EVALUATIONS, Problem, Resources, StageConfig, build_dataclass, build_stage_config,
+                           flatten)
+
+TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "evaluations", "resources")
+STAGE_KINDS = ("pretrain",) + EVALUATIONS
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class GridError(Exception):
+    """Invalid grid input. Its text names the file, each bad field, its value and the fix."""
+
+    def __init__(self, source: str, problems: list[tuple[str, Problem]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {where}{p}" for where, p in problems]
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    config: StageConfig
+    values: dict[str, Any]  # the dotted keys this cell sets (its axis values and explicit values)
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    path: Path
+    description: str
+    workdir: Path
+    tracking_uri: str
+    cells: tuple[Cell, ...]
+    evaluations: tuple[str, ...]
+    resources: dict[str, Resources]
+    axis_keys: tuple[str, ...]
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        parts = str(key).split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(key)
+        node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise GridError("command line", [("", Problem(f"-o {text}", text, "expected -o dotted.key=value, e.g. -o pretrain.epochs=2"))])
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _absolute_uri(uri: str, base: Path) -> str:
+    """A relative sqlite path is resolved against the driver's directory, so Ray workers (which may
+    start elsewhere) write to the same store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str((base / uri[len(prefix):]).resolve())
+    return uri
+
+
+def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None = None,
+              tracking_uri: str | None = None) -> Grid:
+    path = Path(path)
+    source = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise GridError(source, [("", Problem("<file>", str(path), "no such file; pass the path of a grid YAML file"))]) from None
+    except yaml.YAMLError as err:
+        raise GridError(source, [("", Problem("<yaml>", None, f"not valid YAML: {err}"))]) from None
+    if not isinstance(doc, dict):
+        raise GridError(source, [("", Problem("<top>", doc, "a grid file is a mapping with keys " + ", ".join(TOP_KEYS)))])
+
+    problems: list[tuple[str, Problem]] = []
+    top_over: dict[str, Any] = {}
+    cfg_over: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        head = key.split(".", 1)[0]
+        (top_over if head in TOP_KEYS and head != "defaults" else cfg_over)[key.removeprefix("defaults.")] = value
+    for key, value in top_over.items():
+        if key.startswith("resources."):
+            doc.setdefault("resources", {})
+            node = doc["resources"]
+            parts = key.split(".")[1:]
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        else:
+            doc[key] = value
+
+    for key in doc:
+        if key not in TOP_KEYS:
+            close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(TOP_KEYS)}"
+            problems.append(("", Problem(str(key), doc[key], f"unknown top-level key; {hint}")))
+    name = doc.get("name") or path.stem
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        problems.append(("", Problem("name", name, "must be letters, digits, '-' or '_' (it names the experiment and folder)")))
+
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        problems.append(("", Problem("defaults", defaults, "must be a mapping with dataset/backbone/pretrain/linear_probe")))
+        defaults = {}
+    defaults = _nested(defaults, "defaults", problems)
+    axes = doc.get("axes") or {}
+    cells_doc = doc.get("cells") or []
+    if not isinstance(axes, dict):
+        problems.append(("", Problem("axes", axes, "must map dotted keys to lists of values")))
+        axes = {}
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            problems.append(("", Problem(f"axes.{key}", values, "must be a non-empty list of values")))
+    if not isinstance(cells_doc, list):
+        problems.append(("", Problem("cells", cells_doc, "must be a list of mappings")))
+        cells_doc = []
+
+    # (name, {dotted key: value}, {dotted key: where it was set})
+    raw_cells: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+    axis_keys = tuple(axes)
+    good_axes = {k: v for k, v in axes.items() if isinstance(v, list) and v}
+    if good_axes:
+        for combo in itertools.product(*good_axes.values()):
+            values = dict(zip(good_axes, combo))
+            label = ",".join(f"{k.removeprefix('pretrain.')}={v}" for k, v in values.items())
+            raw_cells.append((label, values, {k: f"axes.{k}" for k in values}))
+    for i, entry in enumerate(cells_doc):
+        if not isinstance(entry, dict):
+            problems.append(("", Problem(f"cells[{i}]", entry, "must be a mapping of dotted keys to values")))
+            continue
+        entry = dict(entry)
+        label = str(entry.pop("name", f"cell{i}"))
+        values = flatten(entry)
+        raw_cells.append((label, values, {k: f"cells[{i}] ({label}): " for k in values}))
+    if not raw_cells:
+        raw_cells.append(("default", {}, {}))
+
+    cells: list[Cell] = []
+    seen: set[tuple[str, str]] = set()
+    names = [c[0] for c in raw_cells]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(("", Problem("cells", dup, "two cells share this name; give each a distinct name:")))
+    for label, values, where in raw_cells:
+        values = {**values, **{k: v for k, v in cfg_over.items() if k in values}}
+        try:
+            raw = _merge_flat(defaults, {**values, **cfg_over})
+        except ValueError as err:
+            problems.append(("", Problem(str(err), None, "a key cannot be both a value and a section")))
+            continue
+        cell_problems: list[Problem] = []
+        config = build_stage_config(raw, cell_problems)
+        for p in cell_problems:
+            origin = _origin(p.field, values, where, set(cfg_over))
+            if (origin, p.field, p.message) not in seen:
+                seen.add((origin, p.field, p.message))
+                problems.append((origin, p))
+        if config is not None:
+            cells.append(Cell(label, config, values))
+
+    evaluations = doc.get("evaluations", ["linear_probe"])
+    if not isinstance(evaluations, list):
+        problems.append(("", Problem("evaluations", evaluations, "must be a list, e.g. [linear_probe]")))
+        evaluations = []
+    for i, ev in enumerate(evaluations):
+        if ev not in EVALUATIONS:
+            close = difflib.get_close_matches(str(ev), EVALUATIONS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(("", Problem(f"evaluations[{i}]", ev, f"{hint}valid stages: {', '.join(EVALUATIONS)}")))
+
+    resources: dict[str, Resources] = {}
+    res_doc = doc.get("resources") or {}
+    if not isinstance(res_doc, dict):
+        problems.append(("", Problem("resources", res_doc, "must map stage kinds to {cpus, gpus}")))
+        res_doc = {}
+    for kind, spec in res_doc.items():
+        if kind not in STAGE_KINDS:
+            close = difflib.get_close_matches(str(kind), STAGE_KINDS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(("", Problem(f"resources.{kind}", spec, f"{hint}stage kinds: {', '.join(STAGE_KINDS)}")))
+            continue
+        sub: list[Problem] = []
+        built = build_dataclass(Resources, spec, f"resources.{kind}", sub)
+        problems.extend(("", p) for p in sub)
+        if built is not None:
+            resources[kind] = built
+    for kind in STAGE_KINDS:
+        resources.setdefault(kind, Resources())
+
+    if problems:
+        raise GridError(source, problems)
+    base = Path.cwd()
+    wd = Path(workdir or doc.get("workdir") or Path("runs") / name)
+    uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return Grid(name=name, path=path, description=str(doc.get("description", "")),
+                workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
+                evaluations=tuple(evaluations), resources=resources, axis_keys=axis_keys)
+
+
+def _nested(d: dict, where: str, problems: list[tuple[str, Problem]]) -> dict:
+    """Accept both nested sections and dotted keys in ``defaults``."""
+    try:
+        return unflatten(flatten(d))
+    except ValueError as err:
+        problems.append(("", Problem(f"{where}.{err}", None, "a key cannot be both a value and a section")))
+        return {}
+
+
+def _merge_flat(defaults: dict, values: dict[str, Any]) -> dict:
+    flat = flatten(defaults)
+    for key, value in values.items():
+        # a cell value replaces the whole subtree below its key
+        flat = {k: v for k, v in flat.items() if not k.startswith(key + ".")}
+        flat[key] = value
+    return unflatten(flat)
+
+
+def _origin(field: str, values: dict[str, Any], where: dict[str, str], cli: set[str]) -> str:
+    """Where a problem's field was set: a cell, an axis, the command line, or ``defaults``."""
+    parts = field.split(".")
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n]).split("[")[0]
+        if key in cli:
+            return "-o: "
+        if key in where:
+            origin = where[key]
+            return origin if origin.endswith(": ") else f"{origin}: "
+    return "defaults."

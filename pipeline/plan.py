@@ -1,0 +1,113 @@
+"""Cells → stages with identities; two cells that need the same stage share it.
+
+A stage's identity (after dora's ``_get_sig``, but over the *full resolved* spec rather than its
+diff from defaults, so editing a default cannot silently change what an old identity means) is the
+first 12 hex digits of sha1 over canonical JSON of: the schema version, the stage kind, the
+identity fields of its spec (pipeline/spec.py marks the others), and its upstream identities.
+
+Layout: ``<workdir>/<kind>/<identity>/`` with ``spec.json``, ``checkpoints/``, ``result.json`` and
+``DONE`` (written last), plus ``progress.json`` and ``status.json`` while it runs or after it failed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.grid import Grid
+from pipeline.spec import StageConfig, pretrain_identity, to_dict
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Stage:
+    kind: str
+    key: str
+    spec: dict  # full resolved spec (sections this stage reads), non-identity fields included
+    identity: dict  # what the key hashes
+    upstream: tuple[str, ...]
+    cells: list[str] = field(default_factory=list)
+    values: dict[str, set] = field(default_factory=dict)  # dotted key → values of the cells that use it
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.key}"
+
+    def directory(self, workdir: Path) -> Path:
+        return Path(workdir) / self.kind / self.key
+
+
+@dataclass
+class Plan:
+    grid: Grid
+    stages: dict[str, Stage]  # key → stage, in topological order
+    cells: dict[str, dict[str, str]]  # cell name → {stage kind: key}
+    naive_count: int
+
+    def ordered(self) -> list[Stage]:
+        return list(self.stages.values())
+
+    def dependents(self, key: str) -> list[Stage]:
+        return [s for s in self.stages.values() if key in s.upstream]
+
+
+def identity_key(kind: str, identity: dict, upstream: tuple[str, ...]) -> str:
+    payload = {"schema": SCHEMA_VERSION, "kind": kind, "spec": identity, "upstream": list(upstream)}
+    canon = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(canon.encode()).hexdigest()[:12]
+
+
+def _pretrain_stage(cfg: StageConfig) -> Stage:
+    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "pretrain": to_dict(cfg.pretrain)}
+    ident = {"dataset": to_dict(cfg.dataset, True), "backbone": to_dict(cfg.backbone, True),
+             "pretrain": pretrain_identity(cfg.pretrain)}
+    if cfg.pretrain.method == "none":
+        # a random init needs no data: its identity is the backbone and the seed alone
+        ident.pop("dataset")
+    return Stage("pretrain", identity_key("pretrain", ident, ()), spec, ident, ())
+
+
+def _eval_stage(kind: str, cfg: StageConfig, upstream: Stage) -> Stage:
+    section = getattr(cfg, kind)
+    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), kind: to_dict(section)}
+    ident = {"dataset": to_dict(cfg.dataset, True), kind: to_dict(section, True)}
+    return Stage(kind, identity_key(kind, ident, (upstream.key,)), spec, ident, (upstream.key,))
+
+
+def build_plan(grid: Grid) -> Plan:
+    stages: dict[str, Stage] = {}
+    cells: dict[str, dict[str, str]] = {}
+    naive = 0
+    for cell in grid.cells:
+        pre = _pretrain_stage(cell.config)
+        chain = [pre] + [_eval_stage(kind, cell.config, pre) for kind in grid.evaluations]
+        naive += len(chain)
+        cells[cell.name] = {}
+        for stage in chain:
+            stage = stages.setdefault(stage.key, stage)
+            stage.cells.append(cell.name)
+            for k, v in cell.values.items():
+                stage.values.setdefault(k, set()).add(json.dumps(v) if not isinstance(v, str) else v)
+            cells[cell.name][stage.kind] = stage.key
+    return Plan(grid, stages, cells, naive)
+
+
+def describe(plan: Plan) -> list[dict[str, Any]]:
+    """One row per stage, for ``sslgrid plan``."""
+    rows = []
+    for s in plan.ordered():
+        res = plan.grid.resources[s.kind]
+        detail = ""
+        if s.kind == "pretrain":
+            p = s.spec["pretrain"]
+            detail = (f"{p['method']}" if p["method"] == "none" else
+                      f"{p['method']} head={p['head']['kind']} K={p['K']} epochs={p['epochs']} batch={p['batch_size']}")
+        else:
+            sec = s.spec[s.kind]
+            detail = f"mode={sec.get('mode')} epochs={sec.get('epochs')}"
+        rows.append({"stage": s.kind, "key": s.key, "after": ",".join(s.upstream) or "-", "what": detail,
+                     "cells": ", ".join(s.cells), "cpus": res.cpus, "gpus": "auto" if res.gpus is None else res.gpus})
+    return rows

@@ -1,0 +1,90 @@
+"""The grid's results as a table, read back from MLflow (``search_runs`` → pandas), never from the
+work directory: a user on another machine has only the tracking server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.plan import Plan
+from pipeline.tracking import GRID, KEY, ROLE, client, find_runs
+
+PENDING = "pending"
+
+
+def stage_runs(plan: Plan) -> pd.DataFrame:
+    """One row per stage run of this grid, indexed by stage key (empty if nothing was tracked yet)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(plan.grid.tracking_uri)
+    exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
+    if exp is None:
+        return pd.DataFrame()
+    df = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{GRID}` = '{plan.grid.name}' and "
+                                                               f"tags.`{ROLE}` = 'stage'", max_results=50000)
+    if df.empty:
+        return df
+    return df.drop_duplicates(f"tags.{KEY}").set_index(f"tags.{KEY}")
+
+
+def _metric(df: pd.DataFrame, key: str, name: str) -> object:
+    col = f"metrics.{name}"
+    if key not in df.index or col not in df.columns or pd.isna(df.at[key, col]):
+        return None
+    return float(df.at[key, col])
+
+
+def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per cell: its grid values, what it pretrained, and each evaluation's headline metric.
+    A cell whose stages have not finished shows as pending, not as missing."""
+    df = stage_runs(plan) if df is None else df
+    value_keys: list[str] = []
+    for cell in plan.grid.cells:
+        value_keys += [k for k in cell.values if k not in value_keys]
+    rows = []
+    for cell in plan.grid.cells:
+        keys = plan.cells[cell.name]
+        statuses = [str(df.at[k, "status"]) if k in df.index else "SCHEDULED" for k in keys.values()]
+        state = ("failed" if any(s in ("FAILED", "KILLED") for s in statuses) else
+                 "done" if all(s == "FINISHED" for s in statuses) else
+                 "running" if any(s == "RUNNING" for s in statuses) else PENDING)
+        p = cell.config.pretrain
+        row = {"cell": cell.name}
+        row.update({k: cell.values.get(k, "") for k in value_keys})
+        row.update({"method": p.method, "head": p.head.kind if p.method != "none" else "-",
+                    "K": p.K if p.method != "none" else "-", "epochs": p.epochs if p.method != "none" else 0})
+        loss = _metric(df, keys["pretrain"], "loss")
+        row["pretrain_loss"] = loss if loss is not None else (PENDING if p.method != "none" else "-")
+        for kind in plan.grid.evaluations:
+            val = _metric(df, keys[kind], "top1")
+            row[f"{kind}_top1"] = val if val is not None else PENDING
+        row["state"] = state
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def render(table: pd.DataFrame) -> str:
+    shown = table.map(lambda v: f"{v:.2f}" if isinstance(v, float) else v)
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def write_report(plan: Plan, parent_run_id: str | None = None) -> tuple[str, list[Path]]:
+    """Markdown text, and the files written under ``<workdir>/report/`` (logged on the grid's
+    parent run when its id is given)."""
+    table = cell_table(plan)
+    text = render(table)
+    out = plan.grid.workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "report.md", out / "report.csv"]
+    files[0].write_text(f"# {plan.grid.name}\n\n{text}\n")
+    table.to_csv(files[1], index=False)
+    if parent_run_id is None:
+        exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
+        if exp is not None:
+            parent, _ = find_runs(plan.grid.tracking_uri, exp.experiment_id, plan.grid.name)
+            parent_run_id = parent.info.run_id if parent else None
+    if parent_run_id is not None:
+        c = client(plan.grid.tracking_uri)
+        for f in files:
+            c.log_artifact(parent_run_id, str(f), artifact_path="report")
+    return text, files

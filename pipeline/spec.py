@@ -1,0 +1,304 @@
+"""Frozen specs for every stage, and the validator that builds them from a grid file's dicts.
+
+A field's metadata may carry:
+- ``identity=False``: the field cannot change results (worker counts, log intervals, paths to
+  caches) and is left out of the stage identity;
+- ``choices``: the allowed values;
+- ``min`` / ``max``: an inclusive range for numbers;
+- ``doc``: one line shown in error messages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from trainers.backbones import BACKBONES
+from trainers.heads import HEADS
+
+
+def _f(default: Any, **meta: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for list defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str = _f("synthetic", choices=("synthetic", "imagefolder", "cifar10", "stl10"))
+    root: Optional[str] = _f(None, doc="folder with train/ and val/ (imagefolder) or the torchvision root")
+    image_size: int = _f(32, min=8, max=1024)
+    num_train: int = _f(4000, min=1, doc="synthetic only")
+    num_val: int = _f(1000, min=1, doc="synthetic only")
+    seed: int = _f(0, doc="synthetic only")
+    max_train: Optional[int] = _f(None, min=1, doc="subsample the train split")
+    max_val: Optional[int] = _f(None, min=1, doc="subsample the val split")
+    download: bool = _f(False, identity=False)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str = _f("tiny_resnet", choices=BACKBONES)
+    bn_splits: int = _f(1, min=1, doc="BatchNorm on this many sub-batches (single-device shuffle-BN)")
+    cifar_stem: bool = _f(False, doc="3x3/1 stem without max-pool for torchvision ResNets")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str = _f("mlp", choices=HEADS)
+    hidden_dim: Optional[int] = _f(None, min=1, doc="default: the backbone's feature dimension")
+    out_dim: int = _f(128, min=1)
+    batchnorm: bool = _f(False, doc="BN after each hidden fc (SimCLR's head; MoCo v2's has none)")
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    crop_scale: tuple[float, float] = _f((0.2, 1.0), min=0.0, max=1.0)
+    color_strength: float = _f(0.5, min=0.0, doc="SimCLR strength s: ColorJitter(0.8s,0.8s,0.8s,0.2s)")
+    color_jitter: Optional[tuple[float, float, float, float]] = _f(None, min=0.0, doc="explicit [b, c, s, h]")
+    color_p: float = _f(0.8, min=0.0, max=1.0)
+    grayscale_p: float = _f(0.2, min=0.0, max=1.0)
+    blur: bool = _f(True)
+    blur_p: float = _f(0.5, min=0.0, max=1.0)
+    flip: bool = _f(True)
+
+
+METHODS = ("none", "mocov1", "mocov2")
+QUEUE_METHODS = ("mocov1", "mocov2")
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Defaults: MoCo v2, facebookresearch/moco@7397dfe main_moco.py with --mlp --moco-t 0.2 --aug-plus --cos."""
+
+    method: str = _f("mocov2", choices=METHODS)
+    epochs: int = _f(200, min=1)
+    batch_size: int = _f(256, min=2)
+    lr: float = _f(0.03, min=0.0)
+    weight_decay: float = _f(1e-4, min=0.0)
+    momentum: float = _f(0.9, min=0.0, max=1.0, doc="SGD momentum")
+    schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
+    milestones: tuple[int, ...] = _f((120, 160), min=0)
+    warmup_epochs: float = _f(0.0, min=0.0)
+    K: int = _f(65536, min=1, doc="number of negatives (queue size)")
+    m: float = _f(0.999, min=0.0, max=1.0, doc="key-encoder momentum")
+    T: float = _f(0.2, min=1e-6, doc="softmax temperature")
+    head: HeadSpec = HeadSpec()
+    augment: AugmentSpec = AugmentSpec()
+    seed: int = _f(0)
+
+
+# Method presets: fields a method changes from the MoCo v2 defaults, before the grid's own values.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mocov2": {},
+    # moco v1: main_moco.py without --mlp/--aug-plus/--cos: T 0.07, fc head, step lr at 120/160,
+    # ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, no blur.
+    "mocov1": {"T": 0.07, "schedule": "step", "milestones": (120, 160), "head": {"kind": "linear"},
+               "augment": {"color_jitter": (0.4, 0.4, 0.4, 0.4), "color_p": 1.0, "blur": False}},
+    "none": {},
+}
+
+# For a method, the pretrain fields that can change its result (the rest are dropped from identity,
+# so e.g. every random-init cell of a grid shares one stage).
+METHOD_FIELDS: dict[str, tuple[str, ...] | None] = {"none": ("method", "seed")}
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Defaults: moco main_lincls.py (lr 30, batch 256, 100 epochs, x0.1 at 60/80, wd 0)."""
+
+    mode: str = _f("cached", choices=("cached", "moco"))
+    epochs: int = _f(100, min=1)
+    lr: float = _f(30.0, min=0.0)
+    batch_size: int = _f(256, min=1)
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, min=0.0)
+    milestones: Optional[tuple[int, ...]] = _f(None, min=0, doc="default: 60% and 80% of epochs")
+    seed: int = _f(0)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Everything a cell configures: the grid's ``defaults`` with a cell's overrides applied."""
+
+    dataset: DatasetSpec = DatasetSpec()
+    backbone: BackboneSpec = BackboneSpec()
+    pretrain: PretrainSpec = PretrainSpec()
+    linear_probe: ProbeSpec = ProbeSpec()
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = _f(1.0, min=0.0)
+    gpus: Optional[float] = _f(None, min=0.0, doc="null: 1 when the Ray cluster has a GPU, else 0")
+
+
+EVALUATIONS = ("linear_probe",)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class Problem:
+    field: str
+    value: Any
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value!r}: {self.message}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _check_scalar(tp: Any, value: Any, path: str, meta: dict, problems: list[Problem]) -> Any:
+    ok = (isinstance(value, bool) if tp is bool else
+          isinstance(value, int) and not isinstance(value, bool) if tp is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+          isinstance(value, str) if tp is str else True)
+    if not ok:
+        problems.append(Problem(path, value, f"must be {_type_name(tp)}"))
+        return None
+    if tp is float:
+        value = float(value)
+    if "choices" in meta and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        problems.append(Problem(path, value, f"{hint}valid values: {', '.join(map(str, meta['choices']))}"))
+    if tp in (int, float):
+        if "min" in meta and value < meta["min"]:
+            problems.append(Problem(path, value, f"must be >= {meta['min']}"))
+        if "max" in meta and value > meta["max"]:
+            problems.append(Problem(path, value, f"must be <= {meta['max']}"))
+    return value
+
+
+def _build(tp: Any, value: Any, path: str, meta: dict, problems: list[Problem]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, path, meta, problems)
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, path, problems)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            problems.append(Problem(path, value, f"must be {_type_name(tp)}"))
+            return None
+        if not (len(args) == 2 and args[1] is Ellipsis) and len(value) != len(args):
+            problems.append(Problem(path, value, f"must be {_type_name(tp)}"))
+            return None
+        item_tp = args[0]
+        return tuple(_check_scalar(item_tp, v, f"{path}[{i}]", meta, problems) for i, v in enumerate(value))
+    return _check_scalar(tp, value, path, meta, problems)
+
+
+def build_dataclass(cls: type, data: Any, path: str, problems: list[Problem]) -> Any:
+    """Build ``cls`` from a dict, appending every problem found (with its dotted path) to ``problems``."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(Problem(path or "<top>", data, "must be a mapping of field: value"))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean '{path + '.' if path else ''}{close[0]}'?" if close else \
+                f"valid fields: {', '.join(fields)}"
+            problems.append(Problem(sub, value, f"unknown field; {hint}"))
+            continue
+        kwargs[key] = _build(hints[key], value, sub, dict(fields[key].metadata), problems)
+    if any(v is None and not _optional(hints[k]) for k, v in kwargs.items()):
+        return None
+    return cls(**kwargs)
+
+
+def _optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_stage_config(raw: dict, problems: list[Problem]) -> StageConfig | None:
+    """A cell's nested config dict → StageConfig, with the method's preset under the user's values."""
+    pre = raw.get("pretrain")
+    if isinstance(pre, dict) and pre.get("method", PretrainSpec.method) in PRESETS:
+        raw = dict(raw, pretrain=deep_merge(PRESETS[pre.get("method", PretrainSpec.method)], pre))
+    cfg = build_dataclass(StageConfig, raw, "", problems)
+    if cfg is not None:
+        _cross_checks(cfg, problems)
+    return cfg
+
+
+def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
+    lo, hi = cfg.pretrain.augment.crop_scale
+    if lo > hi:
+        problems.append(Problem("pretrain.augment.crop_scale", [lo, hi], "min must not exceed max"))
+    if cfg.dataset.name == "imagefolder" and not cfg.dataset.root:
+        problems.append(Problem("dataset.root", None, "an imagefolder dataset needs root: <folder with train/ and val/>"))
+    if cfg.pretrain.method in QUEUE_METHODS and cfg.dataset.name == "synthetic" and cfg.pretrain.K >= cfg.dataset.num_train:
+        problems.append(Problem("pretrain.K", cfg.pretrain.K,
+                                f"must be below the dataset size ({cfg.dataset.num_train}): a queue that long holds an "
+                                f"older key of each query's own image as a negative"))
+    if cfg.pretrain.method != "none" and cfg.pretrain.batch_size % cfg.backbone.bn_splits:
+        problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
+                                f"must divide pretrain.batch_size ({cfg.pretrain.batch_size})"))
+
+
+# --------------------------------------------------------------------------------------------
+# Identity views
+
+
+def to_dict(obj: Any, identity_only: bool = False) -> Any:
+    """Dataclass → plain JSON-able dict (tuples become lists); optionally only identity fields."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name), identity_only) for f in dataclasses.fields(obj)
+                if not (identity_only and f.metadata.get("identity", True) is False)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v, identity_only) for v in obj]
+    return obj
+
+
+def pretrain_identity(p: PretrainSpec) -> dict:
+    d = to_dict(p, identity_only=True)
+    keep = METHOD_FIELDS.get(p.method)
+    return {k: d[k] for k in keep} if keep is not None else d
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

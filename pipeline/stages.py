@@ -1,0 +1,32 @@
+"""Stage kind → function(spec, upstream results, stage directory, sink) → result dict.
+
+An explicit table: nothing registers itself by being imported."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from trainers.sink import Sink
+
+StageFn = Callable[[dict, list[dict], Path, Sink], dict]
+
+
+def _pretrain(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    from trainers.pretrain import pretrain
+
+    return pretrain(spec, workdir, sink)
+
+
+def _linear_probe(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    from evaluators.linear_probe import linear_probe
+
+    return linear_probe(spec, upstream[0], workdir, sink)
+
+
+STAGES: dict[str, StageFn] = {
+    "pretrain": _pretrain,
+    "linear_probe": _linear_probe,
+}
+
+# The artifact files each kind leaves in its directory, besides spec.json and result.json.
+ARTIFACTS: dict[str, tuple[str, ...]] = {"pretrain": ("checkpoints/final.pt",)}

@@ -1,0 +1,89 @@
+"""--ray-address against a real `ray start --head` on loopback, and `sslgrid ui` against a real MLflow server."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import REPO, sslgrid, stage_runs, write_grid
+
+pytestmark = pytest.mark.integration
+
+SMALL = """
+name: tiny
+defaults:
+  dataset: {name: synthetic, num_train: 96, num_val: 48}
+  pretrain: {method: none}
+  linear_probe: {epochs: 2}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_bin() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def test_join_existing_ray_cluster(tmp_path):
+    port = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="sslgrid-test-" + "0" * 40)
+    subprocess.run([ray_bin(), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--node-ip-address=127.0.0.1", "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=120)
+    try:
+        grid = write_grid(tmp_path, SMALL)
+        bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(grid), "--workdir", str(tmp_path / "r0"),
+                              "--tracking-uri", f"sqlite:///{tmp_path / 'm0.db'}", "--ray-address", f"127.0.0.1:{port}"],
+                             env=dict(os.environ, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled"), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=180)
+        assert bad.returncode == 2 and "RAY_AUTH_MODE=token" in bad.stdout, bad.stdout + bad.stderr
+        os.environ.update(RAY_AUTH_MODE=env["RAY_AUTH_MODE"], RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
+        try:
+            out = sslgrid(grid, tmp_path, "--ray-address", f"127.0.0.1:{port}")
+        finally:
+            os.environ.pop("RAY_AUTH_MODE"), os.environ.pop("RAY_AUTH_TOKEN")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "ran 2, cached 0, failed 0" in out.stdout
+        assert len(stage_runs(tmp_path)) == 2
+        # the cluster outlives the grid: we joined it, we did not own it
+        status = subprocess.run([ray_bin(), "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+    finally:
+        subprocess.run([ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ui_serves_the_grid_experiment(tmp_path):
+    grid = write_grid(tmp_path, SMALL)
+    assert sslgrid(grid, tmp_path).returncode == 0
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "ui", str(grid), "--tracking-uri",
+                             f"sqlite:///{tmp_path / 'mlflow.db'}", "--port", str(port)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
+        deadline, body = time.time() + 90, None
+        while time.time() < deadline and body is None:
+            try:
+                body = json.loads(urllib.request.urlopen(url, timeout=2).read())
+            except OSError:
+                time.sleep(0.5)
+        assert body and body["experiment"]["name"] == "tiny"
+        first = proc.stdout.readline() + proc.stdout.readline()
+        assert f"#/experiments/{body['experiment']['experiment_id']}/runs" in first
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

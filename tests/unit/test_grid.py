@@ -1,0 +1,123 @@
+"""Grid parsing and every validation message: file, dotted field, bad value, fix."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.grid import GridError, load_grid
+
+BASE = """
+name: g
+defaults:
+  dataset: {name: synthetic, num_train: 200, num_val: 50}
+  pretrain: {method: mocov2, epochs: 1, batch_size: 16, K: 64}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "grid.yaml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def error(tmp_path: Path, text: str, overrides=()) -> str:
+    p = write(tmp_path, text)
+    with pytest.raises(GridError) as info:
+        load_grid(p, list(overrides))
+    msg = str(info.value)
+    assert str(p) in msg  # every message names the file
+    return msg
+
+
+def test_axes_expand_as_cartesian_product_plus_extra_cells(tmp_path):
+    g = load_grid(write(tmp_path, BASE + """
+axes:
+  pretrain.head.kind: [mlp, none]
+  pretrain.T: [0.1, 0.2]
+cells:
+  - {name: rand, pretrain.method: none}
+"""))
+    assert [c.name for c in g.cells] == ["head.kind=mlp,T=0.1", "head.kind=mlp,T=0.2", "head.kind=none,T=0.1",
+                                         "head.kind=none,T=0.2", "rand"]
+    assert g.cells[3].config.pretrain.head.kind == "none" and g.cells[3].config.pretrain.T == 0.2
+    assert g.cells[4].config.pretrain.method == "none"
+    assert g.cells[0].config.pretrain.epochs == 1  # from defaults
+    assert g.workdir == (Path.cwd() / "runs" / "g").resolve()
+    assert g.tracking_uri == "sqlite:///" + str((Path.cwd() / "mlflow.db").resolve())
+
+
+def test_override_applies_everywhere(tmp_path):
+    g = load_grid(write(tmp_path, BASE + "axes:\n  pretrain.epochs: [3, 4]\n"),
+                  ["pretrain.epochs=2", "linear_probe.lr=0.5", "resources.pretrain.gpus=1", "workdir=/tmp/x"])
+    assert {c.config.pretrain.epochs for c in g.cells} == {2}
+    assert g.cells[0].config.linear_probe.lr == 0.5
+    assert g.resources["pretrain"].gpus == 1.0
+    assert g.workdir == Path("/tmp/x")
+
+
+def test_method_preset_under_user_values(tmp_path):
+    g = load_grid(write(tmp_path, BASE + "cells:\n  - {pretrain.method: mocov1}\n  - {pretrain.method: mocov1, pretrain.T: 0.5}\n"))
+    p = g.cells[0].config.pretrain
+    assert (p.T, p.head.kind, p.schedule, p.augment.color_jitter, p.augment.blur) == (0.07, "linear", "step", (0.4,) * 4, False)
+    assert g.cells[1].config.pretrain.T == 0.5
+
+
+def test_typo_gets_closest_name(tmp_path):
+    msg = error(tmp_path, BASE.replace("epochs: 1", "epochz: 1"))
+    assert "defaults.pretrain.epochz = 1: unknown field; did you mean 'pretrain.epochs'?" in msg
+
+
+def test_unknown_method_suggests(tmp_path):
+    msg = error(tmp_path, BASE + "cells:\n  - {name: a, pretrain.method: mocov3}\n")
+    assert "cells[0] (a): pretrain.method = 'mocov3': did you mean 'mocov2'?" in msg
+
+
+def test_wrong_type(tmp_path):
+    msg = error(tmp_path, BASE.replace("epochs: 1", "epochs: many"))
+    assert "pretrain.epochs = 'many': must be an integer" in msg
+
+
+def test_out_of_range_in_axis(tmp_path):
+    msg = error(tmp_path, BASE + "axes:\n  pretrain.K: [64, 0]\n")
+    assert "axes.pretrain.K: pretrain.K = 0: must be >= 1" in msg
+
+
+def test_queue_longer_than_dataset(tmp_path):
+    msg = error(tmp_path, BASE.replace("K: 64", "K: 4096"))
+    assert "pretrain.K = 4096: must be below the dataset size (200)" in msg
+
+
+def test_bad_override_syntax_and_value(tmp_path):
+    msg = error(tmp_path, BASE, ["pretrain.epochs=-3"])
+    assert "-o: pretrain.epochs = -3: must be >= 1" in msg
+    p = write(tmp_path, BASE)
+    with pytest.raises(GridError, match="expected -o dotted.key=value"):
+        load_grid(p, ["pretrain.epochs"])
+
+
+def test_top_level_and_evaluation_and_resource_typos(tmp_path):
+    msg = error(tmp_path, BASE + "evaluation: [linear_probe]\nresources:\n  pretrian: {cpus: 1}\n")
+    assert "evaluation = ['linear_probe']: unknown top-level key; did you mean 'evaluations'?" in msg
+    assert "resources.pretrian = {'cpus': 1}: did you mean 'pretrain'?" in msg
+    msg = error(tmp_path, BASE + "evaluations: [linear_prob]\n")
+    assert "evaluations[0] = 'linear_prob': did you mean 'linear_probe'?" in msg
+
+
+def test_all_problems_reported_once(tmp_path):
+    msg = error(tmp_path, BASE.replace("epochs: 1", "epochs: 0") + "axes:\n  pretrain.T: [0.1, 0.2]\n")
+    assert msg.count("pretrain.epochs = 0") == 1
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(GridError, match="no such file"):
+        load_grid(tmp_path / "nope.yaml")
+    with pytest.raises(GridError, match="not valid YAML"):
+        load_grid(write(tmp_path, "name: [unclosed\n"))
+
+
+def test_shipped_quickstart_is_valid():
+    g = load_grid(Path(__file__).resolve().parents[2] / "grids" / "quickstart.yaml")
+    assert {c.config.pretrain.method for c in g.cells} == {"mocov2", "none"}
+    assert {c.config.pretrain.head.kind for c in g.cells if c.config.pretrain.method == "mocov2"} == {"mlp", "none"}

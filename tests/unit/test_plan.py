@@ -1,0 +1,82 @@
+"""Stage identity: stable, blind to fields that cannot change results, deduplicating."""
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+from pipeline.grid import load_grid
+from pipeline.plan import build_plan, identity_key
+from pipeline.spec import StageConfig, to_dict
+
+
+def plan_of(tmp_path, text):
+    p = tmp_path / "g.yaml"
+    p.write_text(textwrap.dedent(text))
+    return build_plan(load_grid(p))
+
+
+GRID = """
+name: g
+defaults:
+  dataset: {num_train: 200, num_val: 50}
+  pretrain: {epochs: 1, batch_size: 16, K: 64}
+"""
+
+
+def test_identity_is_stable_across_processes():
+    # A golden value: if this changes, old work directories no longer map to their specs.
+    # Change it only with a SCHEMA_VERSION bump.
+    assert identity_key("pretrain", {"a": 1, "b": [1, 2]}, ()) == "df050509cd19"
+    assert identity_key("pretrain", {"b": [1, 2], "a": 1}, ()) == "df050509cd19"  # key order is irrelevant
+
+
+def test_non_identity_fields_are_excluded(tmp_path):
+    a = plan_of(tmp_path, GRID)
+    b = plan_of(tmp_path, GRID.replace("num_val: 50}", "num_val: 50, download: true}"))
+    assert list(a.stages) == list(b.stages)
+    assert "download" not in to_dict(StageConfig().dataset, identity_only=True)
+
+
+def test_every_result_field_changes_identity(tmp_path):
+    a = plan_of(tmp_path, GRID)
+    b = plan_of(tmp_path, GRID.replace("K: 64", "K: 65"))
+    pre_a = [s for s in a.ordered() if s.kind == "pretrain"][0]
+    pre_b = [s for s in b.ordered() if s.kind == "pretrain"][0]
+    assert pre_a.key != pre_b.key
+    probe_b = [s for s in b.ordered() if s.kind == "linear_probe"][0]
+    assert probe_b.upstream == (pre_b.key,)  # upstream identity flows into the dependent's key
+    assert probe_b.key != [s for s in a.ordered() if s.kind == "linear_probe"][0].key
+
+
+def test_shared_stages_run_once(tmp_path):
+    plan = plan_of(tmp_path, GRID + """
+axes:
+  linear_probe.epochs: [5, 10]
+cells:
+  - {name: r1, pretrain.method: none, pretrain.head.kind: mlp}
+  - {name: r2, pretrain.method: none, pretrain.head.kind: none, pretrain.K: 8}
+""")
+    kinds = [s.kind for s in plan.ordered()]
+    # two probe-epoch cells share one MoCo pretraining; the random inits ignore head and K
+    assert plan.naive_count == 8
+    assert kinds.count("pretrain") == 2 and kinds.count("linear_probe") == 3
+    shared = [s for s in plan.ordered() if s.kind == "pretrain" and s.spec["pretrain"]["method"] == "mocov2"][0]
+    assert shared.cells == ["linear_probe.epochs=5", "linear_probe.epochs=10"]
+    assert shared.values["linear_probe.epochs"] == {"5", "10"}
+
+
+def test_stage_order_is_topological(tmp_path):
+    plan = plan_of(tmp_path, GRID + "axes:\n  pretrain.T: [0.1, 0.2]\n")
+    seen = set()
+    for s in plan.ordered():
+        assert set(s.upstream) <= seen
+        seen.add(s.key)
+
+
+def test_frozen_specs():
+    cfg = StageConfig()
+    try:
+        cfg.pretrain.K = 3  # type: ignore[misc]
+    except dataclasses.FrozenInstanceError:
+        return
+    raise AssertionError("specs must be frozen")

@@ -1,0 +1,226 @@
+"""Datasets as uint8 image tensors, so augmentation can run batched (on the GPU when present).
+
+Every dataset is exposed as a :class:`ImageSet`: ``images`` (N×3×H×W uint8), ``labels`` (N int64)
+and ``classes``. Small data (the synthetic default, CIFAR-10, STL-10, small ImageFolder trees) is
+decoded once into memory; that is what the 2-core quickstart needs. Decoding happens here, once per
+stage, and every epoch after that only indexes a tensor.
+
+The embedded default is a deterministic synthetic set: one coloured shape per image on a two-colour
+gradient background, the class given by the shape, so that colour is a nuisance an SSL method must
+learn to ignore. It is written once as a real ImageFolder tree (``train/<class>/*.png``,
+``val/<class>/*.png``) in the cache directory, so the same reader serves it and user data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
+SYNTHETIC_VERSION = 2
+
+
+class DataError(Exception):
+    """A dataset problem the user must fix (a corrupt file, a missing folder)."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: torch.Tensor  # N×3×H×W uint8
+    labels: torch.Tensor  # N int64
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def cache_dir() -> Path:
+    """``$SSLGRID_CACHE``, else ``~/.cache/sslgrid``."""
+    return Path(os.environ.get("SSLGRID_CACHE", Path.home() / ".cache" / "sslgrid"))
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    def ring(n: int, radii: list[float], offset: float = 0.0) -> list[tuple[float, float]]:
+        pts = []
+        for i in range(n):
+            a = angle + offset + 2 * math.pi * i / n
+            rr = radii[i % len(radii)]
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return pts
+
+    if shape == "square":
+        return ring(4, [r], math.pi / 4)
+    if shape == "diamond":  # a tall rhombus, distinct from a rotated square by its aspect
+        pts = ring(4, [r, 0.55 * r])
+        return pts
+    if shape == "triangle":
+        return ring(3, [r], -math.pi / 2)
+    if shape == "star":
+        return ring(10, [r, 0.45 * r], -math.pi / 2)
+    if shape == "cross":
+        w = 0.36 * r
+        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        c, s = math.cos(angle), math.sin(angle)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in base]
+    raise ValueError(shape)
+
+
+def _distinct_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Foreground and background colours, far enough apart that the shape stays visible."""
+    while True:
+        fg, bg = rng.integers(0, 256, size=(2, 3))
+        if np.abs(fg - bg).sum() > 180:
+            return fg, bg
+
+
+def render_shape(shape: str, size: int, rng: np.random.Generator, supersample: int = 4) -> Image.Image:
+    """One image: a shape that fills most of the frame (radius 0.3–0.45 of the side), with random
+    colour, rotation and position, on a random solid background.
+
+    No per-pixel noise, and no background gradient: a noise texture lets instance discrimination
+    succeed by memorising it, and a gradient's direction survives crops and colour jitter, so it
+    competes with the shape as the cue that matches two views (version 1 had gradients; measured
+    in the quickstart calibration, see the closing note of the spine issue)."""
+    big = size * supersample
+    fg, bg = _distinct_colours(rng)
+    img = Image.new("RGB", (big, big), tuple(int(v) for v in bg))
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.30, 0.45) * big
+    cx = rng.uniform(r * 0.8, big - r * 0.8)
+    cy = rng.uniform(r * 0.8, big - r * 0.8)
+    angle = rng.uniform(0, 2 * math.pi)
+    colour = tuple(int(v) for v in fg)
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r, angle), fill=colour)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def synthetic_root(num_train: int, num_val: int, image_size: int, seed: int) -> Path:
+    params = {"v": SYNTHETIC_VERSION, "train": num_train, "val": num_val, "size": image_size, "seed": seed,
+              "shapes": SHAPES}
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return cache_dir() / "data" / f"shapes-{image_size}px-{digest}"
+
+
+def ensure_synthetic(num_train: int, num_val: int, image_size: int, seed: int) -> Path:
+    """Generate the synthetic ImageFolder tree once; later calls return the cached root.
+
+    Written to a temporary folder and renamed into place, so concurrent stages and a crash mid-way
+    never leave a half-written tree behind."""
+    root = synthetic_root(num_train, num_val, image_size, seed)
+    if (root / "DONE").exists():
+        return root
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
+        rng = np.random.default_rng(split_seed)
+        for cls in SHAPES:
+            (tmp / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cls = SHAPES[i % len(SHAPES)]
+            render_shape(cls, image_size, rng).save(tmp / split / cls / f"{i:06d}.png")
+    (tmp / "DONE").write_text(json.dumps({"train": num_train, "val": num_val, "size": image_size}))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process won the race; its tree is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def _load_image(path: Path, image_size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (image_size, image_size):
+                # shorter side to image_size, then centre crop: the same framing as eval transforms
+                w, h = im.size
+                scale = image_size / min(w, h)
+                im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                               Image.Resampling.BILINEAR)
+                w, h = im.size
+                left, top = (w - image_size) // 2, (h - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
+
+
+def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = None) -> ImageSet:
+    """Read ``split_root/<class>/<image>`` into memory at ``image_size`` (resize + centre crop)."""
+    split_root = Path(split_root)
+    if not split_root.is_dir():
+        raise DataError(f"{split_root}: no such folder. An ImageFolder dataset needs <root>/train/<class>/ "
+                        f"and <root>/val/<class>/ (set dataset.root).")
+    classes = tuple(sorted(d.name for d in split_root.iterdir() if d.is_dir()))
+    if not classes:
+        raise DataError(f"{split_root}: no class folders inside. Expected {split_root}/<class>/<image files>.")
+    files: list[tuple[Path, int]] = []
+    for ci, cls in enumerate(classes):
+        for f in sorted((split_root / cls).iterdir()):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((f, ci))
+    if not files:
+        raise DataError(f"{split_root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders.")
+    if max_items is not None and len(files) > max_items:
+        # keep the class balance when subsampling: take every n-th file
+        step = len(files) / max_items
+        files = [files[int(i * step)] for i in range(max_items)]
+    arr = np.stack([_load_image(f, image_size) for f, _ in files])
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    return ImageSet(images, labels, classes)
+
+
+def _from_torchvision(name: str, root: Path, train: bool, download: bool) -> ImageSet:
+    import torchvision
+
+    try:
+        if name == "cifar10":
+            ds = torchvision.datasets.CIFAR10(str(root), train=train, download=download)
+            arr, labels, classes = ds.data, ds.targets, ds.classes
+        elif name == "stl10":
+            ds = torchvision.datasets.STL10(str(root), split="train" if train else "test", download=download)
+            arr, labels, classes = ds.data.transpose(0, 2, 3, 1), ds.labels, ds.classes
+        else:
+            raise ValueError(name)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True"
+        raise DataError(f"{root}: {name} is not there ({err}). Put it there or set dataset.download: true.") from err
+    images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+    return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), tuple(classes))
+
+
+def load_split(dataset: dict, split: str) -> ImageSet:
+    """Load ``split`` ("train" or "val") of the dataset described by a dataset spec dict."""
+    name = dataset["name"]
+    size = dataset["image_size"]
+    limit = dataset.get(f"max_{split}")
+    if name == "synthetic":
+        root = ensure_synthetic(dataset["num_train"], dataset["num_val"], size, dataset["seed"])
+        return load_imagefolder(root / split, size)
+    if name == "imagefolder":
+        return load_imagefolder(Path(dataset["root"]) / split, size, limit)
+    if name in ("cifar10", "stl10"):
+        data = _from_torchvision(name, Path(dataset["root"]), split == "train", dataset.get("download", False))
+        if limit is not None and len(data) > limit:
+            data = ImageSet(data.images[:limit], data.labels[:limit], data.classes)
+        return data
+    raise DataError(f"unknown dataset {name!r}")

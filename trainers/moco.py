@@ -1,0 +1,73 @@
+"""MoCo v1/v2 (He et al. 2020; Chen et al. 2020c), after facebookresearch/moco@7397dfe moco/builder.py.
+
+Single-process shuffle-BN: the key encoder sees the batch in a random order and its BatchNorm runs on
+sub-batches (``backbone.bn_splits``), so a query and its key are normalised with different statistics,
+as moco's CIFAR demo does. The queue is updated FIFO and may hold a K that is not a multiple of the
+batch size (moco asserts divisibility; we wrap around instead).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainers.losses import info_nce
+
+
+class Encoder(nn.Module):
+    """backbone f (image → h) followed by projection head g (h → z)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class MoCo(nn.Module):
+    def __init__(self, encoder: Encoder, dim: int, K: int = 65536, m: float = 0.999, T: float = 0.07):
+        """dim: z's dimension; K: queue size; m: key-encoder momentum; T: softmax temperature
+        (moco defaults: K 65536, m 0.999, T 0.07 for v1, 0.2 for v2)."""
+        super().__init__()
+        self.K, self.m, self.T = K, m, T
+        self.encoder_q = encoder
+        self.encoder_k = copy.deepcopy(encoder)
+        for p_k in self.encoder_k.parameters():
+            p_k.requires_grad = False  # not updated by gradient
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # C×K
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """θ_k ← m·θ_k + (1 − m)·θ_q"""
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.mul_(self.m).add_(p_q.detach(), alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest len(keys) entries of the queue by keys (N×C)."""
+        n = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        if n >= self.K:  # more keys than slots: keep the newest K
+            keys, n, ptr = keys[-self.K:], self.K, 0
+        idx = (ptr + torch.arange(n, device=keys.device)) % self.K
+        self.queue[:, idx] = keys.T
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, g: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """im_q, im_k: two views N×3×H×W. Returns (loss, logits N×(1+K))."""
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: N×C
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            n = im_k.shape[0]
+            perm = torch.randperm(n, generator=g).to(im_k.device)  # shuffle for BN
+            k = self.encoder_k(im_k[perm])
+            k = F.normalize(k, dim=1)[torch.argsort(perm)]  # keys: N×C, back in order
+        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        self._dequeue_and_enqueue(k)
+        return loss, logits

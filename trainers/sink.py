@@ -1,0 +1,33 @@
+"""The metrics sink a stage is given. Trainers and evaluators never open an MLflow run themselves:
+pipeline backs this protocol with MLflow; tests use :class:`ListSink`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Sink(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def artifact(self, path: Path) -> None: ...
+    def progress(self, done: int, total: int) -> None: ...
+
+
+class ListSink:
+    """Keeps everything in lists, for tests and for direct calls."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.artifacts: list[Path] = []
+        self.progress_calls: list[tuple[int, int]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def artifact(self, path: Path) -> None:
+        self.artifacts.append(Path(path))
+
+    def progress(self, done: int, total: int) -> None:
+        self.progress_calls.append((done, total))
+
+    def series(self, name: str) -> list[float]:
+        return [m[name] for _, m in self.metrics if name in m]
