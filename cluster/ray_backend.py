@@ -42,8 +42,11 @@ class RayBackend:
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError) as err:
-            hint = ""
-            if "auth" in str(err).lower() or "token" in str(err).lower():
+            hint, chain, e = "", [], err
+            while e is not None:  # Ray puts the authentication error in the cause
+                chain.append(str(e).lower())
+                e = e.__cause__ or e.__context__
+            if any("auth" in text or "token" in text for text in chain):
                 hint = (" The cluster uses token authentication: export RAY_AUTH_MODE=token and the cluster's "
                         "token (RAY_AUTH_TOKEN, or ~/.ray/auth_token on this machine).")
             raise ConnectError(f"cannot join the Ray cluster at {self.address}: {str(err).splitlines()[-1]}.{hint}") from None
