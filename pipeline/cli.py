@@ -199,7 +199,9 @@ COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "report": cm
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
+    # MLflow sets its logger's level when imported; this quiets "Creating initial MLflow database tables..."
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     console = Console(width=None if sys.stdout.isatty() else 180)
     try:
