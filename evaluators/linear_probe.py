@@ -69,12 +69,12 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     if p["mode"] == "cached":
         inputs = extract(backbone, train.images, aug)
 
-        def step(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+        def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
             return F.cross_entropy(fc(x), y), {}
     elif p["mode"] == "moco":
         inputs = train.images
 
-        def step(x: torch.Tensor, y: torch.Tensor, g: torch.Generator):
+        def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
             with torch.no_grad():
                 h = backbone(probe_view(x, aug, size, g))
             return F.cross_entropy(fc(h), y), {}

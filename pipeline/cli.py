@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="set any field, e.g. -o pretrain.epochs=2 (repeatable)")
     p.add_argument("--workdir", help="default: runs/<grid name>")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--study", action="append", default=[], metavar="NAME",
+                   help="only the cells of this named study (repeatable)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,29 +54,33 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _load(args: argparse.Namespace) -> Plan:
-    grid = load_grid(args.grid, args.override, args.workdir, args.tracking_uri)
+def _load(args: argparse.Namespace, check_data: bool = True) -> Plan:
+    grid = load_grid(args.grid, args.override, args.workdir, args.tracking_uri, args.study)
     plan = build_plan(grid)
-    preflight(grid)
+    if check_data:
+        problems = data_problems(grid)
+        if problems:
+            raise GridError(str(grid.path), problems)
     return plan
 
 
-def preflight(grid: Grid) -> None:
-    """Checks that need the file system, done before anything starts."""
-    problems = []
+def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
+    """Checks that need the file system: each ImageFolder root must hold train/ and val/."""
+    problems, seen = [], set()
     for cell in grid.cells:
         ds = cell.config.dataset
-        if ds.name == "imagefolder":
-            for split in ("train", "val"):
-                if not (Path(ds.root) / split).is_dir():
-                    problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root,
-                                     f"has no {split}/ folder; an imagefolder root holds train/<class>/ and val/<class>/")))
-    if problems:
-        raise GridError(str(grid.path), problems)
+        if ds.name == "imagefolder" and ds.root not in seen:
+            seen.add(ds.root)
+            missing = [split for split in ("train", "val") if not (Path(ds.root) / split).is_dir()]
+            if missing:
+                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root,
+                                 f"has no {' or '.join(m + '/' for m in missing)} folder; an imagefolder root "
+                                 f"holds train/<class>/ and val/<class>/")))
+    return problems
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
-    plan = _load(args)
+    plan = _load(args, check_data=False)
     table = Table(title=f"{plan.grid.name}: {len(plan.grid.cells)} cells")
     rows = describe(plan)
     for col in rows[0]:
@@ -86,7 +92,17 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
     done = sum(stage_state(s, plan.grid.workdir)["state"] == "done" for s in plan.ordered())
     console.print(f"stages: {plan.naive_count} naive, {len(plan.stages)} after dedup, {done} already done")
+    from pipeline.cost import gpu_hours
+
+    hours = [gpu_hours(s) for s in plan.ordered()]
+    known = [h for h in hours if h is not None]
+    naive = sum(gpu_hours(plan.stages[k]) or 0.0 for c in plan.cells.values() for k in c.values())
+    console.print(f"estimated GPU-hours (V100-class, see pipeline/cost.py): {sum(known):.4g} after dedup, "
+                  f"{naive:.4g} without" + (f"; {len(hours) - len(known)} stages of unknown size "
+                                             "(set dataset.size_hint)" if len(known) < len(hours) else ""))
     console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
+    for where, problem in data_problems(plan.grid):
+        console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)")
     return 0
 
 
@@ -140,7 +156,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     from pipeline.execute import stage_state
     from pipeline.report import stage_runs
 
-    plan = _load(args)
+    plan = _load(args, check_data=False)
     df = stage_runs(plan)
     table = Table(title=f"{plan.grid.name}")
     for col in ("stage", "key", "cells", "state", "mlflow run", "mlflow status", "metrics", "error"):
@@ -168,7 +184,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import write_report
 
-    plan = _load(args)
+    plan = _load(args, check_data=False)
     text, files = write_report(plan)
     console.print(text, markup=False, highlight=False)
     console.print(f"written: {', '.join(map(str, files))}")

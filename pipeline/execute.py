@@ -124,6 +124,8 @@ class _Display:
             done, total = prog["done"], prog["total"]
             if self.seen.get(s.key) != (done, total):
                 self.seen[s.key] = (done, total)
+                if not self.console.is_terminal:  # a log file gets one line per epoch instead of bars
+                    self.console.print(f"{s.kind}:{s.cells[0]} {s.key}: {done}/{total}", highlight=False)
                 self.progress.start_task(self.tasks[s.key])
                 self.progress.update(self.tasks[s.key], completed=done, total=total, note="epochs")
         self.progress.update(self.overall, note=f"finished {self.counts['finished']} · running {running} · "
@@ -131,6 +133,9 @@ class _Display:
 
     def finish(self, o: Outcome) -> None:
         t = self.tasks[o.stage.key]
+        if not self.console.is_terminal:
+            self.console.print(f"{o.stage.kind}:{o.stage.cells[0]} {o.stage.key}: {o.state}"
+                               + (f" ({o.error})" if o.error else ""), highlight=False)
         if o.state == "done":
             self.counts["finished"] += 1
             self.progress.update(t, note="[green]done", completed=self.progress.tasks[t].total or 1,

@@ -34,7 +34,8 @@ import yaml
 from pipeline.spec import (EVALUATIONS, Problem, Resources, StageConfig, build_dataclass, build_stage_config,
                            flatten)
 
-TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "evaluations", "resources")
+TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "studies", "evaluations",
+            "resources")
 STAGE_KINDS = ("pretrain",) + EVALUATIONS
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -54,6 +55,7 @@ class Cell:
     name: str
     config: StageConfig
     values: dict[str, Any]  # the dotted keys this cell sets (its axis values and explicit values)
+    study: str = ""  # the named study it belongs to ("" for the grid's top-level axes and cells)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _absolute_uri(uri: str, base: Path) -> str:
 
 
 def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None = None,
-              tracking_uri: str | None = None) -> Grid:
+              tracking_uri: str | None = None, only_studies: list[str] = ()) -> Grid:
     path = Path(path)
     source = str(path)
     try:
@@ -143,44 +145,34 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         problems.append(("", Problem("defaults", defaults, "must be a mapping with dataset/backbone/pretrain/linear_probe")))
         defaults = {}
     defaults = _nested(defaults, "defaults", problems)
-    axes = doc.get("axes") or {}
-    cells_doc = doc.get("cells") or []
-    if not isinstance(axes, dict):
-        problems.append(("", Problem("axes", axes, "must map dotted keys to lists of values")))
-        axes = {}
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            problems.append(("", Problem(f"axes.{key}", values, "must be a non-empty list of values")))
-    if not isinstance(cells_doc, list):
-        problems.append(("", Problem("cells", cells_doc, "must be a list of mappings")))
-        cells_doc = []
-
-    # (name, {dotted key: value}, {dotted key: where it was set})
-    raw_cells: list[tuple[str, dict[str, Any], dict[str, str]]] = []
-    axis_keys = tuple(axes)
-    good_axes = {k: v for k, v in axes.items() if isinstance(v, list) and v}
-    if good_axes:
-        for combo in itertools.product(*good_axes.values()):
-            values = dict(zip(good_axes, combo))
-            label = ",".join(f"{k.removeprefix('pretrain.')}={v}" for k, v in values.items())
-            raw_cells.append((label, values, {k: f"axes.{k}" for k in values}))
-    for i, entry in enumerate(cells_doc):
-        if not isinstance(entry, dict):
-            problems.append(("", Problem(f"cells[{i}]", entry, "must be a mapping of dotted keys to values")))
+    raw_cells = _expand(doc, "", problems)
+    studies = doc.get("studies") or {}
+    if not isinstance(studies, dict):
+        problems.append(("", Problem("studies", studies, "must map study names to {defaults, axes, cells}")))
+        studies = {}
+    for sname, sdoc in studies.items():
+        if not isinstance(sdoc, dict) or set(sdoc) - {"defaults", "axes", "cells", "description"}:
+            problems.append(("", Problem(f"studies.{sname}", sdoc, "a study is a mapping with defaults, axes and cells")))
             continue
-        entry = dict(entry)
-        label = str(entry.pop("name", f"cell{i}"))
-        values = flatten(entry)
-        raw_cells.append((label, values, {k: f"cells[{i}] ({label}): " for k in values}))
+        raw_cells += _expand(sdoc, str(sname), problems)
     if not raw_cells:
-        raw_cells.append(("default", {}, {}))
+        raw_cells.append(("default", "", {}, {}))
+    if only_studies:
+        known = sorted({c[1] for c in raw_cells if c[1]})
+        for name in only_studies:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.append(("", Problem("--study", name, f"{hint}studies in this grid: {', '.join(known) or 'none'}")))
+        raw_cells = [c for c in raw_cells if c[1] in only_studies]
+    axis_keys = tuple(dict.fromkeys(k for c in raw_cells for k, w in c[3].items() if ".axes." in "." + w))
 
     cells: list[Cell] = []
     seen: set[tuple[str, str]] = set()
     names = [c[0] for c in raw_cells]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(("", Problem("cells", dup, "two cells share this name; give each a distinct name:")))
-    for label, values, where in raw_cells:
+    for label, study, values, where in raw_cells:
         values = {**values, **{k: v for k, v in cfg_over.items() if k in values}}
         try:
             raw = _merge_flat(defaults, {**values, **cfg_over})
@@ -195,7 +187,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
                 seen.add((origin, p.field, p.message))
                 problems.append((origin, p))
         if config is not None:
-            cells.append(Cell(label, config, values))
+            cells.append(Cell(label, config, values, study))
 
     evaluations = doc.get("evaluations", ["linear_probe"])
     if not isinstance(evaluations, list):
@@ -234,6 +226,50 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
                 evaluations=tuple(evaluations), resources=resources, axis_keys=axis_keys)
+
+
+def _expand(section: dict, study: str, problems: list[tuple[str, Problem]]
+            ) -> list[tuple[str, str, dict[str, Any], dict[str, str]]]:
+    """A section's axes (cartesian product) and cells → (name, study, {dotted key: value},
+    {dotted key: where it was set}). A study's own ``defaults`` apply under its cells' values."""
+    at = f"studies.{study}." if study else ""
+    prefix = f"{study}/" if study else ""
+    base = (section.get("defaults") or {}) if study else {}  # the grid's own defaults are merged later
+    if not isinstance(base, dict):
+        problems.append(("", Problem(f"{at}defaults", base, "must be a mapping of fields")))
+        base = {}
+    base = flatten(base)
+    base_where = {k: f"{at}defaults.{k}" for k in base}
+    axes = section.get("axes") or {}
+    cells_doc = section.get("cells") or []
+    if not isinstance(axes, dict):
+        problems.append(("", Problem(f"{at}axes", axes, "must map dotted keys to lists of values")))
+        axes = {}
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            problems.append(("", Problem(f"{at}axes.{key}", values, "must be a non-empty list of values")))
+    if not isinstance(cells_doc, list):
+        problems.append(("", Problem(f"{at}cells", cells_doc, "must be a list of mappings")))
+        cells_doc = []
+    out = []
+    good_axes = {k: v for k, v in axes.items() if isinstance(v, list) and v}
+    if good_axes:
+        for combo in itertools.product(*good_axes.values()):
+            values = dict(zip(good_axes, combo))
+            label = ",".join(f"{k.removeprefix('pretrain.')}={v}" for k, v in values.items())
+            out.append((prefix + label, study, {**base, **values}, {**base_where, **{k: f"{at}axes.{k}" for k in values}}))
+    for i, entry in enumerate(cells_doc):
+        if not isinstance(entry, dict):
+            problems.append(("", Problem(f"{at}cells[{i}]", entry, "must be a mapping of dotted keys to values")))
+            continue
+        entry = dict(entry)
+        label = str(entry.pop("name", f"cell{i}"))
+        values = flatten(entry)
+        out.append((prefix + label, study, {**base, **values},
+                    {**base_where, **{k: f"{at}cells[{i}] ({label}): " for k in values}}))
+    if not out and base and study:
+        out.append((prefix + "baseline", study, base, base_where))
+    return out
 
 
 def _nested(d: dict, where: str, problems: list[tuple[str, Problem]]) -> dict:

@@ -103,11 +103,17 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
         detail = ""
         if s.kind == "pretrain":
             p = s.spec["pretrain"]
+            k = {"simclr": f"2B-2={2 * p['batch_size'] - 2}", "byol": "-", "supervised": "-"}.get(p["method"], p["K"])
+            hard = " hard-negatives" if p["method"] in ("mocov1", "mocov2") and p["negatives"]["sampling"] == "hard" else ""
             detail = (f"{p['method']}" if p["method"] == "none" else
-                      f"{p['method']} head={p['head']['kind']} K={p['K']} epochs={p['epochs']} batch={p['batch_size']}")
+                      f"{p['method']} head={p['head']['kind']} K={k}{hard} epochs={p['epochs']} batch={p['batch_size']}")
         else:
             sec = s.spec[s.kind]
             detail = f"mode={sec.get('mode')} epochs={sec.get('epochs')}"
+        from pipeline.cost import gpu_hours
+
+        hours = gpu_hours(s)
         rows.append({"stage": s.kind, "key": s.key, "after": ",".join(s.upstream) or "-", "what": detail,
-                     "cells": ", ".join(s.cells), "cpus": res.cpus, "gpus": "auto" if res.gpus is None else res.gpus})
+                     "cells": ", ".join(s.cells), "cpus": res.cpus, "gpus": "auto" if res.gpus is None else res.gpus,
+                     "GPU-h": "?" if hours is None else f"{hours:.3g}"})
     return rows

@@ -37,6 +37,7 @@ class DatasetSpec:
     max_train: Optional[int] = _f(None, min=1, doc="subsample the train split")
     max_val: Optional[int] = _f(None, min=1, doc="subsample the val split")
     download: bool = _f(False, identity=False)
+    size_hint: Optional[int] = _f(None, min=1, identity=False, doc="training images, for plan's GPU-hour estimate")
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,18 @@ class AugmentSpec:
     flip: bool = _f(True)
 
 
-METHODS = ("none", "mocov1", "mocov2")
+METHODS = ("none", "instdisc", "mocov1", "mocov2", "simclr", "byol", "supervised")
 QUEUE_METHODS = ("mocov1", "mocov2")
+
+
+@dataclass(frozen=True)
+class NegativesSpec:
+    """How MoCo picks its K negatives from the queue (trainers/negatives.py)."""
+
+    sampling: str = _f("all", choices=("all", "hard"))
+    shape: float = _f(4.0, doc="skew-normal shape alpha (> 0: long tail towards easy ranks)")
+    loc: float = _f(0.0, doc="skew-normal location, in units of the queue length")
+    scale: float = _f(0.4, min=1e-6, doc="skew-normal scale, in units of the queue length")
 
 
 @dataclass(frozen=True)
@@ -83,11 +94,15 @@ class PretrainSpec:
     schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
     milestones: tuple[int, ...] = _f((120, 160), min=0)
     warmup_epochs: float = _f(0.0, min=0.0)
-    K: int = _f(65536, min=1, doc="number of negatives (queue size)")
+    K: int = _f(65536, min=1, doc="number of negatives: queue size (moco), bank draws (instdisc); simclr: 2B-2")
     m: float = _f(0.999, min=0.0, max=1.0, doc="key-encoder momentum")
     T: float = _f(0.2, min=1e-6, doc="softmax temperature")
     head: HeadSpec = HeadSpec()
     augment: AugmentSpec = AugmentSpec()
+    negatives: NegativesSpec = NegativesSpec()
+    tau_base: float = _f(0.996, min=0.0, max=1.0, doc="byol: target EMA, rising from tau_base to 1")
+    bank_m: float = _f(0.5, min=0.0, max=1.0, doc="instdisc: memory-bank momentum")
+    nce_loss: str = _f("nce", choices=("nce", "softmax"), doc="instdisc: NCE or the softmax over 1+K")
     seed: int = _f(0)
 
 
@@ -98,12 +113,39 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, no blur.
     "mocov1": {"T": 0.07, "schedule": "step", "milestones": (120, 160), "head": {"kind": "linear"},
                "augment": {"color_jitter": (0.4, 0.4, 0.4, 0.4), "color_p": 1.0, "blur": False}},
+    # lemniscate.pytorch main.py: dim 128, nce-k 4096, nce-t 0.07, nce-m 0.5, lr 0.03, x0.1 at 120/160;
+    # MoCo v1's augmentation
+    "instdisc": {"K": 4096, "T": 0.07, "bank_m": 0.5, "schedule": "step", "milestones": (120, 160),
+                 "head": {"kind": "linear"},
+                 "augment": {"color_jitter": (0.4, 0.4, 0.4, 0.4), "color_p": 1.0, "blur": False}},
+    # simclr run.py (ImageNet): T 0.1, lr 0.3xB/256, wd 1e-6, 10 warmup epochs then cosine; head with BN;
+    # crop 0.08-1, colour strength 1, blur p 0.5. LARS is not implemented (SGD).
+    "simclr": {"T": 0.1, "lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 10, "schedule": "cosine",
+               "head": {"kind": "mlp", "batchnorm": True},
+               "augment": {"crop_scale": (0.08, 1.0), "color_strength": 1.0}},
+    # byol configs/byol.py: tau_base 0.996, projector -> 256 with BN, lr 0.2xB/256 (1000 ep), wd 1.5e-6,
+    # 10 warmup epochs, cosine; ColorJitter(0.4,0.4,0.2,0.1) p 0.8. Its asymmetric blur/solarize is not.
+    "byol": {"tau_base": 0.996, "lr": 0.2, "weight_decay": 1.5e-6, "warmup_epochs": 10, "schedule": "cosine",
+             "head": {"kind": "mlp", "batchnorm": True, "out_dim": 256},
+             "augment": {"color_jitter": (0.4, 0.4, 0.2, 0.1), "crop_scale": (0.08, 1.0)}},
+    # torchvision's ResNet recipe: lr 0.1, wd 1e-4, x0.1 every 30 epochs
+    "supervised": {"lr": 0.1, "weight_decay": 1e-4, "schedule": "step", "milestones": (30, 60), "head": {"kind": "none"}},
     "none": {},
 }
 
 # For a method, the pretrain fields that can change its result (the rest are dropped from identity,
 # so e.g. every random-init cell of a grid shares one stage).
-METHOD_FIELDS: dict[str, tuple[str, ...] | None] = {"none": ("method", "seed")}
+_COMMON = ("method", "epochs", "batch_size", "lr", "weight_decay", "momentum", "schedule", "milestones",
+           "warmup_epochs", "augment", "seed")
+METHOD_FIELDS: dict[str, tuple[str, ...] | None] = {
+    "none": ("method", "seed"),
+    "instdisc": _COMMON + ("K", "T", "head", "bank_m", "nce_loss"),
+    "mocov1": _COMMON + ("K", "m", "T", "head", "negatives"),
+    "mocov2": _COMMON + ("K", "m", "T", "head", "negatives"),
+    "simclr": _COMMON + ("T", "head"),  # K = 2B - 2 follows the batch size
+    "byol": _COMMON + ("tau_base", "head"),
+    "supervised": _COMMON,
+}
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ from trainers import checkpoint
 from trainers.schedule import lr_at
 from trainers.sink import Sink
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+# step(images, labels, dataset indices, generator) -> (loss, metrics); indices serve memory banks
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], image
                 group["lr"] = lr
             x = images[idx].to(dev, non_blocking=True)
             y = labels[idx].to(dev, non_blocking=True)
-            loss, metrics = step_fn(x, y, g)
+            loss, metrics = step_fn(x, y, idx.to(dev), g)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {i}: lower the lr")
             opt.zero_grad(set_to_none=True)

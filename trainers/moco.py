@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.losses import info_nce
+from trainers.losses import info_nce, info_nce_selected
+from trainers.negatives import hard_negative_index
 
 
 class Encoder(nn.Module):
@@ -29,11 +30,13 @@ class Encoder(nn.Module):
 
 
 class MoCo(nn.Module):
-    def __init__(self, encoder: Encoder, dim: int, K: int = 65536, m: float = 0.999, T: float = 0.07):
+    def __init__(self, encoder: Encoder, dim: int, K: int = 65536, m: float = 0.999, T: float = 0.07,
+                 hard: tuple[float, float, float] | None = None):
         """dim: z's dimension; K: queue size; m: key-encoder momentum; T: softmax temperature
-        (moco defaults: K 65536, m 0.999, T 0.07 for v1, 0.2 for v2)."""
+        (moco defaults: K 65536, m 0.999, T 0.07 for v1, 0.2 for v2). ``hard``: (shape, loc, scale)
+        of the skew-normal hard-negative sampler (trainers/negatives.py), or None for all K."""
         super().__init__()
-        self.K, self.m, self.T = K, m, T
+        self.K, self.m, self.T, self.hard = K, m, T, hard
         self.encoder_q = encoder
         self.encoder_k = copy.deepcopy(encoder)
         for p_k in self.encoder_k.parameters():
@@ -68,6 +71,11 @@ class MoCo(nn.Module):
             perm = torch.randperm(n, generator=g).to(im_k.device)  # shuffle for BN
             k = self.encoder_k(im_k[perm])
             k = F.normalize(k, dim=1)[torch.argsort(perm)]  # keys: N×C, back in order
-        loss, logits = info_nce(q, k, self.queue.clone().detach(), self.T)
+        queue = self.queue.clone().detach()
+        if self.hard is None:
+            loss, logits = info_nce(q, k, queue, self.T)
+        else:
+            index = hard_negative_index(q.detach(), queue, *self.hard, g)  # N×K, hard ones most often
+            loss, logits = info_nce_selected(q, k, queue, index, self.T)
         self._dequeue_and_enqueue(k)
         return loss, logits

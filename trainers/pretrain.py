@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from trainers import checkpoint
 from trainers.augment import AugmentParams, augment
@@ -18,7 +19,10 @@ from trainers.backbones import build_backbone
 from trainers.data import load_split
 from trainers.heads import build_head
 from trainers.loop import LoopConfig, StepFn, device, fit
+from trainers.byol import BYOL
+from trainers.instdisc import InstDisc
 from trainers.moco import Encoder, MoCo
+from trainers.simclr import SimCLR
 from trainers.sink import Sink
 
 
@@ -33,25 +37,95 @@ def augment_params(aug: dict) -> AugmentParams:
                          flip_p=0.5 if aug["flip"] else 0.0)
 
 
-def build_moco(backbone: nn.Module, p: dict, size: int) -> tuple[nn.Module, StepFn]:
+class Context:
+    """What a builder may need besides the spec: crop size, classes, dataset size, total steps."""
+
+    def __init__(self, size: int, num_classes: int, n_data: int, total_steps: int):
+        self.size, self.num_classes, self.n_data, self.total_steps = size, num_classes, n_data, total_steps
+
+
+def _encoder(backbone: nn.Module, p: dict, hidden: int | None = None) -> tuple[Encoder, int]:
     h = p["head"]
-    head, dim = build_head(h["kind"], backbone.feat_dim, h["hidden_dim"], h["out_dim"], h.get("batchnorm", False))
-    model = MoCo(Encoder(backbone, head), dim=dim, K=p["K"], m=p["m"], T=p["T"])
+    head, dim = build_head(h["kind"], backbone.feat_dim, h["hidden_dim"] or hidden, h["out_dim"], h["batchnorm"])
+    return Encoder(backbone, head), dim
+
+
+def build_moco(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+    encoder, dim = _encoder(backbone, p)
+    neg = p["negatives"]
+    hard = (neg["shape"], neg["loc"], neg["scale"]) if neg["sampling"] == "hard" else None
+    model = MoCo(encoder, dim=dim, K=p["K"], m=p["m"], T=p["T"], hard=hard)
     aug = augment_params(p["augment"])
 
-    def step(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        im_q, im_k = augment(x, aug, size, g), augment(x, aug, size, g)
+    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        im_q, im_k = augment(x, aug, ctx.size, g), augment(x, aug, ctx.size, g)
         loss, logits = model(im_q, im_k, g)
-        acc = (logits.argmax(1) == 0).float().mean()  # instance-discrimination top-1
-        return loss, {"inst_acc": float(acc)}
+        return loss, {"inst_acc": float((logits.argmax(1) == 0).float().mean())}  # instance-discrimination top-1
 
     return model, step
 
 
-# method name → builder(backbone, pretrain section, crop size) → (model, step function)
-METHODS: dict[str, Callable[[nn.Module, dict, int], tuple[nn.Module, StepFn]]] = {
+def build_simclr(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+    encoder, _ = _encoder(backbone, p)
+    model = SimCLR(encoder, T=p["T"])
+    aug = augment_params(p["augment"])
+
+    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, logits = model(augment(x, aug, ctx.size, g), augment(x, aug, ctx.size, g))
+        n = x.shape[0]
+        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(logits.device)
+        return loss, {"inst_acc": float((logits.argmax(1) == target).float().mean())}
+
+    return model, step
+
+
+def build_byol(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+    # byol: projector 4096 -> 256 and predictor hidden 4096 for a 2048-d ResNet-50, i.e. 2x the
+    # feature width; the same ratio scales them down for small backbones
+    online, dim = _encoder(backbone, p, hidden=2 * backbone.feat_dim)
+    predictor, _ = build_head("mlp", dim, p["head"]["hidden_dim"] or 2 * backbone.feat_dim, dim, batchnorm=True)
+    model = BYOL(online, predictor, tau_base=p["tau_base"], total_steps=ctx.total_steps)
+    aug = augment_params(p["augment"])
+
+    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        return model(augment(x, aug, ctx.size, g), augment(x, aug, ctx.size, g)), {}
+
+    return model, step
+
+
+def build_instdisc(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+    encoder, dim = _encoder(backbone, p)
+    model = InstDisc(encoder, dim, ctx.n_data, K=p["K"], T=p["T"], bank_m=p["bank_m"], loss=p["nce_loss"])
+    aug = augment_params(p["augment"])
+
+    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, logits = model(augment(x, aug, ctx.size, g), idx, g)
+        return loss, {"inst_acc": float((logits.argmax(1) == 0).float().mean())}
+
+    return model, step
+
+
+def build_supervised(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+    """Cross-entropy on labels with the same augmentation knobs (the paper's Table 2 baseline)."""
+    model = nn.Module()
+    model.backbone, model.fc = backbone, nn.Linear(backbone.feat_dim, ctx.num_classes)
+    aug = augment_params(p["augment"])
+
+    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model.fc(model.backbone(augment(x, aug, ctx.size, g)))
+        return F.cross_entropy(logits, y), {"train_acc": float((logits.argmax(1) == y).float().mean())}
+
+    return model, step
+
+
+# method name → builder(backbone, pretrain section, context) → (model, step function)
+METHODS: dict[str, Callable[[nn.Module, dict, Context], tuple[nn.Module, StepFn]]] = {
+    "instdisc": build_instdisc,
     "mocov1": build_moco,
     "mocov2": build_moco,
+    "simclr": build_simclr,
+    "byol": build_byol,
+    "supervised": build_supervised,
 }
 UNTRAINED = "none"
 QUEUE_METHODS = ("mocov1", "mocov2")
@@ -73,17 +147,17 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
         # harder as the encoder learns: the loss then rises towards ln(K+1)
         raise ValueError(f"pretrain.K = {p['K']} must be below the number of training images ({len(data)})")
     dev = device()
-    model, step = METHODS[p["method"]](backbone, p, spec["dataset"]["image_size"])
+    ctx = Context(spec["dataset"]["image_size"], len(data.classes), len(data), p["epochs"] * (len(data) // p["batch_size"]))
+    model, step = METHODS[p["method"]](backbone, p, ctx)
     model.to(dev)
     cfg = LoopConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
                      momentum=p["momentum"], schedule=p["schedule"], milestones=tuple(p["milestones"]),
                      warmup_epochs=p["warmup_epochs"], seed=p["seed"])
     history = fit(model, step, model.parameters(), data.images, data.labels, cfg,
                   Path(workdir) / "checkpoints" / "last.pt", sink)
-    enc = model.encoder_q
-    checkpoint.atomic_save({"backbone": enc.backbone.state_dict(), "head": enc.head.state_dict(),
-                            "method": p["method"]}, final)
-    result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc")})
+    checkpoint.atomic_save({"backbone": backbone.state_dict(), "model": model.state_dict(), "method": p["method"]},
+                           final)
+    result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
     result["epochs_trained"] = len(history)
     return result
 

@@ -121,3 +121,39 @@ def test_shipped_quickstart_is_valid():
     g = load_grid(Path(__file__).resolve().parents[2] / "grids" / "quickstart.yaml")
     assert {c.config.pretrain.method for c in g.cells} == {"mocov2", "none"}
     assert {c.config.pretrain.head.kind for c in g.cells if c.config.pretrain.method == "mocov2"} == {"mlp", "none"}
+
+
+STUDIES = BASE + """
+studies:
+  heads:
+    axes: {pretrain.head.kind: [mlp, none]}
+  temps:
+    defaults: {pretrain.head.kind: none}
+    axes: {pretrain.T: [0.1, 0.2]}
+  solo:
+    defaults: {pretrain.K: 32}
+"""
+
+
+def test_named_studies_expand_and_share_stages(tmp_path):
+    from pipeline.plan import build_plan
+
+    g = load_grid(write(tmp_path, STUDIES))
+    assert [c.name for c in g.cells] == ["heads/head.kind=mlp", "heads/head.kind=none", "temps/T=0.1", "temps/T=0.2",
+                                         "solo/baseline"]
+    assert {c.study for c in g.cells} == {"heads", "temps", "solo"}
+    assert g.cells[3].config.pretrain.head.kind == "none" and g.cells[3].config.pretrain.T == 0.2
+    assert g.cells[4].config.pretrain.K == 32
+    plan = build_plan(g)
+    shared = plan.cells["heads/head.kind=none"]["pretrain"]
+    assert shared == plan.cells["temps/T=0.2"]["pretrain"]  # same resolved spec: one stage for both studies
+    only = load_grid(write(tmp_path, STUDIES), only_studies=["temps"])
+    assert [c.study for c in only.cells] == ["temps", "temps"]
+
+
+def test_unknown_study_and_bad_study_value(tmp_path):
+    p = write(tmp_path, STUDIES)
+    with pytest.raises(GridError, match="--study = 'temp': did you mean 'temps'"):
+        load_grid(p, only_studies=["temp"])
+    msg = error(tmp_path, STUDIES.replace("axes: {pretrain.T: [0.1, 0.2]}", "axes: {pretrain.T: [0.1, -1]}"))
+    assert "studies.temps.axes.pretrain.T: pretrain.T = -1.0: must be >= 1e-06" in msg

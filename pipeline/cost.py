@@ -1,0 +1,53 @@
+"""GPU-hour estimate of a stage, for ``sslgrid plan``.
+
+One measured anchor: facebookresearch/moco's README gives 53 hours on 8 V100 GPUs for a 200-epoch
+ResNet-50 pretraining on ImageNet-1k (1,281,167 images, 224 px): 424 GPU-hours, so 5.96 ms per
+image per epoch. Everything else scales from it by assumption, not measurement:
+
+- passes per image, a backward counted as two forwards: MoCo's query fwd+bwd plus key fwd = 4
+  units (the anchor); SimCLR two fwd+bwd = 6; BYOL two online fwd+bwd plus two target fwd = 8;
+  InstDisc and supervised one fwd+bwd = 3; a linear probe one frozen forward = 1 per image per
+  epoch (``moco`` protocol), or one pass over train and val (``cached``);
+- compute per forward: multiply-accumulates of the backbone relative to ResNet-50 at 224 px
+  (4.1 G), times (image_size/224)^2, times 16 for a torchvision ResNet with the CIFAR stem (no
+  stride-4 stem). tiny_resnet at 32 px is 0.064 GMAC (counted by hand from trainers/backbones.py).
+"""
+from __future__ import annotations
+
+from pipeline.plan import Stage
+
+MS_PER_IMAGE_EPOCH_MOCO_R50 = 53 * 8 * 3600 * 1000 / (200 * 1_281_167)
+UNITS = {"mocov1": 4, "mocov2": 4, "simclr": 6, "byol": 8, "instdisc": 3, "supervised": 3, "none": 0}
+GMAC_224 = {"resnet50": 4.1, "resnet18": 1.8, "tiny_resnet": 0.064 * (224 / 32) ** 2}
+TRAIN_IMAGES = {"cifar10": 50_000, "stl10": 5_000}
+
+
+def train_images(ds: dict) -> int | None:
+    if ds["name"] == "synthetic":
+        return ds["num_train"]
+    n = ds.get("max_train") or ds.get("size_hint") or TRAIN_IMAGES.get(ds["name"])
+    return n
+
+
+def _ms_per_unit(stage: Stage) -> float:
+    bb, ds = stage.spec["backbone"], stage.spec["dataset"]
+    gmac = GMAC_224[bb["name"]] * (ds["image_size"] / 224) ** 2
+    if bb["name"] != "tiny_resnet" and bb.get("cifar_stem"):
+        gmac *= 16
+    return MS_PER_IMAGE_EPOCH_MOCO_R50 / UNITS["mocov2"] * gmac / GMAC_224["resnet50"]
+
+
+def gpu_hours(stage: Stage) -> float | None:
+    """Estimated GPU-hours (V100-class) of one stage; None when the dataset size is unknown."""
+    n = train_images(stage.spec["dataset"])
+    if n is None:
+        return None
+    if stage.kind == "pretrain":
+        p = stage.spec["pretrain"]
+        units = UNITS[p["method"]] * p["epochs"] * n
+    elif stage.kind == "linear_probe":
+        p = stage.spec["linear_probe"]
+        units = (p["epochs"] if p["mode"] == "moco" else 1) * n * 1.1  # + the val split, ~10%
+    else:
+        return None
+    return units * _ms_per_unit(stage) / 3.6e6

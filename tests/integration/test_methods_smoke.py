@@ -1,0 +1,41 @@
+"""One epoch of every pretraining method through `sslgrid run`, each followed by a linear probe."""
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.helpers import sslgrid, stage_runs, write_grid
+
+pytestmark = pytest.mark.integration
+
+GRID = """
+name: tiny
+defaults:
+  dataset: {name: synthetic, num_train: 192, num_val: 96}
+  backbone: {name: tiny_resnet, bn_splits: 2}
+  pretrain: {epochs: 1, batch_size: 32, K: 64, warmup_epochs: 0, head: {out_dim: 32}}
+  linear_probe: {epochs: 2}
+axes:
+  pretrain.method: [instdisc, mocov1, mocov2, simclr, byol, supervised, none]
+cells:
+  - {name: mocov2-hard, pretrain.method: mocov2, pretrain.negatives.sampling: hard}
+  - {name: instdisc-softmax, pretrain.method: instdisc, pretrain.nce_loss: softmax}
+evaluations: [linear_probe]
+resources:
+  pretrain: {cpus: 1}
+"""
+
+
+def test_every_method_runs_one_epoch(tmp_path):
+    grid = write_grid(tmp_path, GRID)
+    plan = sslgrid(grid, tmp_path, sub="plan")
+    assert plan.returncode == 0 and "K=2B-2=62" in plan.stdout and "hard-negatives" in plan.stdout
+    out = sslgrid(grid, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = stage_runs(tmp_path)
+    assert len(runs) == 18 and all(r.info.status == "FINISHED" for r in runs)
+    pre = {r.data.params["pretrain.method"] + r.data.params["pretrain.negatives.sampling"] + r.data.params["pretrain.nce_loss"]: r
+           for r in runs if r.data.tags["sslgrid.stage"] == "pretrain"}
+    for name, run in pre.items():
+        if not name.startswith("none"):
+            assert "loss" in run.data.metrics, name
+    assert "train_acc" in pre["supervisedallnce"].data.metrics

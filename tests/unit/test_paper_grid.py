@@ -1,0 +1,33 @@
+"""grids/paper.yaml plans cleanly, shares the MoCo v2 baseline across studies, and is costed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cost import MS_PER_IMAGE_EPOCH_MOCO_R50, gpu_hours
+from pipeline.grid import load_grid
+from pipeline.plan import build_plan
+
+PAPER = Path(__file__).resolve().parents[2] / "grids" / "paper.yaml"
+
+
+def test_paper_grid_plans_and_dedups_the_baseline():
+    plan = build_plan(load_grid(PAPER))
+    studies = {c.study for c in plan.grid.cells}
+    assert studies == {"table1", "table2a", "table2b", "fig4", "table3"}
+    assert (plan.naive_count, len(plan.stages)) == (116, 104)
+    baseline = plan.cells["table1/head.kind=mlp"]["pretrain"]
+    sharing = [name for name, keys in plan.cells.items() if keys["pretrain"] == baseline]
+    assert sharing == ["table1/head.kind=mlp", "table2a/method=mocov2,augment.crop_scale=[0.2, 1.0]",
+                       "table2b/method=mocov2,augment.color_strength=0.5", "fig4/method=mocov2,K=65536",
+                       "table3/K=65536"]
+    hard = plan.stages[plan.cells["fig4/hard-K512"]["pretrain"]].spec["pretrain"]["negatives"]
+    assert hard["sampling"] == "hard"
+
+
+def test_cost_model_reproduces_its_anchor():
+    plan = build_plan(load_grid(PAPER, only_studies=["table1"]))
+    baseline = plan.stages[plan.cells["table1/head.kind=mlp"]["pretrain"]]
+    assert gpu_hours(baseline) == pytest.approx(424, rel=1e-6)  # moco README: 53 h on 8 V100
+    assert MS_PER_IMAGE_EPOCH_MOCO_R50 == pytest.approx(5.957, abs=1e-3)
