@@ -18,6 +18,8 @@ from typing import Any, Optional, Union
 
 from trainers.backbones import BACKBONES
 from trainers.heads import HEADS
+from trainers.pretrain import METHODS as TRAINED_METHODS
+from trainers.pretrain import QUEUE_METHODS, UNTRAINED
 
 
 def _f(default: Any, **meta: Any) -> Any:
@@ -37,6 +39,8 @@ class DatasetSpec:
     max_train: Optional[int] = _f(None, min=1, doc="subsample the train split")
     max_val: Optional[int] = _f(None, min=1, doc="subsample the val split")
     download: bool = _f(False, identity=False)
+    in_memory: Optional[bool] = _f(None, identity=False, doc="imagefolder: decode all images up front "
+                                   "(default: when they fit in 4 GiB), else a batch at a time")
     size_hint: Optional[int] = _f(None, min=1, identity=False, doc="training images, for plan's GPU-hour estimate")
 
 
@@ -67,8 +71,7 @@ class AugmentSpec:
     flip: bool = _f(True)
 
 
-METHODS = ("none", "instdisc", "mocov1", "mocov2", "simclr", "byol", "supervised")
-QUEUE_METHODS = ("mocov1", "mocov2")
+METHODS = (UNTRAINED,) + tuple(TRAINED_METHODS)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,36 @@ class DataError(Exception):
     """A dataset problem the user must fix (a corrupt file, a missing folder)."""
 
 
+class LazyImages:
+    """N×3×H×W uint8 images decoded on demand: ``lazy[idx]`` (a tensor of indices or a slice) decodes
+    just those files, in a thread pool sized to the machine (PIL releases the GIL while decoding).
+    Used for ImageFolder trees too large to hold in memory, such as ImageNet."""
+
+    def __init__(self, files: list[Path], image_size: int, workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.files, self.image_size = files, image_size
+        self.shape = (len(files), 3, image_size, image_size)
+        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, slice):
+            idx = range(*idx.indices(len(self.files)))
+        elif isinstance(idx, torch.Tensor):
+            idx = idx.tolist()
+        arrays = list(self.pool.map(lambda i: _load_image(self.files[i], self.image_size), idx))
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+IN_MEMORY_BYTES = 4 * 2**30  # decoded size above which an ImageFolder is read lazily
+
+
 @dataclass(frozen=True)
 class ImageSet:
-    images: torch.Tensor  # N×3×H×W uint8
+    images: torch.Tensor | LazyImages  # N×3×H×W uint8
     labels: torch.Tensor  # N int64
     classes: tuple[str, ...]
 
@@ -164,8 +191,10 @@ def _load_image(path: Path, image_size: int) -> np.ndarray:
         raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
 
 
-def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = None) -> ImageSet:
-    """Read ``split_root/<class>/<image>`` into memory at ``image_size`` (resize + centre crop)."""
+def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = None,
+                     in_memory: bool | None = None) -> ImageSet:
+    """Read ``split_root/<class>/<image>`` at ``image_size`` (resize + centre crop): decoded into
+    memory when that takes under 4 GiB (or ``in_memory``), else lazily, a batch at a time."""
     split_root = Path(split_root)
     if not split_root.is_dir():
         raise DataError(f"{split_root}: no such folder. An ImageFolder dataset needs <root>/train/<class>/ "
@@ -184,9 +213,13 @@ def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = 
         # keep the class balance when subsampling: take every n-th file
         step = len(files) / max_items
         files = [files[int(i * step)] for i in range(max_items)]
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    if in_memory is None:
+        in_memory = len(files) * 3 * image_size * image_size <= IN_MEMORY_BYTES
+    if not in_memory:
+        return ImageSet(LazyImages([f for f, _ in files], image_size), labels, classes)
     arr = np.stack([_load_image(f, image_size) for f, _ in files])
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([c for _, c in files], dtype=torch.int64)
     return ImageSet(images, labels, classes)
 
 
@@ -217,7 +250,7 @@ def load_split(dataset: dict, split: str) -> ImageSet:
         root = ensure_synthetic(dataset["num_train"], dataset["num_val"], size, dataset["seed"])
         return load_imagefolder(root / split, size)
     if name == "imagefolder":
-        return load_imagefolder(Path(dataset["root"]) / split, size, limit)
+        return load_imagefolder(Path(dataset["root"]) / split, size, limit, dataset.get("in_memory"))
     if name in ("cifar10", "stl10"):
         data = _from_torchvision(name, Path(dataset["root"]), split == "train", dataset.get("download", False))
         if limit is not None and len(data) > limit:
