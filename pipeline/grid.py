@@ -68,7 +68,6 @@ class Grid:
     cells: tuple[Cell, ...]
     evaluations: tuple[str, ...]
     resources: dict[str, Resources]
-    axis_keys: tuple[str, ...]
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -165,7 +164,6 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
                 hint = f"did you mean '{close[0]}'? " if close else ""
                 problems.append(("", Problem("--study", name, f"{hint}studies in this grid: {', '.join(known) or 'none'}")))
         raw_cells = [c for c in raw_cells if c[1] in only_studies]
-    axis_keys = tuple(dict.fromkeys(k for c in raw_cells for k, w in c[3].items() if ".axes." in "." + w))
 
     cells: list[Cell] = []
     seen: set[tuple[str, str]] = set()
@@ -225,7 +223,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
-                evaluations=tuple(evaluations), resources=resources, axis_keys=axis_keys)
+                evaluations=tuple(evaluations), resources=resources)
 
 
 def _expand(section: dict, study: str, problems: list[tuple[str, Problem]]

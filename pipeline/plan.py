@@ -50,9 +50,6 @@ class Plan:
     def ordered(self) -> list[Stage]:
         return list(self.stages.values())
 
-    def dependents(self, key: str) -> list[Stage]:
-        return [s for s in self.stages.values() if key in s.upstream]
-
 
 def identity_key(kind: str, identity: dict, upstream: tuple[str, ...]) -> str:
     payload = {"schema": SCHEMA_VERSION, "kind": kind, "spec": identity, "upstream": list(upstream)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ class LoopConfig:
     milestones: tuple[int, ...] = ()
     warmup_epochs: float = 0.0
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
