@@ -83,7 +83,9 @@ class RayBackend:
         """(True, value) or (False, the exception)."""
         try:
             return True, ray.get(ref)
-        except Exception as err:  # RayTaskError wraps the task's exception; WorkerCrashedError etc.
+        except ray.exceptions.RayTaskError as err:  # the task's own exception, without Ray's wrapper
+            return False, err.cause if isinstance(err.cause, Exception) else err
+        except Exception as err:  # WorkerCrashedError etc.
             return False, err
 
 

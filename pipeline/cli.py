@@ -1,4 +1,4 @@
-"""``sslgrid``: plan, run, status, report and ui for a grid file.
+"""``sslgrid``: plan, run, status, cancel, report, ui and server for a grid file.
 
 Exit codes: 0 all stages done; 1 some stage failed (the rest of the grid finished); 2 bad input
 (nothing was launched, nothing computed was touched).
@@ -39,10 +39,16 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("run", help="run (or resume) a grid")
     _common(p)
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a private local one")
+    p.add_argument("--backend", choices=("local", "ray", "slurm"),
+                   help="local: a private Ray cluster (default); ray: join --ray-address; slurm: one SLURM job "
+                        "per stage through submitit, with the grid's cluster: section")
+    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a private local one "
+                                         "(implies --backend ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local cluster (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs of the private local cluster (default: all)")
     p = sub.add_parser("status", help="each stage's state, MLflow run and key metrics")
+    _common(p)
+    p = sub.add_parser("cancel", help="scancel the grid's queued and running SLURM jobs")
     _common(p)
     p = sub.add_parser("report", help="the grid's results as a table (Markdown; CSV beside it)")
     _common(p)
@@ -51,6 +57,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p = sub.add_parser("server", help="start an MLflow tracking server that compute nodes can log to")
+    p.add_argument("--backend-store-uri", default="sqlite:///mlflow-server.db",
+                   help="where runs are stored (default: sqlite:///mlflow-server.db here)")
+    p.add_argument("--artifacts-destination", default="./mlflow-artifacts",
+                   help="where the server keeps artifacts it receives (default: ./mlflow-artifacts)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; 127.0.0.1 (default) serves this machine only. --host 0.0.0.0 "
+                        "lets anyone who can reach this port read and write every run and artifact: "
+                        "MLflow's server has no authentication")
     return ap
 
 
@@ -108,20 +124,35 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from cluster.ray_backend import ConnectError, RayBackend, ResourceError, local_env
+    from pipeline.backends import BackendError, remote_tracking_problem, slurm_backend
     from pipeline.execute import execute
     from pipeline.report import write_report
     from pipeline.tracking import client, prepare_runs
 
     plan = _load(args)
+    backend_name = args.backend or ("ray" if args.ray_address else "local")
+    if backend_name == "ray" and not args.ray_address:
+        console.print("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")
+        return EXIT_USAGE
+    if backend_name == "slurm":
+        problem = remote_tracking_problem(plan.grid.tracking_uri, backend_name)
+        if problem:
+            console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
+            return EXIT_USAGE
+        try:
+            backend = slurm_backend(plan, local_env())
+        except BackendError as err:
+            console.print(f"[red]{err}[/]", highlight=False, soft_wrap=True)
+            return EXIT_USAGE
+    else:
+        def backend() -> RayBackend:
+            return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                              env_vars=local_env())
     console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
     c = client(plan.grid.tracking_uri)
     c.update_run(parent_id, status="RUNNING")
-
-    def backend() -> RayBackend:
-        return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus, env_vars=local_env())
-
     try:
         outcomes = execute(plan, run_ids, backend, console)
     except ResourceError as err:
@@ -148,18 +179,22 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     c.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     console.print(text, markup=False, highlight=False)
     console.print(f"report: {files[0]}")
-    console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+    if plan.grid.tracking_uri.startswith(("http://", "https://")):
+        console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
+    else:
+        console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
     return EXIT_FAILED if failed else 0
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from pipeline.backends import slurm_job
     from pipeline.execute import stage_state
     from pipeline.report import stage_runs
 
     plan = _load(args, check_data=False)
     df = stage_runs(plan)
     table = Table(title=f"{plan.grid.name}")
-    for col in ("stage", "key", "cells", "state", "mlflow run", "mlflow status", "metrics", "error"):
+    for col in ("stage", "key", "cells", "state", "slurm job", "mlflow run", "mlflow status", "metrics", "error"):
         table.add_column(col, overflow="fold")
     for s in plan.ordered():
         info = stage_state(s, plan.grid.workdir)
@@ -176,9 +211,58 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         error = info.get("error", "")
         if not error and s.key in df.index and "tags.sslgrid.error" in df.columns:
             error = df.at[s.key, "tags.sslgrid.error"] or ""
-        table.add_row(s.kind, s.key, ", ".join(s.cells), state, run_id, status, metrics, str(error))
+        job = (slurm_job(s, plan.grid.workdir) or {}).get("job_id", "")
+        table.add_row(s.kind, s.key, ", ".join(s.cells), state, job, run_id, status, metrics, str(error))
     console.print(table)
     return 0
+
+
+def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
+    from cluster.slurm_backend import cancel, job_state
+    from pipeline.backends import slurm_job
+    from pipeline.execute import stage_state
+
+    plan = _load(args, check_data=False)
+    live = []
+    for s in plan.ordered():
+        job = slurm_job(s, plan.grid.workdir)
+        if not job or "job_id" not in job or stage_state(s, plan.grid.workdir)["state"] == "done":
+            continue
+        state, _ = job_state(job["job_id"])
+        if state.split()[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED", "RESIZING"):
+            live.append((s, job["job_id"], state))
+    if not live:
+        console.print(f"{plan.grid.name}: no queued or running SLURM jobs")
+        return 0
+    out = cancel([j for _, j, _ in live])
+    if out.returncode != 0:
+        console.print(f"[red]scancel failed:[/] {out.stderr.strip()}")
+        return EXIT_FAILED
+    for s, job, state in live:
+        console.print(f"cancelled {s.label} ({', '.join(s.cells)}): SLURM job {job}, was {state}", highlight=False)
+    console.print("a rerun of `sslgrid run` resumes them from their last checkpoints")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace, console: Console) -> int:
+    """A real ``mlflow server`` with a SQLite store and proxied artifacts (clients upload through it,
+    so compute nodes need only HTTP access, no shared disk)."""
+    from pipeline.grid import _absolute_uri
+
+    store = _absolute_uri(args.backend_store_uri, Path.cwd())
+    artifacts = str(Path(args.artifacts_destination).resolve())
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
+           artifacts, "--serve-artifacts", "--host", args.host, "--port", str(args.port), "--workers", "2"]
+    if args.host not in ("127.0.0.1", "localhost"):
+        # MLflow ≥ 3.5 checks Host headers; nodes address this machine by names we cannot know here
+        cmd += ["--allowed-hosts", "*"]
+        console.print(f"[yellow]serving on {args.host}:{args.port}: anyone who can reach this port can read and "
+                      f"write every run and artifact (no authentication)[/]")
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    console.print(f"tracking URI: http://{host}:{args.port}   (store {store}, artifacts {artifacts})\n"
+                  f"use it with: sslgrid run GRID --tracking-uri http://{host}:{args.port}", highlight=False)
+    sys.stdout.flush()
+    return subprocess.call(cmd)
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
@@ -210,13 +294,15 @@ def cmd_ui(args: argparse.Namespace, console: Console) -> int:
     return subprocess.call(cmd)
 
 
-COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "report": cmd_report, "ui": cmd_ui}
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "report": cmd_report,
+            "ui": cmd_ui, "server": cmd_server}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # MLflow sets its logger's level when imported; this quiets "Creating initial MLflow database tables..."
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a line per run on http stores
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     console = Console(width=None if sys.stdout.isatty() else 180)

@@ -19,9 +19,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from cluster.slurm_backend import current_job_id
+from pipeline.backends import slurm_job
 from pipeline.plan import SCHEMA_VERSION, Plan, Stage
 from pipeline.stages import ARTIFACTS, STAGES
 from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
+
+
+SLURM_TAG = "sslgrid.slurm_job_id"
 
 
 @dataclass
@@ -51,6 +56,9 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     run_id = p["run_id"]
     c.update_run(run_id, status="RUNNING")
     c.set_tag(run_id, ERROR, "")
+    job = current_job_id()
+    if job:  # visible in the UI while the job runs; a requeued job keeps its id
+        c.set_tag(run_id, SLURM_TAG, job)
     sink = MlflowSink(p["tracking_uri"], run_id, d)
     t0 = time.time()
     try:
@@ -201,6 +209,9 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
                     display.finish(o)
     for s in pending:
         o = outcomes[s.key]
+        job = slurm_job(s, workdir)
+        if job and "job_id" in job:  # also for jobs that died before they could tag their run
+            c.set_tag(run_ids[s.key], SLURM_TAG, job["job_id"])
         if o.state == "upstream_failed":  # record why it did not run
             c.set_tag(run_ids[s.key], ERROR, o.error)
             c.set_terminated(run_ids[s.key], "KILLED")

@@ -15,6 +15,9 @@ A grid file (YAML)::
     evaluations: [linear_probe]      # stages that follow every pretraining
     resources:                       # per stage kind
       pretrain: {cpus: 1, gpus: 0}
+    cluster:                         # SLURM requests (--backend slurm): a default, then per stage kind
+      default: {partition: gpu, timeout_min: 240, mem_gb: 32}
+      pretrain: {gpus_per_node: 1, cpus_per_task: 10, timeout_min: 4320}
 
 Command-line overrides (``-o pretrain.epochs=2``) set a field everywhere: in ``defaults`` and in
 every axis or cell that sets the same key. Keys outside ``defaults`` (``name``, ``workdir``,
@@ -31,11 +34,11 @@ from typing import Any
 
 import yaml
 
-from pipeline.spec import (EVALUATIONS, Problem, Resources, StageConfig, build_dataclass, build_stage_config,
-                           flatten)
+from pipeline.spec import (EVALUATIONS, Problem, Resources, SlurmSpec, StageConfig, build_dataclass,
+                           build_stage_config, flatten)
 
 TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "studies", "evaluations",
-            "resources")
+            "resources", "cluster")
 STAGE_KINDS = ("pretrain",) + EVALUATIONS
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -68,6 +71,11 @@ class Grid:
     cells: tuple[Cell, ...]
     evaluations: tuple[str, ...]
     resources: dict[str, Resources]
+    cluster: dict[str, SlurmSpec]  # "default" and stage kinds
+
+
+def head_of(key: str) -> str:
+    return key.split(".", 1)[0]
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -120,9 +128,8 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         head = key.split(".", 1)[0]
         (top_over if head in TOP_KEYS and head != "defaults" else cfg_over)[key.removeprefix("defaults.")] = value
     for key, value in top_over.items():
-        if key.startswith("resources."):
-            doc.setdefault("resources", {})
-            node = doc["resources"]
+        if key.startswith(("resources.", "cluster.")):
+            node = doc.setdefault(head_of(key), {})
             parts = key.split(".")[1:]
             for part in parts[:-1]:
                 node = node.setdefault(part, {})
@@ -216,6 +223,23 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     for kind in STAGE_KINDS:
         resources.setdefault(kind, Resources())
 
+    cluster: dict[str, SlurmSpec] = {}
+    cl_doc = doc.get("cluster") or {}
+    if not isinstance(cl_doc, dict):
+        problems.append(("", Problem("cluster", cl_doc, "must map 'default' and stage kinds to SLURM requests")))
+        cl_doc = {}
+    for kind, spec in cl_doc.items():
+        if kind not in ("default",) + STAGE_KINDS:
+            close = difflib.get_close_matches(str(kind), ("default",) + STAGE_KINDS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(("", Problem(f"cluster.{kind}", spec, f"{hint}keys: default, {', '.join(STAGE_KINDS)}")))
+            continue
+        sub = []
+        built = build_dataclass(SlurmSpec, spec, f"cluster.{kind}", sub)
+        problems.extend(("", p) for p in sub)
+        if built is not None:
+            cluster[kind] = built
+
     if problems:
         raise GridError(source, problems)
     base = Path.cwd()
@@ -223,7 +247,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
-                evaluations=tuple(evaluations), resources=resources)
+                evaluations=tuple(evaluations), resources=resources, cluster=cluster)
 
 
 def _expand(section: dict, study: str, problems: list[tuple[str, Problem]]

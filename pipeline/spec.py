@@ -181,6 +181,24 @@ class Resources:
     gpus: Optional[float] = _f(None, min=0.0, doc="null: 1 when the Ray cluster has a GPU, else 0")
 
 
+@dataclass(frozen=True)
+class SlurmSpec:
+    """A grid's ``cluster:`` entry (``default`` or a stage kind): the SLURM request of its jobs. Unset
+    fields fall back to ``cluster.default``, then to the stage's ``resources`` (cpus, gpus)."""
+
+    partition: Optional[str] = None
+    gpus_per_node: Optional[int] = _f(None, min=0)
+    cpus_per_task: Optional[int] = _f(None, min=1)
+    mem_gb: Optional[float] = _f(None, min=0.0)
+    timeout_min: Optional[int] = _f(None, min=1, doc="default 60")
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    additional_parameters: Optional[dict] = _f(None, doc="extra sbatch flags, e.g. {mail-type: END}")
+    setup: Optional[tuple[str, ...]] = _f(None, doc="shell lines run before the job, e.g. module load")
+    array_parallelism: Optional[int] = _f(None, min=1, doc="default 64")
+
+
 EVALUATIONS = ("linear_probe",)
 
 

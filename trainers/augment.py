@@ -8,9 +8,12 @@ torchvision's ``RandomResizedCrop``, ``ColorJitter``, ``RandomGrayscale``, ``Gau
     RRC(scale=(0.2, 1)) → ColorJitter(0.4, 0.4, 0.4, 0.1) w.p. 0.8 → Grayscale w.p. 0.2
     → GaussianBlur(σ ~ U[0.1, 2]) w.p. 0.5 → HFlip → Normalize
 
-Two known differences from the PIL pipeline:
+Known differences from the PIL pipeline:
 - the order of the four jitter operations is drawn once per batch, not once per image;
-- the crop is resampled bilinearly by ``roi_align`` (2×2 samples per output pixel), not by PIL.
+- the crop is resampled bilinearly by ``roi_align``, with s×s samples per output pixel where s is the
+  batch's mean downscale factor rounded up (1 when the crops are upsampled), not by PIL;
+
+Colour jitter, grayscale and blur are computed only for the images drawn to receive them.
 
 All randomness comes from the ``generator`` argument, so an epoch's augmentations are a function of
 the seed alone: that is what lets a resumed run match an uninterrupted one.
@@ -85,7 +88,9 @@ def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tenso
     """Crop each image of x (N×C×H×W float) to its box and resize to size×size, in one kernel."""
     n = x.shape[0]
     rois = torch.cat([torch.arange(n, dtype=x.dtype, device=x.device)[:, None], boxes.to(x)], 1)
-    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    side = ((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])).float().mean().item() / 2
+    ratio = max(1, math.ceil(side / size))
+    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=ratio, aligned=True)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -94,31 +99,6 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (f[:, None, None, None] * a + (1 - f[:, None, None, None]) * b).clamp_(0, 1)
-
-
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = delta / maxc.clamp(min=1e-8)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.to(torch.int64) % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i[:, None]).squeeze(1)
-    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None]).squeeze(1)
-    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None]).squeeze(1)
-    return torch.stack([r, g, b], 1)
 
 
 def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], g: torch.Generator) -> torch.Tensor:
@@ -137,11 +117,24 @@ def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], g
             f = _uniform(n, max(0.0, 1 - s), 1 + s, g, dev)
             x = _blend(x, _gray(x).expand_as(x), f)
         elif op == 3 and h > 0:
-            f = _uniform(n, -h, h, g, dev)
-            hsv = _rgb_to_hsv(x)
-            hsv[:, 0] = (hsv[:, 0] + f[:, None, None]) % 1.0
-            x = _hsv_to_rgb(hsv)
+            x = hue_shift(x, _uniform(n, -h, h, g, dev))
     return x
+
+
+def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue (hue += shift turns, in HSV) per image, without the HSV round trip:
+    saturation and value are unchanged, so each channel is max − Δ·clamp(min(k, 4−k), 0, 1) with
+    k = (n + 6·hue) mod 6 and n = 5, 3, 1 for R, G, B (the closed form of HSV→RGB)."""
+    r, g, b = x.unbind(1)
+    maxc = x.amax(1)
+    delta = maxc - x.amin(1)
+    inv = 1.0 / torch.where(delta > 0, delta, torch.ones_like(delta))
+    # hue in sixths of a turn: (g−b)/Δ where R is max, 2+(b−r)/Δ where G is, 4+(r−g)/Δ where B is
+    h = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * delta, r - g + 4.0 * delta)) * inv
+    h = h + 6.0 * shift.to(x)[:, None, None]  # in sixths of a turn; grey pixels (Δ=0) stay grey below
+    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
+    k = torch.remainder(n + h[:, None], 6.0)
+    return maxc[:, None] - delta[:, None] * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -163,22 +156,50 @@ def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return torch.where(mask[:, None, None, None], a, b)
 
 
+def _apply_to(x: torch.Tensor, on: torch.Tensor, fn) -> torch.Tensor:
+    """x with fn applied to the images where ``on`` is set; fn sees only those (index order kept)."""
+    idx = on.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(x)
+    x = x.clone()
+    x[idx] = fn(x[idx])
+    return x
+
+
+# On the CPU every op is a pass over memory; working on chunks of about this many bytes keeps a chunk
+# in cache between ops. Measured at 224 px (2 cores): 151 img/s for a batch of 256 in one piece,
+# 374 img/s in chunks of 8. At 32 px a whole batch of 256 fits and chunking only costs.
+CPU_CHUNK_BYTES = 8 << 20
+
+
 def augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
     """One augmented view of a uint8 batch (N×3×H×W), normalised float N×3×size×size."""
+    n, c, h, w = images.shape
+    chunk = max(1, CPU_CHUNK_BYTES // (4 * c * max(h * w, size * size)))
+    if images.device.type == "cpu" and n > chunk:
+        return torch.cat([_augment(images[i:i + chunk], p, size, g) for i in range(0, n, chunk)])
+    return _augment(images, p, size, g)
+
+
+def _augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
     n, _, h, w = images.shape
     dev = images.device
     x = images.float().div_(255)
     x = resized_crop(x, sample_crop_boxes(n, h, w, p.crop_scale, p.crop_ratio, g).to(dev), size)
+    # Random draws stay on the CPU generator, in a fixed order, whatever subset they select: the
+    # augmentation of an epoch is a function of the seed alone (resume depends on it).
     if p.jitter_p > 0 and any(v > 0 for v in p.jitter):
-        on = (torch.rand(n, generator=g) < p.jitter_p).to(dev)
-        x = _where(on, color_jitter(x, p.jitter, g), x)
+        on = torch.rand(n, generator=g) < p.jitter_p
+        x = _apply_to(x, on.to(dev), lambda v: color_jitter(v, p.jitter, g))
     if p.grayscale_p > 0:
-        on = (torch.rand(n, generator=g) < p.grayscale_p).to(dev)
-        x = _where(on, _gray(x).expand_as(x), x)
+        on = torch.rand(n, generator=g) < p.grayscale_p
+        x = _apply_to(x, on.to(dev), lambda v: _gray(v).expand_as(v))
     if p.blur_p > 0:
-        on = (torch.rand(n, generator=g) < p.blur_p).to(dev)
+        on = torch.rand(n, generator=g) < p.blur_p
         sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
-        x = _where(on, gaussian_blur(x, sigma), x)
+        x = _apply_to(x, on.to(dev), lambda v: gaussian_blur(v, sigma[on.to(dev)]))
     if p.flip_p > 0:
         on = (torch.rand(n, generator=g) < p.flip_p).to(dev)
         x = _where(on, x.flip(3), x)

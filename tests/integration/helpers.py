@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,12 @@ resources:
   pretrain: {cpus: 1}
   linear_probe: {cpus: 1}
 """
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_grid(tmp: Path, text: str = TINY, name: str = "grid.yaml") -> Path:

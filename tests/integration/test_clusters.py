@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import REPO, sslgrid, stage_runs, write_grid
+from tests.integration.helpers import REPO, free_port, sslgrid, stage_runs, write_grid
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +23,6 @@ defaults:
   pretrain: {method: none}
   linear_probe: {epochs: 2}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_bin() -> str:

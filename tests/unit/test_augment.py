@@ -1,12 +1,10 @@
 """Batched augmentation: crop geometry, colour maths, determinism."""
 from __future__ import annotations
 
-import colorsys
-
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from trainers.augment import (AugmentParams, _hsv_to_rgb, _rgb_to_hsv, augment, gaussian_blur, sample_crop_boxes)
+from trainers.augment import AugmentParams, augment, gaussian_blur, hue_shift, sample_crop_boxes
 
 
 def test_crop_boxes_inside_image_and_area_in_scale():
@@ -19,15 +17,17 @@ def test_crop_boxes_inside_image_and_area_in_scale():
     assert frac.min() > 0.17 and frac.max() < 0.53  # rounding to whole pixels moves it a little
 
 
-def test_hsv_roundtrip_matches_colorsys():
+def test_hue_shift_matches_torchvision_adjust_hue():
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 5, 5, generator=g)
-    hsv = _rgb_to_hsv(x)
-    for r, gg, b, h, s, v in zip(*(x[:, c].flatten() for c in range(3)), *(hsv[:, c].flatten() for c in range(3))):
-        want = colorsys.rgb_to_hsv(float(r), float(gg), float(b))
-        assert abs(float(h) - want[0]) < 1e-5 or abs(abs(float(h) - want[0]) - 1) < 1e-5
-        assert abs(float(s) - want[1]) < 1e-5 and abs(float(v) - want[2]) < 1e-5
-    assert torch.allclose(_hsv_to_rgb(hsv), x, atol=1e-5)
+    x = torch.rand(6, 3, 9, 9, generator=g)
+    x[0] = 0.5  # grey: hue undefined, must stay grey
+    x[1, :, :3] = x[1, 0:1, :3]
+    x[2, 0] = x[2, 1]  # ties between max channels
+    shifts = torch.tensor([0.1, -0.1, 0.05, 0.5, -0.5, 0.33])
+    ours = hue_shift(x, shifts)
+    for i in range(6):
+        ref = TF.adjust_hue(x[i], float(shifts[i]))
+        assert torch.allclose(ours[i], ref, atol=1e-5), (i, (ours[i] - ref).abs().max())
 
 
 def test_blur_matches_torchvision():
