@@ -58,6 +58,11 @@ class RayBackend:
     def resources(self) -> dict[str, float]:
         return dict(ray.cluster_resources())
 
+    @staticmethod
+    def hosts() -> set[str]:
+        """The addresses of the cluster's live nodes."""
+        return {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
+
     def check_fits(self, label: str, cpus: float, gpus: float) -> None:
         total = self.resources()
         for name, want in (("CPU", cpus), ("GPU", gpus)):
@@ -91,5 +96,5 @@ class RayBackend:
 
 def local_env() -> dict[str, str]:
     """Environment a worker needs to see what the driver sees."""
-    keep = ("SSLGRID_CACHE", "MLFLOW_TRACKING_URI", "PYTHONPATH")
+    keep = ("SSLGRID_CACHE", "MLFLOW_TRACKING_URI", "PYTHONPATH", "SLURM_CONF", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
     return {k: os.environ[k] for k in keep if k in os.environ}

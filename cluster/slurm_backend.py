@@ -51,6 +51,8 @@ class SlurmParams:
     """One job's request. Field names follow submitit's (``slurm_`` prefix dropped)."""
 
     partition: str | None = None
+    nodes: int = 1
+    tasks_per_node: int = 1  # > 1: one process per task, with torch.distributed's env:// variables set
     gpus_per_node: int = 0
     cpus_per_task: int = 1
     mem_gb: float | None = None
@@ -65,6 +67,7 @@ class SlurmParams:
 
     def executor_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"timeout_min": self.timeout_min, "cpus_per_task": self.cpus_per_task,
+                              "nodes": self.nodes, "tasks_per_node": self.tasks_per_node,
                               "slurm_array_parallelism": self.array_parallelism,
                               "slurm_signal_delay_s": self.signal_delay_s}
         if self.gpus_per_node:
@@ -87,12 +90,18 @@ class SlurmParams:
 
 class Resumable(submitit.helpers.Checkpointable):
     """A callable that submitit requeues on timeout or preemption, with the same arguments. The
-    callable itself must pick up its own checkpoint when it starts again."""
+    callable itself must pick up its own checkpoint when it starts again.
+
+    In a job of several tasks (nodes × tasks_per_node) every task calls it, after exporting
+    MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE and LOCAL_RANK (submitit's TorchDistributedEnvironment),
+    so the callable can join a torch.distributed group with env://. Only task 0's result is read."""
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
 
     def __call__(self, *args: Any) -> Any:
+        if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return self.fn(*args)
 
 
@@ -140,9 +149,10 @@ def check_params(label: str, p: SlurmParams, parts: dict[str, dict[str, Any]]) -
     if p.gpus_per_node > info["gpus"]:
         problems.append(f"{label}.gpus_per_node = {p.gpus_per_node}: partition {name!r} has "
                         f"{info['gpus']} GPUs per node; lower it or pick a partition with GPUs")
-    if p.cpus_per_task > info["cpus"]:
-        problems.append(f"{label}.cpus_per_task = {p.cpus_per_task}: partition {name!r} has {info['cpus']} CPUs "
-                        f"per node; lower it")
+    if p.cpus_per_task * p.tasks_per_node > info["cpus"]:
+        what = (f"cpus_per_task = {p.cpus_per_task}" if p.tasks_per_node == 1 else
+                f"cpus_per_task × tasks_per_node = {p.cpus_per_task} × {p.tasks_per_node}")
+        problems.append(f"{label}.{what}: partition {name!r} has {info['cpus']} CPUs per node; lower it")
     return problems
 
 

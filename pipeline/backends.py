@@ -61,7 +61,8 @@ def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
     cpus = pick("cpus_per_task")
     if cpus is None:
         cpus = max(1, math.ceil(res.cpus))
-    return SlurmParams(partition=partition, gpus_per_node=int(gpus), cpus_per_task=int(cpus), mem_gb=pick("mem_gb"),
+    return SlurmParams(partition=partition, nodes=pick("nodes") or 1, tasks_per_node=pick("tasks_per_node") or 1,
+                       gpus_per_node=int(gpus), cpus_per_task=int(cpus), mem_gb=pick("mem_gb"),
                        timeout_min=pick("timeout_min") or 60, account=pick("account"), qos=pick("qos"),
                        constraint=pick("constraint"), additional_parameters=dict(pick("additional_parameters") or {}),
                        setup=tuple(pick("setup") or ()), array_parallelism=pick("array_parallelism") or 64)

@@ -148,13 +148,20 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         def backend() -> RayBackend:
             return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
                               env_vars=local_env())
+
+    def preflight(b) -> None:
+        # a joined Ray cluster that spans machines has the compute-node problem of SLURM
+        if backend_name == "ray" and len(b.hosts()) > 1:
+            problem = remote_tracking_problem(plan.grid.tracking_uri, "ray")
+            if problem:
+                raise BackendError(problem.replace("runs stages on other machines", "has several machines"))
     console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
     c = client(plan.grid.tracking_uri)
     c.update_run(parent_id, status="RUNNING")
     try:
-        outcomes = execute(plan, run_ids, backend, console)
+        outcomes = execute(plan, run_ids, backend, console, preflight)
     except ResourceError as err:
         c.set_terminated(parent_id, "FAILED")
         kind = str(err).split()[0]
@@ -164,6 +171,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     except ConnectError as err:
         c.set_terminated(parent_id, "FAILED")
         console.print(f"[red]--ray-address: {err}[/] Nothing was launched.", markup=True)
+        return EXIT_USAGE
+    except BackendError as err:
+        c.set_terminated(parent_id, "FAILED")
+        console.print(f"[red]{err}[/] Nothing was launched.", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         c.set_terminated(parent_id, "KILLED")

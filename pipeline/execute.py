@@ -24,9 +24,12 @@ from pipeline.backends import slurm_job
 from pipeline.plan import SCHEMA_VERSION, Plan, Stage
 from pipeline.stages import ARTIFACTS, STAGES
 from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
+from trainers import distributed as D
+from trainers.sink import NullSink
 
 
 SLURM_TAG = "sslgrid.slurm_job_id"
+LONG_STAGES = ("pretrain",)  # stages worth system metrics
 
 
 @dataclass
@@ -46,8 +49,14 @@ def payload(plan: Plan, stage: Stage, run_id: str) -> dict[str, Any]:
 
 def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     """Run one stage where the backend put it. Raises on failure, after recording it in
-    ``status.json`` and in the stage's MLflow run (status FAILED, tag ``sslgrid.error``)."""
+    ``status.json`` and in the stage's MLflow run (status FAILED, tag ``sslgrid.error``).
+
+    In a multi-process job (torch.distributed's env:// variables set, e.g. by a SLURM job of several
+    tasks) every process trains; rank 0 alone writes files and talks to MLflow."""
     d = Path(p["dir"])
+    if D.init_from_env().size > 1 and not D.world().is_main:
+        STAGES[p["kind"]](p["spec"], list(upstream), d, NullSink())
+        return {}
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "spec.json", {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
                                  "identity": p["identity"], "upstream": p["upstream"]})
@@ -60,10 +69,13 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     if job:  # visible in the UI while the job runs; a requeued job keeps its id
         c.set_tag(run_id, SLURM_TAG, job)
     sink = MlflowSink(p["tracking_uri"], run_id, d)
+    monitor = system_monitor(p["tracking_uri"], run_id) if p["kind"] in LONG_STAGES else None
     t0 = time.time()
     try:
         result = STAGES[p["kind"]](p["spec"], list(upstream), d, sink)
     except BaseException as err:
+        if monitor:
+            monitor.finish()
         message = f"{type(err).__name__}: {err}"
         write_json(d / "status.json", {"state": "failed", "error": message, "traceback": traceback.format_exc()})
         try:
@@ -71,6 +83,8 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
             c.set_terminated(run_id, "FAILED")
         finally:
             raise
+    if monitor:
+        monitor.finish()
     result["seconds"] = round(time.time() - t0, 3)
     write_json(d / "result.json", result)
     # final values at the step after the last epoch, so they never interleave with the streamed ones
@@ -81,6 +95,16 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     c.set_terminated(run_id, "FINISHED")
     write_json(d / "DONE", {"finished": time.time()})  # last: its presence means all of the above happened
     return result
+
+
+def system_monitor(uri: str, run_id: str):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) for the stage's run,
+    every 10 s or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL; continued, not restarted, on resume."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 def stage_state(stage: Stage, workdir: Path) -> dict[str, Any]:
@@ -155,8 +179,8 @@ class _Display:
         self.progress.update(self.overall, note=f"finished {self.counts['finished']} · failed {self.counts['failed']}")
 
 
-def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Console | None = None
-            ) -> dict[str, Outcome]:
+def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Console | None = None,
+            preflight=None) -> dict[str, Outcome]:
     """Run every stage that is not done. ``backend_factory()`` gives a context manager with
     ``submit``/``wait``/``outcome``/``check_fits`` (cluster/ray_backend.py); it is only called when
     there is something to run."""
@@ -178,6 +202,8 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
         return outcomes
 
     with backend_factory() as backend:
+        if preflight is not None:
+            preflight(backend)  # may raise: nothing has been submitted yet
         has_gpu = backend.resources().get("GPU", 0) >= 1
         wants = {}
         for s in pending:

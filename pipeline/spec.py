@@ -187,6 +187,8 @@ class SlurmSpec:
     fields fall back to ``cluster.default``, then to the stage's ``resources`` (cpus, gpus)."""
 
     partition: Optional[str] = None
+    nodes: Optional[int] = _f(None, min=1, doc="default 1")
+    tasks_per_node: Optional[int] = _f(None, min=1, doc="processes per node, one per GPU (data-parallel); default 1")
     gpus_per_node: Optional[int] = _f(None, min=0)
     cpus_per_task: Optional[int] = _f(None, min=1)
     mem_gb: Optional[float] = _f(None, min=0.0)

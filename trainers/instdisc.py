@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers import distributed as D
 from trainers.losses import nce_memory_bank
 
 
@@ -28,12 +29,13 @@ class InstDisc(nn.Module):
         self.memory[idx] = F.normalize(self.bank_m * self.memory[idx] + (1 - self.bank_m) * v, dim=1)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: one view N×3×H×W; idx: the images' dataset indices (N). Returns (loss, logits N×(1+K))."""
-        v = F.normalize(self.encoder(x), dim=1)  # N×C
+        """x: one view of the global batch B×3×H×W; idx: the images' dataset indices (B). Returns
+        (loss, logits b×(1+K)) for this rank's b = B / world rows."""
+        v = F.normalize(self.encoder(D.local(x)), dim=1)  # b×C
         n = v.shape[0]
-        neg_idx = torch.randint(self.memory.shape[0], (n, self.K), generator=g).to(v.device)  # N×K
+        neg_idx = D.local(torch.randint(self.memory.shape[0], (idx.shape[0], self.K), generator=g)).to(v.device)  # b×K
         with torch.no_grad():
-            w_pos = self.memory[idx]  # N×C
+            w_pos = self.memory[D.local(idx)]  # b×C
             w_neg = self.memory[neg_idx]  # N×K×C
         pos = (v * w_pos).sum(1)  # N
         neg = torch.einsum("nc,nkc->nk", v, w_neg)  # N×K
@@ -42,7 +44,8 @@ class InstDisc(nn.Module):
             loss = F.cross_entropy(logits / self.T, torch.zeros(n, dtype=torch.long, device=v.device))
         else:
             if self.Z < 0:  # lemniscate: Z = mean(exp(s/T)) · N_data, once
-                self.Z.fill_(float(torch.exp(logits.detach() / self.T).mean() * self.memory.shape[0]))
+                self.Z.fill_(D.mean(float(torch.exp(logits.detach() / self.T).mean())) * self.memory.shape[0])
             loss = nce_memory_bank(pos, neg, self.T, float(self.Z), self.memory.shape[0])
-        self._update_memory(v.detach(), idx)
+        # every rank writes every rank's embeddings: the banks stay equal (lemniscate has one process)
+        self._update_memory(D.gather(v.detach()), idx)
         return loss, logits

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from trainers import checkpoint
+from trainers import distributed as D
 from trainers.schedule import lr_at
 from trainers.sink import Sink
 
@@ -49,7 +50,12 @@ def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], image
         labels: torch.Tensor, cfg: LoopConfig, ckpt_path: Path, sink: Sink,
         on_epoch_end: Callable[[int], dict[str, float]] | None = None) -> list[dict[str, float]]:
     """Train ``model`` by ``step_fn`` over uint8 ``images`` for cfg.epochs, resuming from ``ckpt_path``
-    if it exists. Returns the per-epoch history (mean loss, lr, ...)."""
+    if it exists. Returns the per-epoch history (mean loss, lr, ...).
+
+    Under torch.distributed (trainers/distributed.py) every rank gets the same global batch of
+    cfg.batch_size images and ``step_fn`` keeps its own slice; gradients and logged values are
+    averaged over ranks, and rank 0 alone writes the checkpoint (all ranks read it on resume)."""
+    w = D.world()
     dev = next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -64,8 +70,10 @@ def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], image
         opt.load_state_dict(state["optimizer"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
         checkpoint.set_rng_state(state["rng"])
-        sink.log({"resumed_from_epoch": float(state["epoch"] + 1)}, step=state["epoch"] + 1)
-    sink.progress(start_epoch, cfg.epochs)
+        if w.is_main:
+            sink.log({"resumed_from_epoch": float(state["epoch"] + 1)}, step=state["epoch"] + 1)
+    if w.is_main:
+        sink.progress(start_epoch, cfg.epochs)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         g = epoch_generator(cfg.seed, epoch)
@@ -85,19 +93,22 @@ def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], image
                 raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {i}: lower the lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            D.average_gradients(params)
             opt.step()
             step += 1
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         seconds = time.perf_counter() - t0
-        record = {k: v / steps_per_epoch for k, v in totals.items()}
+        record = {k: D.mean(v / steps_per_epoch) for k, v in totals.items()}
         record.update(lr=lr, epoch_seconds=seconds, images_per_second=steps_per_epoch * cfg.batch_size / seconds)
         if on_epoch_end is not None:
             record.update(on_epoch_end(epoch))
         history.append(record)
-        sink.log(record, step=epoch)
-        checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                                "step": step, "history": history, "rng": checkpoint.rng_state()}, ckpt_path)
-        sink.progress(epoch + 1, cfg.epochs)
+        if w.is_main:
+            sink.log(record, step=epoch)
+            checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                                    "step": step, "history": history, "rng": checkpoint.rng_state()}, ckpt_path)
+            sink.progress(epoch + 1, cfg.epochs)
+        D.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     return history

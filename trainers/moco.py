@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers import distributed as D
 from trainers.losses import info_nce, info_nce_selected
 from trainers.negatives import hard_negative_index
 
@@ -63,19 +64,21 @@ class MoCo(nn.Module):
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, g: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """im_q, im_k: two views N×3×H×W. Returns (loss, logits N×(1+K))."""
-        q = F.normalize(self.encoder_q(im_q), dim=1)  # queries: N×C
+        """im_q, im_k: two views of the global batch, B×3×H×W. Returns (loss, logits b×(1+K)) for
+        this rank's b = B / world rows (b = B in one process)."""
+        q = F.normalize(self.encoder_q(D.local(im_q)), dim=1)  # queries: b×C
         with torch.no_grad():
             self._momentum_update_key_encoder()
             n = im_k.shape[0]
-            perm = torch.randperm(n, generator=g).to(im_k.device)  # shuffle for BN
-            k = self.encoder_k(im_k[perm])
-            k = F.normalize(k, dim=1)[torch.argsort(perm)]  # keys: N×C, back in order
+            perm = torch.randperm(n, generator=g).to(im_k.device)  # shuffle-BN, across ranks
+            k_shuffled = F.normalize(self.encoder_k(D.local(im_k[perm])), dim=1)  # b×C, BN over this rank's slice
+            k_all = D.gather(k_shuffled)[torch.argsort(perm)]  # keys of the whole batch: B×C, in order
+            k = D.local(k_all)  # this rank's keys: b×C
         queue = self.queue.clone().detach()
         if self.hard is None:
             loss, logits = info_nce(q, k, queue, self.T)
         else:
             index = hard_negative_index(q.detach(), queue, *self.hard, g)  # N×K, hard ones most often
             loss, logits = info_nce_selected(q, k, queue, index, self.T)
-        self._dequeue_and_enqueue(k)
+        self._dequeue_and_enqueue(k_all)  # every rank enqueues every rank's keys: the queues stay equal
         return loss, logits

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainers import checkpoint
+from trainers import distributed as D
 from trainers.augment import AugmentParams, augment
 from trainers.backbones import build_backbone
 from trainers.data import load_split
@@ -129,16 +130,33 @@ METHODS: dict[str, Callable[[nn.Module, dict, Context], tuple[nn.Module, StepFn]
 }
 UNTRAINED = "none"
 QUEUE_METHODS = ("mocov1", "mocov2")
+# methods whose modules slice the global batch per rank and gather keys / bank entries (trainers/distributed.py)
+DATA_PARALLEL = ("mocov1", "mocov2", "instdisc")
 
 
 def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     p = spec["pretrain"]
-    torch.manual_seed(p["seed"])
-    backbone = build_backbone(spec["backbone"])
+    w = D.world()
+    if w.size > 1 and p["method"] not in DATA_PARALLEL + (UNTRAINED,):
+        raise ValueError(f"pretrain.method = {p['method']!r} runs on one process only; data-parallel training "
+                         f"is implemented for {', '.join(DATA_PARALLEL)}. Request one GPU for this stage.")
+    if w.size > 1 and p["batch_size"] % w.size:
+        raise ValueError(f"pretrain.batch_size = {p['batch_size']} must be a multiple of the {w.size} processes")
+    torch.manual_seed(p["seed"])  # the same initial weights on every rank
+    bb = dict(spec["backbone"])
+    if w.size > 1:
+        # bn_splits counts BatchNorm groups in the global batch, whatever the number of processes, so
+        # that a stage's identity (and its result) does not depend on how many GPUs ran it
+        if bb.get("bn_splits", 1) % w.size:
+            raise ValueError(f"backbone.bn_splits = {bb.get('bn_splits', 1)} must be a multiple of the {w.size} "
+                             f"processes (it counts BatchNorm groups in the global batch)")
+        bb["bn_splits"] = bb.get("bn_splits", 1) // w.size
+    backbone = build_backbone(bb)
     final = Path(workdir) / "checkpoints" / "final.pt"
     result: dict = {"checkpoint": str(final), "feat_dim": backbone.feat_dim, "epochs": p["epochs"]}
     if p["method"] == UNTRAINED:  # the random-init floor every method must clear
-        checkpoint.atomic_save({"backbone": backbone.state_dict(), "method": UNTRAINED}, final)
+        if w.is_main:
+            checkpoint.atomic_save({"backbone": backbone.state_dict(), "method": UNTRAINED}, final)
         sink.progress(1, 1)
         return result
     data = load_split(spec["dataset"], "train")
@@ -155,8 +173,10 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
                      warmup_epochs=p["warmup_epochs"], seed=p["seed"])
     history = fit(model, step, model.parameters(), data.images, data.labels, cfg,
                   Path(workdir) / "checkpoints" / "last.pt", sink)
-    checkpoint.atomic_save({"backbone": backbone.state_dict(), "model": model.state_dict(), "method": p["method"]},
-                           final)
+    if w.is_main:
+        checkpoint.atomic_save({"backbone": backbone.state_dict(), "model": model.state_dict(),
+                                "method": p["method"]}, final)
+    D.barrier()
     result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
     result["epochs_trained"] = len(history)
     return result

@@ -31,3 +31,16 @@ class ListSink:
 
     def series(self, name: str) -> list[float]:
         return [m[name] for _, m in self.metrics if name in m]
+
+
+class NullSink:
+    """Drops everything: the sink of a rank other than 0 in a multi-process stage."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def artifact(self, path: Path) -> None:
+        pass
+
+    def progress(self, done: int, total: int) -> None:
+        pass
