@@ -7,6 +7,7 @@ of a failed task is not run; Ray fails it with the upstream error.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -71,7 +72,14 @@ class RayBackend:
                 raise ResourceError(f"{label} asks for {want:g} {name}s but the Ray cluster has {have:g}")
 
     def submit(self, fn: Callable, args: Sequence[Any], *, name: str, cpus: float, gpus: float,
-               retries: int = 0) -> ray.ObjectRef:
+               retries: int = 0, processes: int = 1) -> ray.ObjectRef:
+        """One task, or with ``processes`` > 1 a gang of that many (see ``_gang``), each with
+        ``cpus``/``gpus``; the ObjectRef gives rank 0's return value."""
+        if processes > 1:
+            if _gang not in self._remote:
+                self._remote[_gang] = ray.remote(_gang)
+            return self._remote[_gang].options(num_cpus=0, name=name, max_retries=retries,
+                                               retry_exceptions=False).remote(fn, processes, cpus, gpus, name, *args)
         if fn not in self._remote:
             self._remote[fn] = ray.remote(fn)
         return self._remote[fn].options(num_cpus=cpus, num_gpus=gpus, name=name, max_retries=retries,
@@ -92,6 +100,48 @@ class RayBackend:
             return False, err.cause if isinstance(err.cause, Exception) else err
         except Exception as err:  # WorkerCrashedError etc.
             return False, err
+
+
+def _probe_master() -> tuple[str, int]:
+    """This node's address and a port that is free on it now, for rank 0's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def _rank(fn: Callable, env: dict[str, str], *args: Any) -> Any:
+    os.environ.update(env)
+    return fn(*args)
+
+
+def _gang(fn: Callable, processes: int, cpus: float, gpus: float, name: str, *args: Any) -> Any:
+    """Run ``fn`` in ``processes`` tasks that can join one torch.distributed group (env://).
+
+    A placement group reserves all of them at once, so two gangs can never each hold half of the
+    cluster and wait on each other. Rank 0's bundle is probed first for its node's address and a
+    free port (MASTER_ADDR, MASTER_PORT); every rank gets RANK and WORLD_SIZE, and LOCAL_RANK 0
+    because Ray gives each task its own CUDA_VISIBLE_DEVICES. Waits with zero CPUs."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    pg = placement_group([bundle] * processes, strategy="PACK", name=name)
+    ray.get(pg.ready())
+    try:
+        def on(i: int, **opts: Any) -> dict:
+            return dict(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+                        max_retries=0, **opts)
+        addr, port = ray.get(ray.remote(_probe_master).options(**on(0, num_cpus=0)).remote())
+        refs = []
+        for r in range(processes):
+            env = {"RANK": str(r), "WORLD_SIZE": str(processes), "LOCAL_RANK": "0",
+                   "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
+            refs.append(ray.remote(_rank).options(**on(r, num_cpus=cpus, num_gpus=gpus), name=f"{name}#{r}")
+                        .remote(fn, env, *args))
+        return ray.get(refs)[0]
+    finally:
+        remove_placement_group(pg)
 
 
 def local_env() -> dict[str, str]:

@@ -299,8 +299,8 @@ class SlurmBackend(RayBackend):
         """SLURM requests are checked against ``sinfo`` before the run (``check_params``)."""
 
     def submit(self, fn: Callable, args: Sequence[Any], *, name: str, cpus: float, gpus: float,
-               retries: int = 0) -> ray.ObjectRef:
-        """``cpus``/``gpus`` are the Ray request; the SLURM one is ``params_for(name)``."""
+               retries: int = 0, processes: int = 1) -> ray.ObjectRef:
+        """``cpus``/``gpus``/``processes`` are the Ray request; the SLURM one is ``params_for(name)``."""
         if _wait_on_slurm not in self._remote:
             self._remote[_wait_on_slurm] = ray.remote(_wait_on_slurm)
         task = self._remote[_wait_on_slurm].options(num_cpus=0, num_gpus=0, name=name, max_retries=retries,

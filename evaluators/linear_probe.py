@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.augment import AugmentParams, eval_view, probe_view
+from trainers.augment import AugmentParams, probe_view
 from trainers.data import load_split
+from trainers.knn import extract
 from trainers.loop import LoopConfig, device, fit
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
@@ -34,12 +35,6 @@ class BackboneChanged(AssertionError):
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, images: torch.Tensor, aug: AugmentParams, batch: int = 512) -> torch.Tensor:
-    dev = next(backbone.parameters()).device
-    out = [backbone(eval_view(images[i:i + batch].to(dev), aug)).float().cpu() for i in range(0, len(images), batch)]
-    return torch.cat(out)
-
-
 def sanity_check(backbone: nn.Module, before: dict[str, torch.Tensor]) -> None:
     """Every backbone tensor must equal its value before the probe (moco main_lincls sanity_check)."""
     for name, value in backbone.state_dict().items():

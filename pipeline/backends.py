@@ -31,18 +31,20 @@ def task_name(stage: Stage) -> str:
     return f"{stage.kind}:{stage.key}"
 
 
-def remote_tracking_problem(uri: str, backend: str) -> str | None:
-    """Compute nodes log to the tracking store themselves; a SQLite file on this disk is not theirs."""
+def remote_tracking_problem(uri: str, where: str) -> str | None:
+    """Compute nodes log to the tracking store themselves; a SQLite file on this disk is not theirs.
+    ``where`` says which machines, e.g. "--backend slurm runs stages on other machines"."""
     if uri.startswith(("http://", "https://", "databricks")):
         return None
-    return (f"--backend {backend} runs stages on other machines, which cannot write to {uri}. "
+    return (f"{where}, which cannot write to {uri}. "
             f"Fix: start a tracking server that they can reach (`sslgrid server --host 0.0.0.0`, see "
             f"the README) and pass its address with --tracking-uri http://<this host>:5000.")
 
 
 def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
     """The SLURM request of a ``kind`` stage: ``cluster.<kind>`` over ``cluster.default`` over the
-    stage's ``resources``. GPUs default to one when the chosen partition has any, else none."""
+    stage's ``resources`` (cpus, gpus, processes → cpus_per_task, gpus_per_node, tasks_per_node).
+    GPUs default to one when the chosen partition has any, else none."""
     from cluster.slurm_backend import SlurmParams
 
     default, own = grid.cluster.get("default", SlurmSpec()), grid.cluster.get(kind, SlurmSpec())
@@ -61,7 +63,8 @@ def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
     cpus = pick("cpus_per_task")
     if cpus is None:
         cpus = max(1, math.ceil(res.cpus))
-    return SlurmParams(partition=partition, nodes=pick("nodes") or 1, tasks_per_node=pick("tasks_per_node") or 1,
+    return SlurmParams(partition=partition, nodes=pick("nodes") or 1,
+                       tasks_per_node=pick("tasks_per_node") or res.processes,
                        gpus_per_node=int(gpus), cpus_per_task=int(cpus), mem_gb=pick("mem_gb"),
                        timeout_min=pick("timeout_min") or 60, account=pick("account"), qos=pick("qos"),
                        constraint=pick("constraint"), additional_parameters=dict(pick("additional_parameters") or {}),

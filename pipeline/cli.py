@@ -50,8 +50,10 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p = sub.add_parser("cancel", help="scancel the grid's queued and running SLURM jobs")
     _common(p)
-    p = sub.add_parser("report", help="the grid's results as a table (Markdown; CSV beside it)")
+    p = sub.add_parser("report", help="the grid's results as a table, and the paper's tables and Fig. 4 for "
+                                      "its named studies (Markdown; CSV and PNG beside it)")
     _common(p)
+    p.add_argument("--compare-paper", action="store_true", help="print the paper's own numbers beside ours")
     p = sub.add_parser("ui", help="start the MLflow UI on a grid's tracking store (loopback)")
     p.add_argument("grid", nargs="?", help="grid YAML file (for its tracking URI and experiment)")
     p.add_argument("--tracking-uri")
@@ -135,7 +137,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")
         return EXIT_USAGE
     if backend_name == "slurm":
-        problem = remote_tracking_problem(plan.grid.tracking_uri, backend_name)
+        problem = remote_tracking_problem(plan.grid.tracking_uri, "--backend slurm runs stages on other machines")
         if problem:
             console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
             return EXIT_USAGE
@@ -152,9 +154,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     def preflight(b) -> None:
         # a joined Ray cluster that spans machines has the compute-node problem of SLURM
         if backend_name == "ray" and len(b.hosts()) > 1:
-            problem = remote_tracking_problem(plan.grid.tracking_uri, "ray")
+            problem = remote_tracking_problem(plan.grid.tracking_uri,
+                                              f"the Ray cluster at {args.ray_address} spans {len(b.hosts())} machines")
             if problem:
-                raise BackendError(problem.replace("runs stages on other machines", "has several machines"))
+                raise BackendError(problem)
     console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
@@ -280,7 +283,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import write_report
 
     plan = _load(args, check_data=False)
-    text, files = write_report(plan)
+    text, files = write_report(plan, compare_paper=args.compare_paper)
     console.print(text, markup=False, highlight=False)
     console.print(f"written: {', '.join(map(str, files))}")
     return 0

@@ -209,15 +209,16 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
         for s in pending:
             res = plan.grid.resources[s.kind]
             gpus = res.gpus if res.gpus is not None else (1.0 if has_gpu else 0.0)
-            backend.check_fits(f"resources.{s.kind}", res.cpus, gpus)
-            wants[s.key] = (res.cpus, gpus)
+            backend.check_fits(f"resources.{s.kind}", res.cpus * res.processes, gpus * res.processes)
+            wants[s.key] = (res.cpus, gpus, res.processes)
         refs: dict[str, Any] = {}
         for s in pending:
             args = [outcomes[u].result if u in outcomes else refs[u] for u in s.upstream]
-            cpus, gpus = wants[s.key]
+            cpus, gpus, processes = wants[s.key]
             # retries=1: a crashed worker is retried once, and resumes from its checkpoint
             refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key]), *args],
-                                         name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1)
+                                         name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1,
+                                         processes=processes)
         started = time.time()
         by_ref = {refs[s.key]: s for s in pending}
         waiting = list(by_ref)

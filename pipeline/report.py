@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.plan import Plan
+from pipeline.stages import HEADLINE
 from pipeline.tracking import GRID, KEY, ROLE, client, find_runs
 
 PENDING = "pending"
@@ -56,8 +57,16 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
         loss = _metric(df, keys["pretrain"], "loss")
         row["pretrain_loss"] = loss if loss is not None else (PENDING if p.method != "none" else "-")
         for kind in plan.grid.evaluations:
-            val = _metric(df, keys[kind], "top1")
-            row[f"{kind}_top1"] = val if val is not None else PENDING
+            val = _metric(df, keys[kind], HEADLINE[kind])
+            row[f"{kind}_{HEADLINE[kind]}"] = val if val is not None else PENDING
+            if kind == "knn":  # the representation's geometry, measured by the same stage
+                for name in ("align", "uniform"):
+                    v = _metric(df, keys[kind], name)
+                    row[name] = v if v is not None else PENDING
+            if kind == "tsne":
+                for name in ("silhouette_weak", "silhouette_strong"):
+                    v = _metric(df, keys[kind], name)
+                    row[name] = v if v is not None else PENDING
         row["state"] = state
         rows.append(row)
     return pd.DataFrame(rows)
@@ -68,16 +77,25 @@ def render(table: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
-def write_report(plan: Plan, parent_run_id: str | None = None) -> tuple[str, list[Path]]:
+def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bool = False
+                 ) -> tuple[str, list[Path]]:
     """Markdown text, and the files written under ``<workdir>/report/`` (logged on the grid's
-    parent run when its id is given)."""
-    table = cell_table(plan)
+    parent run when its id is given): the cell table, then the paper's tables and Fig. 4 for the
+    grid's named studies (pipeline/paper_tables.py)."""
+    from pipeline.paper_tables import paper_tables
+
+    df = stage_runs(plan)
+    table = cell_table(plan, df)
     text = render(table)
     out = plan.grid.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.csv"]
-    files[0].write_text(f"# {plan.grid.name}\n\n{text}\n")
     table.to_csv(files[1], index=False)
+    extra, more = paper_tables(plan, df, out, compare_paper)
+    if extra:
+        text = f"{text}\n\n{extra}"
+    files[0].write_text(f"# {plan.grid.name}\n\n{text}\n")
+    files += more
     if parent_run_id is None:
         exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
         if exp is not None:

@@ -107,6 +107,8 @@ class PretrainSpec:
     bank_m: float = _f(0.5, min=0.0, max=1.0, doc="instdisc: memory-bank momentum")
     nce_loss: str = _f("nce", choices=("nce", "softmax"), doc="instdisc: NCE or the softmax over 1+K")
     seed: int = _f(0)
+    knn_every: int = _f(0, min=0, identity=False, doc="online monitor: log knn_top1 (k 200, T 0.1) on the val "
+                                                   "split every N epochs and after the last; 0: off")
 
 
 # Method presets: fields a method changes from the MoCo v2 defaults, before the grid's own values.
@@ -166,6 +168,24 @@ class ProbeSpec:
 
 
 @dataclass(frozen=True)
+class KnnSpec:
+    """Weighted kNN on L2-normalised backbone features (InstDisc; moco's CIFAR demo: k 200, T 0.1)."""
+
+    k: int = _f(200, min=1)
+    T: float = _f(0.1, min=1e-6)
+
+
+@dataclass(frozen=True)
+class TsneSpec:
+    """Fig. 3: t-SNE of a fixed val sample under no, weak and strong augmentation (evaluators/tsne.py)."""
+
+    samples: int = _f(500, min=10, doc="val images embedded (fewer if the split is smaller)")
+    perplexity: float = _f(30.0, min=1.0)
+    seed: int = _f(0)
+    dpi: int = _f(100, min=30, identity=False)
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """Everything a cell configures: the grid's ``defaults`` with a cell's overrides applied."""
 
@@ -173,12 +193,17 @@ class StageConfig:
     backbone: BackboneSpec = BackboneSpec()
     pretrain: PretrainSpec = PretrainSpec()
     linear_probe: ProbeSpec = ProbeSpec()
+    knn: KnnSpec = KnnSpec()
+    tsne: TsneSpec = TsneSpec()
 
 
 @dataclass(frozen=True)
 class Resources:
+    """What one process of a stage asks for; ``processes`` > 1 runs the stage data-parallel."""
+
     cpus: float = _f(1.0, min=0.0)
     gpus: Optional[float] = _f(None, min=0.0, doc="null: 1 when the Ray cluster has a GPU, else 0")
+    processes: int = _f(1, min=1, doc="processes joined by torch.distributed, e.g. one per GPU")
 
 
 @dataclass(frozen=True)
@@ -201,7 +226,7 @@ class SlurmSpec:
     array_parallelism: Optional[int] = _f(None, min=1, doc="default 64")
 
 
-EVALUATIONS = ("linear_probe",)
+EVALUATIONS = ("linear_probe", "knn", "tsne")
 
 
 # --------------------------------------------------------------------------------------------

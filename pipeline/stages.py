@@ -23,10 +23,27 @@ def _linear_probe(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -
     return linear_probe(spec, upstream[0], workdir, sink)
 
 
+def _knn(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    from evaluators.knn import knn
+
+    return knn(spec, upstream[0], workdir, sink)
+
+
+def _tsne(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    from evaluators.tsne import tsne
+
+    return tsne(spec, upstream[0], workdir, sink)
+
+
 STAGES: dict[str, StageFn] = {
     "pretrain": _pretrain,
     "linear_probe": _linear_probe,
+    "knn": _knn,
+    "tsne": _tsne,
 }
 
 # The artifact files each kind leaves in its directory, besides spec.json and result.json.
-ARTIFACTS: dict[str, tuple[str, ...]] = {"pretrain": ("checkpoints/final.pt",)}
+ARTIFACTS: dict[str, tuple[str, ...]] = {"pretrain": ("checkpoints/final.pt",), "tsne": ("tsne.png",)}
+
+# The metric each evaluation kind shows in the report's cell table.
+HEADLINE: dict[str, str] = {"linear_probe": "top1", "knn": "top1", "tsne": "silhouette_none"}

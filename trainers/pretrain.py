@@ -19,6 +19,7 @@ from trainers.augment import AugmentParams, augment
 from trainers.backbones import build_backbone
 from trainers.data import load_split
 from trainers.heads import build_head
+from trainers.knn import extract, knn_top1
 from trainers.loop import LoopConfig, StepFn, device, fit
 from trainers.byol import BYOL
 from trainers.instdisc import InstDisc
@@ -153,7 +154,8 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
         bb["bn_splits"] = bb.get("bn_splits", 1) // w.size
     backbone = build_backbone(bb)
     final = Path(workdir) / "checkpoints" / "final.pt"
-    result: dict = {"checkpoint": str(final), "feat_dim": backbone.feat_dim, "epochs": p["epochs"]}
+    result: dict = {"checkpoint": str(final), "feat_dim": backbone.feat_dim, "epochs": p["epochs"],
+                    "processes": w.size}
     if p["method"] == UNTRAINED:  # the random-init floor every method must clear
         if w.is_main:
             checkpoint.atomic_save({"backbone": backbone.state_dict(), "method": UNTRAINED}, final)
@@ -171,8 +173,9 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     cfg = LoopConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
                      momentum=p["momentum"], schedule=p["schedule"], milestones=tuple(p["milestones"]),
                      warmup_epochs=p["warmup_epochs"], seed=p["seed"])
+    monitor = _knn_monitor(backbone, spec, data, p["epochs"]) if p.get("knn_every") else None
     history = fit(model, step, model.parameters(), data.images, data.labels, cfg,
-                  Path(workdir) / "checkpoints" / "last.pt", sink)
+                  Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=monitor)
     if w.is_main:
         checkpoint.atomic_save({"backbone": backbone.state_dict(), "model": model.state_dict(),
                                 "method": p["method"]}, final)
@@ -180,6 +183,27 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
     result["epochs_trained"] = len(history)
     return result
+
+
+def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callable[[int], dict[str, float]]:
+    """An on_epoch_end hook: kNN top-1 of the backbone's features on the val split, every
+    ``knn_every`` epochs and after the last, so the UI shows learning while it happens. It runs in
+    eval mode (no BN statistics move, no random numbers drawn) so it cannot change the training."""
+    every = spec["pretrain"]["knn_every"]
+    val = load_split(spec["dataset"], "val")
+    aug = AugmentParams()
+
+    def monitor(epoch: int) -> dict[str, float]:
+        if (epoch + 1) % every and epoch + 1 != epochs:
+            return {}
+        was = backbone.training
+        backbone.eval()
+        top1 = knn_top1(extract(backbone, train.images, aug), train.labels, extract(backbone, val.images, aug),
+                        val.labels, len(train.classes))
+        backbone.train(was)
+        return {"knn_top1": top1}
+
+    return monitor
 
 
 def load_backbone(spec: dict, ckpt: str | Path) -> nn.Module:

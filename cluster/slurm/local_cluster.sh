@@ -59,6 +59,9 @@ SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
+# without a default, a job that gives no --mem is allotted the whole node's memory under
+# CR_Core_Memory, and jobs then run one at a time
+DefMemPerCPU=$((mem / $(nproc)))
 NodeName=$HOST CPUs=$(nproc) RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF

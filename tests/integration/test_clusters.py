@@ -80,3 +80,41 @@ def test_ui_serves_the_grid_experiment(tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_backend_ray_without_an_address_is_refused(tmp_path):
+    grid = write_grid(tmp_path, SMALL)
+    out = sslgrid(grid, tmp_path, "--backend", "ray")
+    assert out.returncode == 2 and "--backend ray needs --ray-address" in out.stdout, out.stdout + out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+DP = """
+name: dp
+defaults:
+  dataset: {name: synthetic, num_train: 192, num_val: 48}
+  backbone: {name: tiny_resnet, bn_splits: 2}
+  pretrain: {method: mocov2, epochs: 3, batch_size: 32, K: 64, m: 0.99}
+  linear_probe: {epochs: 2}
+evaluations: [linear_probe]
+"""
+
+
+def test_two_process_stage_on_ray_matches_one_process(tmp_path):
+    """resources.pretrain.processes=2: a gang of two Ray tasks in one placement group, joined by gloo;
+    the same identity and, within float-order noise (tests/unit/test_distributed.py), the same loss."""
+    grid = write_grid(tmp_path, DP)
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    one = sslgrid(grid, tmp_path / "one")
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = sslgrid(grid, tmp_path / "two", "-o", "resources.pretrain.processes=2", "-o", "resources.pretrain.cpus=1")
+    assert two.returncode == 0, two.stdout + two.stderr
+    res = {}
+    for name in ("one", "two"):
+        res[name] = {d.name: json.loads((d / "result.json").read_text())
+                     for d in (tmp_path / name / "runs" / "pretrain").iterdir()}
+    assert res["one"].keys() == res["two"].keys()
+    for key in res["one"]:
+        assert (res["one"][key]["processes"], res["two"][key]["processes"]) == (1, 2)
+        assert res["two"][key]["loss"] == pytest.approx(res["one"][key]["loss"], rel=2e-2)
+    assert len(stage_runs(tmp_path / "two", "dp")) == 2

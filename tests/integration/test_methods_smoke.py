@@ -1,7 +1,9 @@
-"""One epoch of every pretraining method through `sslgrid run`, each followed by a linear probe."""
+"""One epoch of every pretraining method through `sslgrid run`, each followed by a linear probe and a
+kNN stage (which also measures alignment and uniformity) and a t-SNE stage."""
 from __future__ import annotations
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.integration.helpers import sslgrid, stage_runs, write_grid
 
@@ -19,7 +21,7 @@ axes:
 cells:
   - {name: mocov2-hard, pretrain.method: mocov2, pretrain.negatives.sampling: hard}
   - {name: instdisc-softmax, pretrain.method: instdisc, pretrain.nce_loss: softmax}
-evaluations: [linear_probe]
+evaluations: [linear_probe, knn, tsne]
 resources:
   pretrain: {cpus: 1}
 """
@@ -32,10 +34,22 @@ def test_every_method_runs_one_epoch(tmp_path):
     out = sslgrid(grid, tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     runs = stage_runs(tmp_path)
-    assert len(runs) == 18 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(runs) == 36 and all(r.info.status == "FINISHED" for r in runs)
     pre = {r.data.params["pretrain.method"] + r.data.params["pretrain.negatives.sampling"] + r.data.params["pretrain.nce_loss"]: r
            for r in runs if r.data.tags["sslgrid.stage"] == "pretrain"}
     for name, run in pre.items():
         if not name.startswith("none"):
             assert "loss" in run.data.metrics, name
     assert "train_acc" in pre["supervisedallnce"].data.metrics
+    knn = [r for r in runs if r.data.tags["sslgrid.stage"] == "knn"]
+    assert len(knn) == 9
+    for r in knn:
+        m = r.data.metrics
+        assert 0 <= m["top1"] <= 100 and 0 <= m["align"] <= 4 and m["uniform"] <= 0, m
+    header = next(line for line in out.stdout.splitlines() if line.startswith("| cell"))
+    assert "knn_top1" in header and "align" in header and "uniform" in header, header
+    assert "tsne_silhouette_none" in header and "silhouette_strong" in header, header
+    tsne = [r for r in runs if r.data.tags["sslgrid.stage"] == "tsne"]
+    assert len(tsne) == 9 and all("silhouette_strong" in r.data.metrics for r in tsne)
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "tsne.png" in [a.path for a in c.list_artifacts(tsne[0].info.run_id)]

@@ -220,6 +220,7 @@ def test_two_task_job_trains_data_parallel_and_matches_one_process(tmp_path, ref
     # rank 1 trained too (its own log), and rank 0 alone reported
     assert Path(m["stdout"].replace("_0_log.out", "_1_log.out")).exists()
     key = f"pretrain/{d.name}"
+    assert res[key]["processes"] == 2 and reference[key]["processes"] == 1
     # 6 epochs amplify float-order differences (see tests/unit/test_distributed.py): 2% on the loss
     assert res[key]["loss"] == pytest.approx(reference[key]["loss"], rel=2e-2)
     runs = stage_runs(mlflow_server, "slurm-ddp")

@@ -64,8 +64,8 @@ def test_unknown_cluster_fields_and_kinds_are_rejected_with_a_suggestion(tmp_pat
 
 
 def test_tracking_store_must_be_reachable_from_nodes():
-    assert remote_tracking_problem("http://head:5000", "slurm") is None
-    problem = remote_tracking_problem("sqlite:////home/me/mlflow.db", "slurm")
+    assert remote_tracking_problem("http://head:5000", "--backend slurm runs stages on other machines") is None
+    problem = remote_tracking_problem("sqlite:////home/me/mlflow.db", "--backend slurm runs stages on other machines")
     assert "cannot write to sqlite:////home/me/mlflow.db" in problem and "sslgrid server" in problem
 
 

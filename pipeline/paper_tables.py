@@ -1,0 +1,198 @@
+"""The paper's tables and Fig. 4, built from a grid's named studies and its runs in MLflow.
+
+A table is drawn when the grid has the study it needs (``table1``, ``table2a``, ``table2b``, ``table3``,
+``fig4``, as in grids/paper.yaml and grids/paper-mini.yaml); rows and columns are found from each
+cell's resolved config, not from its name. Values are the linear probe's top-1. A cell whose stages
+have not finished shows as ``pending``. With ``compare=True`` the paper's own numbers (Appalaraju et
+al., arXiv 2012.00868, Tables 1–3) are printed beside ours.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.grid import Cell
+from pipeline.plan import Plan
+
+PENDING = "pending"
+
+TABLE1 = [  # (row, predicate on the cell's pretrain config, paper top-1)
+    ("MoCov2", lambda p: p.head.kind == "mlp", 64.4),
+    ("(a) without projection head", lambda p: p.head.kind == "none", 59.2),
+    ("(b) with fixed projection head", lambda p: p.head.kind == "frozen", 62.9),
+    ("(c) with more hidden layers in projection head", lambda p: p.head.kind == "deep", 63.9),
+    ("(d) with reduced feature dimension in projection head", lambda p: p.head.kind == "narrow", 62.2),
+]
+TABLE2A_PAPER = {"mocov2": [64.4, 63.7, 47.1], "supervised": [75.5, 74.8, 52.0]}
+TABLE2B_PAPER = {"mocov2": [63.1, 63.9, 64.2, 64.3], "supervised": [75.8, 75.7, 75.6, 74.6]}
+TABLE3 = [
+    ("MoCov2", lambda p: p.head.kind == "mlp" and p.augment.blur and p.schedule == "cosine" and p.m != 0.5,
+     (67.3, 67.5)),
+    ("(a) without MLP projection head", lambda p: p.head.kind != "mlp", (61.7, 63.6)),
+    ("(b) without GaussianBlur", lambda p: not p.augment.blur, (65.5, 66.4)),
+    ("(c) without cosine learning schedule", lambda p: p.schedule != "cosine", (67.2, 67.3)),
+    ("(d) with smaller momentum (0.5) in momentum encoder", lambda p: p.m == 0.5, (59.8, 64.5)),
+]
+METHOD_NAMES = {"mocov2": "MoCo v2", "supervised": "Supervised", "mocov1": "MoCo", "instdisc": "InstDisc",
+                "simclr": "SimCLR"}
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+
+class _Lookup:
+    def __init__(self, plan: Plan, df: pd.DataFrame):
+        self.plan, self.df = plan, df
+
+    def top1(self, cell: Cell) -> float | str:
+        key = self.plan.cells[cell.name].get("linear_probe")
+        col = "metrics.top1"
+        if key is None or key not in self.df.index or col not in self.df.columns or pd.isna(self.df.at[key, col]):
+            return PENDING
+        return float(self.df.at[key, col])
+
+
+def _cells(plan: Plan, study: str) -> list[Cell]:
+    return [c for c in plan.grid.cells if c.study == study]
+
+
+def _find(cells: list[Cell], pred: Callable) -> Cell | None:
+    return next((c for c in cells if pred(c.config.pretrain)), None)
+
+
+def table1(plan: Plan, look: _Lookup, compare: bool) -> pd.DataFrame | None:
+    cells = _cells(plan, "table1")
+    if not cells:
+        return None
+    rows = []
+    for name, pred, paper in TABLE1:
+        c = _find(cells, pred)
+        row = {"Method": name, "Top-1 (ours)": look.top1(c) if c else "-"}
+        if compare:
+            row["Top-1 (paper)"] = paper
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _delta(v: object, base: object) -> str:
+    return f"{v - base:+.1f}" if isinstance(v, float) and isinstance(base, float) else ""
+
+
+def table2(plan: Plan, look: _Lookup, compare: bool, study: str, field: Callable, columns: list,
+           labels: list[str], paper: dict[str, list[float]]) -> pd.DataFrame | None:
+    """Rows: methods, each followed by its Δ to the first column, as the paper prints them."""
+    cells = _cells(plan, study)
+    if not cells:
+        return None
+    rows = []
+    for method in ("mocov2", "supervised"):
+        vals = []
+        for col in columns:
+            c = _find(cells, lambda p: p.method == method and field(p) == col)
+            vals.append(look.top1(c) if c else "-")
+        rows.append({"Method": METHOD_NAMES[method], **{lab: v for lab, v in zip(labels, vals)}})
+        rows.append({"Method": "  Δ", **{lab: _delta(v, vals[0]) if i else "" for i, (lab, v)
+                                        in enumerate(zip(labels, vals))}})
+        if compare:
+            rows.append({"Method": "  paper", **dict(zip(labels, paper[method]))})
+            rows.append({"Method": "  paper Δ", **{lab: _delta(v, paper[method][0]) if i else "" for i, (lab, v)
+                                                  in enumerate(zip(labels, paper[method]))}})
+    return pd.DataFrame(rows)
+
+
+def table3(plan: Plan, look: _Lookup, compare: bool) -> pd.DataFrame | None:
+    cells = _cells(plan, "table3")
+    if not cells:
+        return None
+    ks = sorted({c.config.pretrain.K for c in cells})
+    if len(ks) != 2:
+        return None
+    small, large = ks
+    rows = []
+    for name, pred, paper in TABLE3:
+        row = {"Method": name}
+        for k, label in ((small, f"K={small}"), (large, f"K={large}")):
+            c = _find([c for c in cells if c.config.pretrain.K == k], pred)
+            row[label] = look.top1(c) if c else "-"
+        if compare:
+            row["paper K=512"], row["paper K=65536"] = paper
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fig4(plan: Plan, look: _Lookup) -> pd.DataFrame | None:
+    """Long table: method, K, top-1 (SimCLR's K is 2B−2)."""
+    cells = _cells(plan, "fig4")
+    if not cells:
+        return None
+    rows = []
+    for c in cells:
+        p = c.config.pretrain
+        line = METHOD_NAMES.get(p.method, p.method)
+        if p.method in ("mocov1", "mocov2") and p.negatives.sampling == "hard":
+            line += " + hard negatives"
+        k = 2 * p.batch_size - 2 if p.method == "simclr" else p.K
+        rows.append({"method": line, "K": k, "top1": look.top1(c)})
+    return pd.DataFrame(rows).sort_values(["method", "K"]).reset_index(drop=True)
+
+
+def plot_fig4(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for method, part in df.groupby("method"):
+        done = part[part["top1"].map(lambda v: isinstance(v, float))]
+        if len(done):
+            ax.plot(done["K"], done["top1"].astype(float), marker="o", label=method,
+                    linestyle="--" if "hard" in method else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("number of negatives K (log scale)")
+    ax.set_ylabel("linear probe top-1 (%)")
+    ax.set_title("Fig. 4: top-1 against K")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def render(df: pd.DataFrame) -> str:
+    return df.map(_fmt).to_markdown(index=False, disable_numparse=True)
+
+
+def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False) -> tuple[str, list[Path]]:
+    """Markdown of every table the grid's studies allow, and the files written (CSV per table,
+    fig4.png and fig4.csv)."""
+    look = _Lookup(plan, df)
+    tables = {
+        "Table 1: projection head (MoCo v2)": ("table1", table1(plan, look, compare)),
+        "Table 2a: random cropping (min/max size)": ("table2a", table2(
+            plan, look, compare, "table2a", lambda p: tuple(p.augment.crop_scale),
+            [(0.2, 1.0), (0.2, 0.5), (0.02, 0.1)], ["20%/100%", "20%/50%", "2%/10%"], TABLE2A_PAPER)),
+        "Table 2b: colour jittering strength": ("table2b", table2(
+            plan, look, compare, "table2b", lambda p: p.augment.color_strength, [0.125, 0.25, 0.5, 1.0],
+            ["1/8", "1/4", "1/2", "1"], TABLE2B_PAPER)),
+        "Table 3: good practices against K": ("table3", table3(plan, look, compare)),
+    }
+    parts, files = [], []
+    for title, (name, table) in tables.items():
+        if table is None:
+            continue
+        parts.append(f"### {title}\n\n{render(table)}")
+        files.append(out / f"{name}.csv")
+        table.to_csv(files[-1], index=False)
+    f4 = fig4(plan, look)
+    if f4 is not None:
+        files += [out / "fig4.csv", out / "fig4.png"]
+        f4.to_csv(files[-2], index=False)
+        plot_fig4(f4, files[-1])
+        wide = f4.pivot_table(index="method", columns="K", values="top1", aggfunc="first").reset_index()
+        parts.append(f"### Fig. 4: top-1 against K (plot: {files[-1].name})\n\n{render(wide.fillna('-'))}")
+    return "\n\n".join(parts), files
