@@ -59,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1")
+    p = sub.add_parser("export-detectron2", help="write a pretrained backbone as a detectron2 weights pickle")
+    p.add_argument("checkpoint", help="a pretraining stage's checkpoints/final.pt")
+    p.add_argument("out", help="the .pkl to write (detectron2: MODEL.WEIGHTS out.pkl)")
     p = sub.add_parser("server", help="start an MLflow tracking server that compute nodes can log to")
     p.add_argument("--backend-store-uri", default="sqlite:///mlflow-server.db",
                    help="where runs are stored (default: sqlite:///mlflow-server.db here)")
@@ -191,7 +194,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
     text, files = write_report(plan, parent_id)
     c.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
-    console.print(text, markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {files[0]}")
     if plan.grid.tracking_uri.startswith(("http://", "https://")):
         console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
@@ -279,12 +282,24 @@ def cmd_server(args: argparse.Namespace, console: Console) -> int:
     return subprocess.call(cmd)
 
 
+def cmd_export_detectron2(args: argparse.Namespace, console: Console) -> int:
+    from evaluators.export import ExportError, to_detectron2
+
+    try:
+        shapes = to_detectron2(args.checkpoint, args.out)
+    except (ExportError, FileNotFoundError) as err:
+        console.print(f"[red]{err}[/] Nothing was written.", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    console.print(f"wrote {args.out}: {len(shapes)} tensors (stem, res2-res5) in detectron2's names")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import write_report
 
     plan = _load(args, check_data=False)
     text, files = write_report(plan, compare_paper=args.compare_paper)
-    console.print(text, markup=False, highlight=False)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"written: {', '.join(map(str, files))}")
     return 0
 
@@ -309,7 +324,7 @@ def cmd_ui(args: argparse.Namespace, console: Console) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "report": cmd_report,
-            "ui": cmd_ui, "server": cmd_server}
+            "ui": cmd_ui, "server": cmd_server, "export-detectron2": cmd_export_detectron2}
 
 
 def main(argv: list[str] | None = None) -> int:

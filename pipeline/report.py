@@ -63,8 +63,8 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
                 for name in ("align", "uniform"):
                     v = _metric(df, keys[kind], name)
                     row[name] = v if v is not None else PENDING
-            if kind == "tsne":
-                for name in ("silhouette_weak", "silhouette_strong"):
+            if kind in ("tsne", "detection"):
+                for name in (("silhouette_weak", "silhouette_strong") if kind == "tsne" else ("det_AP", "det_AP75")):
                     v = _metric(df, keys[kind], name)
                     row[name] = v if v is not None else PENDING
         row["state"] = state

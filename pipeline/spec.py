@@ -186,6 +186,45 @@ class TsneSpec:
 
 
 @dataclass(frozen=True)
+class SyntheticVocSpec:
+    """The embedded detection set: coloured shapes on flat canvases, written in VOC layout."""
+
+    trainval: int = _f(600, min=1)
+    test: int = _f(200, min=1)
+    size: int = _f(64, min=16, doc="canvas side in pixels")
+    seed: int = _f(0)
+
+
+@dataclass(frozen=True)
+class DetectionSpec:
+    """Faster R-CNN R50-C4 fine-tuning (evaluators/detection.py). Defaults: MoCo's VOC recipe
+    (moco/detection/configs/pascal_voc_R_50_C4_24k_moco.yaml): 24k iterations, steps 18k/22k, base
+    lr 0.02, batch 16, SyncBN (here ``train``)."""
+
+    voc_root: Optional[str] = _f(None, doc="folder holding VOCdevkit/VOC2007; null: the synthetic set")
+    train_split: str = "trainval"
+    test_split: str = "test"
+    synthetic: SyntheticVocSpec = SyntheticVocSpec()
+    iterations: int = _f(24000, min=1)
+    batch_size: int = _f(16, min=1)
+    lr: float = _f(0.02, min=0.0)
+    steps: tuple[int, ...] = _f((18000, 22000), min=0)
+    warmup_iters: int = _f(100, min=0)
+    momentum: float = _f(0.9, min=0.0, max=1.0)
+    weight_decay: float = _f(1e-4, min=0.0)
+    min_size: int = _f(800, min=16)
+    max_size: int = _f(1333, min=16)
+    anchor_sizes: tuple[int, ...] = _f((32, 64, 128, 256, 512), min=1)
+    rois_per_image: int = _f(512, min=1, doc="RoIs sampled per image for the box head (detectron2: 512)")
+    proposals_train: int = _f(2000, min=1, doc="RPN proposals kept per image in training (pre- and post-NMS)")
+    proposals_test: int = _f(1000, min=1, doc="RPN proposals kept per image at test time")
+    norm: str = _f("train", choices=("train", "frozen"))
+    seed: int = _f(0)
+    log_every: int = _f(20, min=1, identity=False)
+    ckpt_every: int = _f(500, min=1, identity=False)
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """Everything a cell configures: the grid's ``defaults`` with a cell's overrides applied."""
 
@@ -195,6 +234,7 @@ class StageConfig:
     linear_probe: ProbeSpec = ProbeSpec()
     knn: KnnSpec = KnnSpec()
     tsne: TsneSpec = TsneSpec()
+    detection: DetectionSpec = DetectionSpec()
 
 
 @dataclass(frozen=True)
@@ -226,7 +266,7 @@ class SlurmSpec:
     array_parallelism: Optional[int] = _f(None, min=1, doc="default 64")
 
 
-EVALUATIONS = ("linear_probe", "knn", "tsne")
+EVALUATIONS = ("linear_probe", "knn", "tsne", "detection")
 
 
 # --------------------------------------------------------------------------------------------

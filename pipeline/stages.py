@@ -35,15 +35,22 @@ def _tsne(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
     return tsne(spec, upstream[0], workdir, sink)
 
 
+def _detection(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    from evaluators.detection import detection
+
+    return detection(spec, upstream[0], workdir, sink)
+
+
 STAGES: dict[str, StageFn] = {
     "pretrain": _pretrain,
     "linear_probe": _linear_probe,
     "knn": _knn,
     "tsne": _tsne,
+    "detection": _detection,
 }
 
 # The artifact files each kind leaves in its directory, besides spec.json and result.json.
 ARTIFACTS: dict[str, tuple[str, ...]] = {"pretrain": ("checkpoints/final.pt",), "tsne": ("tsne.png",)}
 
 # The metric each evaluation kind shows in the report's cell table.
-HEADLINE: dict[str, str] = {"linear_probe": "top1", "knn": "top1", "tsne": "silhouette_none"}
+HEADLINE: dict[str, str] = {"linear_probe": "top1", "knn": "top1", "tsne": "silhouette_none", "detection": "det_AP50"}

@@ -80,6 +80,11 @@ class TinyResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
 
+    def c4_split(self) -> tuple[nn.Module, nn.Module, int, int]:
+        """(everything up to the last stage, the last stage, their channels): the R50-C4 cut."""
+        widths = [b.conv1.out_channels for b in self.layers]
+        return nn.Sequential(self.stem, *self.layers[:-1]), self.layers[-1], widths[-2], widths[-1]
+
 
 class TorchvisionResNet(nn.Module):
     def __init__(self, arch: str, bn_splits: int = 1, cifar_stem: bool = False):
@@ -96,6 +101,13 @@ class TorchvisionResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def c4_split(self) -> tuple[nn.Module, nn.Module, int, int]:
+        """(stem + layer1-3 = res2-res4, layer4 = res5, their channels): the R50-C4 cut."""
+        n = self.net
+        trunk = nn.Sequential(n.conv1, n.bn1, n.relu, n.maxpool, n.layer1, n.layer2, n.layer3)
+        c4 = [m for m in n.layer3.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        return trunk, n.layer4, c4, self.feat_dim
 
 
 def build_backbone(spec: dict) -> nn.Module:

@@ -53,3 +53,36 @@ def test_every_method_runs_one_epoch(tmp_path):
     assert len(tsne) == 9 and all("silhouette_strong" in r.data.metrics for r in tsne)
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert "tsne.png" in [a.path for a in c.list_artifacts(tsne[0].info.run_id)]
+
+
+DETECTION = """
+name: tiny
+defaults:
+  dataset: {name: synthetic, num_train: 96, num_val: 48}
+  backbone: {name: tiny_resnet}
+  pretrain: {method: none}
+  detection:
+    iterations: 4
+    batch_size: 2
+    steps: [3]
+    warmup_iters: 1
+    min_size: 64
+    max_size: 64
+    anchor_sizes: [8, 16, 32]
+    rois_per_image: 32
+    proposals_train: 50
+    proposals_test: 50
+    synthetic: {trainval: 12, test: 6, size: 64}
+evaluations: [detection]
+"""
+
+
+def test_detection_runs_as_a_stage(tmp_path):
+    grid = write_grid(tmp_path, DETECTION)
+    out = sslgrid(grid, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = {r.data.tags["sslgrid.stage"]: r for r in stage_runs(tmp_path)}
+    det = runs["detection"].data.metrics
+    assert {"det_AP", "det_AP50", "det_AP75", "det_loss"} <= set(det) and 0 <= det["det_AP50"] <= 100
+    header = next(line for line in out.stdout.splitlines() if line.startswith("| cell"))
+    assert "detection_det_AP50" in header and "det_AP75" in header, header

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,8 +177,10 @@ def test_cancelled_job_fails_the_stage_and_rerun_completes(tmp_path, reference, 
     assert runs[d.name].info.status == "FAILED" and "CANCELLED" in runs[d.name].data.tags["sslgrid.error"]
     rerun = run(cmd(grid, tmp_path / "runs", mlflow_server, "--backend", "slurm"), tmp_path)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    n_cancelled = cancelled.stdout.count("cancelled ")  # the random-init probe may have been running too
-    assert f"ran {1 + n_cancelled}, cached {3 - n_cancelled}, failed 0" in rerun.stdout, rerun.stdout
+    # the cancelled pretraining and its probe run again; the random-init cell's stages are cached, unless
+    # its probe was running and got cancelled too (a race with scancel, which it may also win)
+    ran, cached = (int(x) for x in re.search(r"ran (\d+), cached (\d+), failed 0", rerun.stdout).groups())
+    assert ran + cached == 4 and ran in (2, 3), rerun.stdout
     _same(reference, results(tmp_path / "runs"))
     runs = {r.data.tags["sslgrid.key"]: r for r in stage_runs(mlflow_server, "slurm-cancel")}
     assert len(runs) == 4 and runs[d.name].info.status == "FINISHED"
