@@ -163,6 +163,55 @@ def plot_fig4(df: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> Path | None:
+    """Fig. 2 from two cells' inversion stages, read back from MLflow: per image, original | h of a
+    model without a head | h of a model with the MLP head | z of that model. The cells are the first
+    MoCo cells with head ``none`` and ``mlp`` (table1's, when the grid has that study)."""
+    if "inversion" not in plan.grid.evaluations:
+        return None
+    import tempfile
+
+    import torch
+
+    from pipeline.tracking import client
+
+    cells = sorted(plan.grid.cells, key=lambda c: c.study != "table1")
+    moco = [c for c in cells if c.config.pretrain.method in ("mocov1", "mocov2")]
+    picked = {kind: next((c for c in moco if c.config.pretrain.head.kind == kind), None) for kind in ("none", "mlp")}
+    if None in picked.values():
+        return None
+    data = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, cell in picked.items():
+            key = plan.cells[cell.name]["inversion"]
+            if key not in df.index or df.at[key, "status"] != "FINISHED":
+                return None
+            path = client(plan.grid.tracking_uri).download_artifacts(df.at[key, "run_id"], "inversion.pt", tmp)
+            data[kind] = torch.load(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("original", data["mlp"]["originals"]), ("h, no head", data["none"]["h"]),
+              ("h, MLP head", data["mlp"]["h"]), ("z, MLP head", data["mlp"].get("z"))]
+    panels = [(t, v) for t, v in panels if v is not None]
+    n = min(len(v) for _, v in panels)
+    fig, axes = plt.subplots(n, len(panels), figsize=(1.5 * len(panels), 1.5 * n), dpi=100, squeeze=False)
+    for r in range(n):
+        for c, (title, imgs) in enumerate(panels):
+            axes[r][c].imshow(imgs[r].permute(1, 2, 0).numpy())
+            axes[r][c].axis("off")
+            if r == 0:
+                axes[r][c].set_title(title, fontsize=7)
+    fig.tight_layout()
+    path = out / "fig2.png"
+    fig.savefig(path.with_name("fig2.tmp.png"))
+    plt.close(fig)
+    path.with_name("fig2.tmp.png").replace(path)
+    return path
+
+
 def render(df: pd.DataFrame) -> str:
     return df.map(_fmt).to_markdown(index=False, disable_numparse=True)
 
@@ -188,6 +237,10 @@ def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False)
         parts.append(f"### {title}\n\n{render(table)}")
         files.append(out / f"{name}.csv")
         table.to_csv(files[-1], index=False)
+    f2 = fig2(plan, df, out)
+    if f2 is not None:
+        files.append(f2)
+        parts.append(f"### Fig. 2: feature inversion ({f2.name}: original | h, no head | h, MLP head | z, MLP head)")
     f4 = fig4(plan, look)
     if f4 is not None:
         files += [out / "fig4.csv", out / "fig4.png"]

@@ -69,7 +69,10 @@ def _pretrain_stage(cfg: StageConfig) -> Stage:
 
 def _eval_stage(kind: str, cfg: StageConfig, upstream: Stage) -> Stage:
     section = getattr(cfg, kind)
-    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), kind: to_dict(section)}
+    # the pretrain section rides along for stages that rebuild the head (inversion); the identity
+    # has it through the upstream key
+    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "pretrain": to_dict(cfg.pretrain),
+            kind: to_dict(section)}
     ident = {"dataset": to_dict(cfg.dataset, True), kind: to_dict(section, True)}
     return Stage(kind, identity_key(kind, ident, (upstream.key,)), spec, ident, (upstream.key,))
 

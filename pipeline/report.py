@@ -73,7 +73,7 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
 
 
 def render(table: pd.DataFrame) -> str:
-    shown = table.map(lambda v: f"{v:.2f}" if isinstance(v, float) else v)
+    shown = table.map(lambda v: (f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}") if isinstance(v, float) else v)
     return shown.to_markdown(index=False, disable_numparse=True)
 
 

@@ -225,6 +225,17 @@ class DetectionSpec:
 
 
 @dataclass(frozen=True)
+class InversionSpec:
+    """Fig. 2: Deep Image Prior inversion of h and z (evaluators/inversion.py); DIP's Adam lr 1e-3."""
+
+    images: int = _f(4, min=1, doc="val images inverted")
+    iterations: int = _f(2000, min=1, doc="Adam steps per image and target")
+    lr: float = _f(1e-3, min=0.0)
+    seed: int = _f(0)
+    dpi: int = _f(100, min=30, identity=False)
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """Everything a cell configures: the grid's ``defaults`` with a cell's overrides applied."""
 
@@ -235,6 +246,7 @@ class StageConfig:
     knn: KnnSpec = KnnSpec()
     tsne: TsneSpec = TsneSpec()
     detection: DetectionSpec = DetectionSpec()
+    inversion: InversionSpec = InversionSpec()
 
 
 @dataclass(frozen=True)
@@ -266,7 +278,7 @@ class SlurmSpec:
     array_parallelism: Optional[int] = _f(None, min=1, doc="default 64")
 
 
-EVALUATIONS = ("linear_probe", "knn", "tsne", "detection")
+EVALUATIONS = ("linear_probe", "knn", "tsne", "detection", "inversion")
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,16 +41,25 @@ def _detection(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> d
     return detection(spec, upstream[0], workdir, sink)
 
 
+def _inversion(spec: dict, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    from evaluators.inversion import inversion
+
+    return inversion(spec, upstream[0], workdir, sink)
+
+
 STAGES: dict[str, StageFn] = {
     "pretrain": _pretrain,
     "linear_probe": _linear_probe,
     "knn": _knn,
     "tsne": _tsne,
     "detection": _detection,
+    "inversion": _inversion,
 }
 
 # The artifact files each kind leaves in its directory, besides spec.json and result.json.
-ARTIFACTS: dict[str, tuple[str, ...]] = {"pretrain": ("checkpoints/final.pt",), "tsne": ("tsne.png",)}
+ARTIFACTS: dict[str, tuple[str, ...]] = {"pretrain": ("checkpoints/final.pt",), "tsne": ("tsne.png",),
+                                         "inversion": ("inversion.png", "inversion.pt")}
 
 # The metric each evaluation kind shows in the report's cell table.
-HEADLINE: dict[str, str] = {"linear_probe": "top1", "knn": "top1", "tsne": "silhouette_none", "detection": "det_AP50"}
+HEADLINE: dict[str, str] = {"linear_probe": "top1", "knn": "top1", "tsne": "silhouette_none", "detection": "det_AP50",
+                            "inversion": "inv_loss_h_last"}

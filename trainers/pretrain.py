@@ -206,6 +206,25 @@ def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callabl
     return monitor
 
 
+HEAD_PREFIXES = ("encoder_q.head.", "online.head.", "encoder.head.")  # moco; byol; simclr and instdisc
+
+
+def load_head(spec: dict, ckpt: str | Path) -> nn.Module | None:
+    """The pretrained projection head g (h → z) of the query/online encoder, on CPU, in eval mode;
+    None for a method or head kind without one."""
+    p = spec["pretrain"]
+    model = checkpoint.load(ckpt).get("model")
+    prefix = next((x for x in HEAD_PREFIXES if model and any(k.startswith(x) for k in model)), None)
+    if prefix is None or p["method"] == UNTRAINED:
+        return None
+    h = p["head"]
+    feat = build_backbone(spec["backbone"]).feat_dim
+    hidden = h["hidden_dim"] or (2 * feat if p["method"] == "byol" else None)
+    head, _ = build_head(h["kind"], feat, hidden, h["out_dim"], h["batchnorm"])
+    head.load_state_dict({k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)})
+    return head.eval()
+
+
 def load_backbone(spec: dict, ckpt: str | Path) -> nn.Module:
     """The pretrained backbone f of a pretraining stage, on CPU, in eval mode."""
     backbone = build_backbone(spec["backbone"])

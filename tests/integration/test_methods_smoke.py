@@ -86,3 +86,33 @@ def test_detection_runs_as_a_stage(tmp_path):
     assert {"det_AP", "det_AP50", "det_AP75", "det_loss"} <= set(det) and 0 <= det["det_AP50"] <= 100
     header = next(line for line in out.stdout.splitlines() if line.startswith("| cell"))
     assert "detection_det_AP50" in header and "det_AP75" in header, header
+
+
+INVERSION = """
+name: tiny
+defaults:
+  dataset: {name: synthetic, num_train: 96, num_val: 48}
+  backbone: {name: tiny_resnet, bn_splits: 2}
+  pretrain: {method: mocov2, epochs: 1, batch_size: 32, K: 64}
+  inversion: {images: 2, iterations: 20}
+axes:
+  pretrain.head.kind: [mlp, none]
+evaluations: [inversion]
+"""
+
+
+def test_inversion_stages_and_fig2_from_mlflow(tmp_path):
+    from PIL import Image
+
+    grid = write_grid(tmp_path, INVERSION)
+    out = sslgrid(grid, tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    inv = [r for r in stage_runs(tmp_path) if r.data.tags["sslgrid.stage"] == "inversion"]
+    assert len(inv) == 2
+    for r in inv:
+        m = r.data.metrics
+        assert m["inv_loss_h_last"] < m["inv_loss_h_first"], m
+    assert "Fig. 2: feature inversion" in out.stdout
+    # four columns (original, h without head, h with MLP, z with MLP), two rows of 1.5-inch panels
+    with Image.open(tmp_path / "runs" / "report" / "fig2.png") as im:
+        assert im.size == (600, 300)
