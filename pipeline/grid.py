@@ -204,41 +204,10 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
             hint = f"did you mean '{close[0]}'? " if close else ""
             problems.append(("", Problem(f"evaluations[{i}]", ev, f"{hint}valid stages: {', '.join(EVALUATIONS)}")))
 
-    resources: dict[str, Resources] = {}
-    res_doc = doc.get("resources") or {}
-    if not isinstance(res_doc, dict):
-        problems.append(("", Problem("resources", res_doc, "must map stage kinds to {cpus, gpus}")))
-        res_doc = {}
-    for kind, spec in res_doc.items():
-        if kind not in STAGE_KINDS:
-            close = difflib.get_close_matches(str(kind), STAGE_KINDS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(("", Problem(f"resources.{kind}", spec, f"{hint}stage kinds: {', '.join(STAGE_KINDS)}")))
-            continue
-        sub: list[Problem] = []
-        built = build_dataclass(Resources, spec, f"resources.{kind}", sub)
-        problems.extend(("", p) for p in sub)
-        if built is not None:
-            resources[kind] = built
+    resources = _per_kind(doc, "resources", Resources, STAGE_KINDS, "{cpus, gpus, processes}", problems)
     for kind in STAGE_KINDS:
         resources.setdefault(kind, Resources())
-
-    cluster: dict[str, SlurmSpec] = {}
-    cl_doc = doc.get("cluster") or {}
-    if not isinstance(cl_doc, dict):
-        problems.append(("", Problem("cluster", cl_doc, "must map 'default' and stage kinds to SLURM requests")))
-        cl_doc = {}
-    for kind, spec in cl_doc.items():
-        if kind not in ("default",) + STAGE_KINDS:
-            close = difflib.get_close_matches(str(kind), ("default",) + STAGE_KINDS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(("", Problem(f"cluster.{kind}", spec, f"{hint}keys: default, {', '.join(STAGE_KINDS)}")))
-            continue
-        sub = []
-        built = build_dataclass(SlurmSpec, spec, f"cluster.{kind}", sub)
-        problems.extend(("", p) for p in sub)
-        if built is not None:
-            cluster[kind] = built
+    cluster = _per_kind(doc, "cluster", SlurmSpec, ("default",) + STAGE_KINDS, "SLURM requests", problems)
 
     if problems:
         raise GridError(source, problems)
@@ -248,6 +217,28 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
                 evaluations=tuple(evaluations), resources=resources, cluster=cluster)
+
+
+def _per_kind(doc: dict, section: str, cls: type, keys: tuple[str, ...], what: str,
+              problems: list[tuple[str, Problem]]) -> dict:
+    """A top-level section that maps stage kinds (or ``keys``) to ``cls`` values, e.g. ``resources``."""
+    out: dict = {}
+    node = doc.get(section) or {}
+    if not isinstance(node, dict):
+        problems.append(("", Problem(section, node, f"must map {', '.join(keys)} to {what}")))
+        return out
+    for kind, spec in node.items():
+        if kind not in keys:
+            close = difflib.get_close_matches(str(kind), keys, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(("", Problem(f"{section}.{kind}", spec, f"{hint}keys: {', '.join(keys)}")))
+            continue
+        sub: list[Problem] = []
+        built = build_dataclass(cls, spec, f"{section}.{kind}", sub)
+        problems.extend(("", p) for p in sub)
+        if built is not None:
+            out[kind] = built
+    return out
 
 
 def _expand(section: dict, study: str, problems: list[tuple[str, Problem]]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.plan import Plan
-from pipeline.stages import HEADLINE
+from pipeline.stages import REPORTED
 from pipeline.tracking import GRID, KEY, ROLE, client, find_runs
 
 PENDING = "pending"
@@ -57,16 +57,10 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
         loss = _metric(df, keys["pretrain"], "loss")
         row["pretrain_loss"] = loss if loss is not None else (PENDING if p.method != "none" else "-")
         for kind in plan.grid.evaluations:
-            val = _metric(df, keys[kind], HEADLINE[kind])
-            row[f"{kind}_{HEADLINE[kind]}"] = val if val is not None else PENDING
-            if kind == "knn":  # the representation's geometry, measured by the same stage
-                for name in ("align", "uniform"):
-                    v = _metric(df, keys[kind], name)
-                    row[name] = v if v is not None else PENDING
-            if kind in ("tsne", "detection"):
-                for name in (("silhouette_weak", "silhouette_strong") if kind == "tsne" else ("det_AP", "det_AP75")):
-                    v = _metric(df, keys[kind], name)
-                    row[name] = v if v is not None else PENDING
+            headline, *more = REPORTED[kind]
+            for column, name in [(f"{kind}_{headline}", headline)] + [(m, m) for m in more]:
+                val = _metric(df, keys[kind], name)
+                row[column] = val if val is not None else PENDING
         row["state"] = state
         rows.append(row)
     return pd.DataFrame(rows)

@@ -48,6 +48,12 @@ def run(args: list[str], cwd: Path, timeout: float = 400, **env: str) -> subproc
                           text=True, timeout=timeout)
 
 
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    """``sslgrid run`` in the background, its output in one pipe."""
+    return subprocess.Popen(args, cwd=cwd, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
 def results(workdir: Path) -> dict[str, dict]:
     return {f"{d.parent.name}/{d.name}": json.loads((d / "result.json").read_text())
             for d in workdir.glob("*/*") if (d / "result.json").exists()}
@@ -131,9 +137,7 @@ def test_slurm_backend_matches_local(tmp_path, reference, mlflow_server):
 
 def test_requeued_job_resumes_and_matches_uninterrupted(tmp_path, reference, mlflow_server):
     grid = write_grid(tmp_path, GRID.format(name="slurm-requeue"))
-    proc = subprocess.Popen(cmd(grid, tmp_path / "runs", mlflow_server, "--backend", "slurm"), cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start(cmd(grid, tmp_path / "runs", mlflow_server, "--backend", "slurm"), tmp_path)
     try:
         d, job = wait_for_epoch(tmp_path / "runs", 2, proc)
         subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True)
@@ -159,9 +163,7 @@ def test_requeued_job_resumes_and_matches_uninterrupted(tmp_path, reference, mlf
 
 def test_cancelled_job_fails_the_stage_and_rerun_completes(tmp_path, reference, mlflow_server):
     grid = write_grid(tmp_path, GRID.format(name="slurm-cancel"))
-    proc = subprocess.Popen(cmd(grid, tmp_path / "runs", mlflow_server, "--backend", "slurm"), cwd=tmp_path,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start(cmd(grid, tmp_path / "runs", mlflow_server, "--backend", "slurm"), tmp_path)
     try:
         d, job = wait_for_epoch(tmp_path / "runs", 1, proc)
         cancelled = run(cmd(grid, tmp_path / "runs", mlflow_server, sub="cancel"), tmp_path, timeout=60)
