@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--checkpoint", type=Path)
     args = ap.parse_args()
-    cfg = load_grid(REPO / "grids" / "quickstart.yaml").cells[0].config
+    cfg = next(c.config for c in load_grid(REPO / "grids" / "quickstart.yaml").cells
+               if c.config.pretrain.method == "mocov2")
     spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "linear_probe": to_dict(cfg.linear_probe)}
     spec["linear_probe"]["epochs"] = args.epochs
     tmp = Path(tempfile.mkdtemp(prefix="bench-probe-"))
@@ -51,6 +53,9 @@ def main() -> None:
         print("backbone: random init (run `make quickstart` first to probe a MoCo v2 backbone)")
     else:
         print(f"backbone: {ckpt}")
+        # a private copy, so the cached probe extracts features itself instead of reading the ones
+        # the quickstart's stages left beside the checkpoint (trainers/features.py)
+        ckpt = Path(shutil.copy2(ckpt, tmp / "final.pt"))
     print(f"torch threads: {torch.get_num_threads()}, device: {'cuda' if torch.cuda.is_available() else 'cpu'}, "
           f"epochs: {args.epochs}, train images: {cfg.dataset.num_train}")
     results = {}

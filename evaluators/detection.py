@@ -3,7 +3,8 @@ on PASCAL VOC (or the synthetic set in VOC layout), and report COCO-style AP, AP
 
 Model: torchvision's FasterRCNN in MoCo's R50-C4 arrangement (moco/detection/configs, after
 detectron2's C4): the backbone up to its last stage (res2–res4) gives one stride-16 feature map
-(stride 4 for the CIFAR-style tiny ResNet) to the RPN and to RoIAlign (14×14); the last stage
+(stride 4 for the CIFAR-style tiny ResNet) to the RPN and to RoIAlign (``roi_size``, 14×14 as in
+detectron2's C4; smaller sides make CPU runs affordable, see the quickstart grid); the last stage
 (res5) is the box head, applied to each RoI and average-pooled; a linear classifier and box
 regressor follow. All of res2–res5 starts from the pretraining checkpoint. We chose C4 over FPN
 because it is what MoCo and the paper's detection numbers use.
@@ -86,7 +87,7 @@ def build_detector(backbone_spec: dict, ckpt: str | Path, num_classes: int, p: d
         body, res5 = freeze_bn(body), freeze_bn(res5)
     anchors = AnchorGenerator(sizes=(tuple(p["anchor_sizes"]),), aspect_ratios=((0.5, 1.0, 2.0),))
     return FasterRCNN(_Trunk(body, c4), rpn_anchor_generator=anchors,
-                      box_roi_pool=MultiScaleRoIAlign(["0"], output_size=14, sampling_ratio=0),
+                      box_roi_pool=MultiScaleRoIAlign(["0"], output_size=p["roi_size"], sampling_ratio=0),
                       box_head=_Res5Head(res5), box_predictor=FastRCNNPredictor(c5, num_classes + 1),
                       min_size=p["min_size"], max_size=p["max_size"], image_mean=list(IMAGENET_MEAN),
                       image_std=list(IMAGENET_STD), box_batch_size_per_image=p["rois_per_image"],

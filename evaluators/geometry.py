@@ -30,7 +30,9 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
 
 @torch.no_grad()
 def measure(backbone: nn.Module, images: torch.Tensor, aug: AugmentParams, size: int, seed: int = 0,
-            batch: int = 512) -> dict[str, float]:
+            batch: int = 512, plain: torch.Tensor | None = None) -> dict[str, float]:
+    """Alignment of two aug-plus views of ``images``; uniformity of their un-augmented features
+    (``plain``, when the caller already has them)."""
     backbone.eval()
     dev = next(backbone.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -38,5 +40,5 @@ def measure(backbone: nn.Module, images: torch.Tensor, aug: AugmentParams, size:
     for _ in range(2):
         views.append(torch.cat([F.normalize(backbone(augment(images[i:i + batch].to(dev), aug, size, g)).float(), dim=1)
                                 .cpu() for i in range(0, len(images), batch)]))
-    plain = F.normalize(extract(backbone, images, aug, batch), dim=1)
+    plain = F.normalize(extract(backbone, images, aug, batch) if plain is None else plain, dim=1)
     return {"align": alignment(views[0], views[1]), "uniform": uniformity(plain)}

@@ -15,7 +15,8 @@ import torch
 from evaluators.geometry import measure
 from trainers.augment import AugmentParams
 from trainers.data import load_split
-from trainers.knn import extract, knn_top1
+from trainers.features import frozen_features
+from trainers.knn import knn_top1
 from trainers.loop import device
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
@@ -28,9 +29,10 @@ def knn(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
     aug = AugmentParams()
     with torch.no_grad():
-        top1 = knn_top1(extract(backbone, train.images, aug), train.labels, extract(backbone, val.images, aug),
-                        val.labels, len(train.classes), k=p["k"], T=p["T"])
-    geo = measure(backbone, val.images, aug, spec["dataset"]["image_size"])
+        feats = {split: frozen_features(backbone, data.images, upstream["checkpoint"], spec["dataset"], split, aug)
+                 for split, data in (("train", train), ("val", val))}
+        top1 = knn_top1(feats["train"], train.labels, feats["val"], val.labels, len(train.classes), k=p["k"], T=p["T"])
+    geo = measure(backbone, val.images, aug, spec["dataset"]["image_size"], plain=feats["val"])
     sink.log({"top1": top1, **geo}, step=0)
     sink.progress(1, 1)
     return {"top1": top1, "k": p["k"], "T": p["T"], **geo}

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from trainers.augment import AugmentParams, probe_view
 from trainers.data import load_split
-from trainers.knn import extract
+from trainers.features import frozen_features
 from trainers.loop import LoopConfig, device, fit
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
@@ -52,7 +52,10 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
     aug = AugmentParams()
     size = spec["dataset"]["image_size"]
-    val_feats = extract(backbone, val.images, aug)
+    def features(split: str, images: torch.Tensor) -> torch.Tensor:
+        return frozen_features(backbone, images, upstream["checkpoint"], spec["dataset"], split, aug)
+
+    val_feats = features("val", val.images)
     num_classes = len(train.classes)
 
     torch.manual_seed(p["seed"])
@@ -62,7 +65,7 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     fc.to(dev)
 
     if p["mode"] == "cached":
-        inputs = extract(backbone, train.images, aug)
+        inputs = features("train", train.images)
 
         def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
             return F.cross_entropy(fc(x), y), {}

@@ -12,7 +12,9 @@ A grid file (YAML)::
       pretrain.head.kind: [mlp, none]
     cells:                           # explicit extra cells (not crossed with the axes)
       - {name: random-init, pretrain.method: none}
-    evaluations: [linear_probe]      # stages that follow every pretraining
+    evaluations: [linear_probe]      # stages that follow every pretraining; or a mapping from
+                                     # stage to ``all`` or to the cells it follows:
+                                     #   {linear_probe: all, detection: [head.kind=mlp, random-init]}
     resources:                       # per stage kind
       pretrain: {cpus: 1, gpus: 0}
     cluster:                         # SLURM requests (--backend slurm): a default, then per stage kind
@@ -72,6 +74,11 @@ class Grid:
     evaluations: tuple[str, ...]
     resources: dict[str, Resources]
     cluster: dict[str, SlurmSpec]  # "default" and stage kinds
+    evaluation_cells: dict[str, frozenset[str]] = None  # evaluations that follow only these cells
+
+    def evaluates(self, kind: str, cell: str) -> bool:
+        return kind in self.evaluations and (not self.evaluation_cells or kind not in self.evaluation_cells
+                                             or cell in self.evaluation_cells[kind])
 
 
 def head_of(key: str) -> str:
@@ -163,6 +170,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         raw_cells += _expand(sdoc, str(sname), problems)
     if not raw_cells:
         raw_cells.append(("default", "", {}, {}))
+    all_names = [c[0] for c in raw_cells]
     if only_studies:
         known = sorted({c[1] for c in raw_cells if c[1]})
         for name in only_studies:
@@ -194,15 +202,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         if config is not None:
             cells.append(Cell(label, config, values, study))
 
-    evaluations = doc.get("evaluations", ["linear_probe"])
-    if not isinstance(evaluations, list):
-        problems.append(("", Problem("evaluations", evaluations, "must be a list, e.g. [linear_probe]")))
-        evaluations = []
-    for i, ev in enumerate(evaluations):
-        if ev not in EVALUATIONS:
-            close = difflib.get_close_matches(str(ev), EVALUATIONS, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(("", Problem(f"evaluations[{i}]", ev, f"{hint}valid stages: {', '.join(EVALUATIONS)}")))
+    evaluations, evaluation_cells = _evaluations(doc.get("evaluations", ["linear_probe"]), all_names, problems)
 
     resources = _per_kind(doc, "resources", Resources, STAGE_KINDS, "{cpus, gpus, processes}", problems)
     for kind in STAGE_KINDS:
@@ -216,7 +216,41 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
-                evaluations=tuple(evaluations), resources=resources, cluster=cluster)
+                evaluations=evaluations, resources=resources, cluster=cluster, evaluation_cells=evaluation_cells)
+
+
+def _evaluations(node: Any, cell_names: list[str], problems: list[tuple[str, Problem]]
+                 ) -> tuple[tuple[str, ...], dict[str, frozenset[str]]]:
+    """``evaluations``: a list of stage kinds that follow every cell, or a mapping from stage kind to
+    ``all`` or to a list of the cell names (as ``sslgrid plan`` shows them) it follows."""
+    fields: dict = {}
+    if isinstance(node, list):
+        fields = {ev: f"evaluations[{i}]" for i, ev in enumerate(node) if isinstance(ev, str)}
+        node = {ev: "all" for ev in node} if len(fields) == len(node) else node
+    if not isinstance(node, dict):
+        problems.append(("", Problem("evaluations", node, "must be a list, e.g. [linear_probe], or a mapping "
+                                     "from stage to 'all' or to a list of cells, e.g. {detection: [random-init]}")))
+        return (), {}
+    kinds, only = [], {}
+    for ev, which in node.items():
+        if ev not in EVALUATIONS:
+            close = difflib.get_close_matches(str(ev), EVALUATIONS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(("", Problem(fields.get(ev, f"evaluations.{ev}"), ev, f"{hint}valid stages: {', '.join(EVALUATIONS)}")))
+            continue
+        kinds.append(ev)
+        if which == "all":
+            continue
+        if not isinstance(which, list) or not which:
+            problems.append(("", Problem(f"evaluations.{ev}", which, "must be 'all' or a non-empty list of cell names")))
+            continue
+        for name in which:
+            if name not in cell_names:
+                close = difflib.get_close_matches(str(name), cell_names, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                problems.append(("", Problem(f"evaluations.{ev}", name, f"{hint}no such cell; cells: {', '.join(cell_names)}")))
+        only[ev] = frozenset(map(str, which))
+    return tuple(kinds), only
 
 
 def _per_kind(doc: dict, section: str, cls: type, keys: tuple[str, ...], what: str,

@@ -176,7 +176,7 @@ def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> Path | None:
     from pipeline.tracking import client
 
     cells = sorted(plan.grid.cells, key=lambda c: c.study != "table1")
-    moco = [c for c in cells if c.config.pretrain.method in ("mocov1", "mocov2")]
+    moco = [c for c in cells if c.config.pretrain.method in ("mocov1", "mocov2") and "inversion" in plan.cells[c.name]]
     picked = {kind: next((c for c in moco if c.config.pretrain.head.kind == kind), None) for kind in ("none", "mlp")}
     if None in picked.values():
         return None

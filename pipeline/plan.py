@@ -83,7 +83,7 @@ def build_plan(grid: Grid) -> Plan:
     naive = 0
     for cell in grid.cells:
         pre = _pretrain_stage(cell.config)
-        chain = [pre] + [_eval_stage(kind, cell.config, pre) for kind in grid.evaluations]
+        chain = [pre] + [_eval_stage(kind, cell.config, pre) for kind in grid.evaluations if grid.evaluates(kind, cell.name)]
         naive += len(chain)
         cells[cell.name] = {}
         for stage in chain:
@@ -109,7 +109,10 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
                       f"{p['method']} head={p['head']['kind']} K={k}{hard} epochs={p['epochs']} batch={p['batch_size']}")
         else:
             sec = s.spec[s.kind]
-            detail = f"mode={sec.get('mode')} epochs={sec.get('epochs')}"
+            detail = {"linear_probe": "mode={mode} epochs={epochs}", "knn": "k={k} T={T}",
+                      "tsne": "samples={samples} perplexity={perplexity}",
+                      "detection": "iterations={iterations} batch={batch_size} size={min_size} norm={norm}",
+                      "inversion": "images={images} iterations={iterations}"}[s.kind].format(**sec)
         from pipeline.cost import gpu_hours
 
         hours = gpu_hours(s)

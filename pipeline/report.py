@@ -59,6 +59,9 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
         for kind in plan.grid.evaluations:
             headline, *more = REPORTED[kind]
             for column, name in [(f"{kind}_{headline}", headline)] + [(m, m) for m in more]:
+                if kind not in keys:  # the grid does not evaluate this cell this way
+                    row[column] = "-"
+                    continue
                 val = _metric(df, keys[kind], name)
                 row[column] = val if val is not None else PENDING
         row["state"] = state

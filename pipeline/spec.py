@@ -215,6 +215,7 @@ class DetectionSpec:
     min_size: int = _f(800, min=16)
     max_size: int = _f(1333, min=16)
     anchor_sizes: tuple[int, ...] = _f((32, 64, 128, 256, 512), min=1)
+    roi_size: int = _f(14, min=1, doc="RoIAlign output side fed to res5 (detectron2 C4: 14)")
     rois_per_image: int = _f(512, min=1, doc="RoIs sampled per image for the box head (detectron2: 512)")
     proposals_train: int = _f(2000, min=1, doc="RPN proposals kept per image in training (pre- and post-NMS)")
     proposals_test: int = _f(1000, min=1, doc="RPN proposals kept per image at test time")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from trainers import checkpoint
 from trainers import distributed as D
+from trainers import features
 from trainers.augment import AugmentParams, augment
 from trainers.backbones import build_backbone
 from trainers.data import load_split
@@ -179,6 +180,9 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     if w.is_main:
         checkpoint.atomic_save({"backbone": backbone.state_dict(), "model": model.state_dict(),
                                 "method": p["method"]}, final)
+        if monitor is not None and monitor.last:  # the last epoch's features are the final checkpoint's
+            for split, feats in monitor.last.items():
+                features.store(final, spec["dataset"], split, AugmentParams(), feats)
     D.barrier()
     result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
     result["epochs_trained"] = len(history)
@@ -198,11 +202,13 @@ def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callabl
             return {}
         was = backbone.training
         backbone.eval()
-        top1 = knn_top1(extract(backbone, train.images, aug), train.labels, extract(backbone, val.images, aug),
-                        val.labels, len(train.classes))
+        feats = {"train": extract(backbone, train.images, aug), "val": extract(backbone, val.images, aug)}
+        top1 = knn_top1(feats["train"], train.labels, feats["val"], val.labels, len(train.classes))
         backbone.train(was)
+        monitor.last = feats if epoch + 1 == epochs else {}
         return {"knn_top1": top1}
 
+    monitor.last = {}  # the features of the last epoch, kept for trainers/features.py's cache
     return monitor
 
 

@@ -60,8 +60,9 @@ name: tiny
 defaults:
   dataset: {name: synthetic, num_train: 96, num_val: 48}
   backbone: {name: tiny_resnet}
-  pretrain: {method: none}
+  pretrain: {method: none, epochs: 1, batch_size: 32}
   detection:
+    roi_size: 6
     iterations: 4
     batch_size: 2
     steps: [3]
@@ -73,7 +74,11 @@ defaults:
     proposals_train: 50
     proposals_test: 50
     synthetic: {trainval: 12, test: 6, size: 64}
-evaluations: [detection]
+axes:
+  pretrain.method: [none, supervised]   # the two baselines the issue names
+evaluations:
+  linear_probe: [method=supervised]
+  detection: all
 """
 
 
@@ -81,11 +86,20 @@ def test_detection_runs_as_a_stage(tmp_path):
     grid = write_grid(tmp_path, DETECTION)
     out = sslgrid(grid, tmp_path, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    runs = {r.data.tags["sslgrid.stage"]: r for r in stage_runs(tmp_path)}
-    det = runs["detection"].data.metrics
-    assert {"det_AP", "det_AP50", "det_AP75", "det_loss"} <= set(det) and 0 <= det["det_AP50"] <= 100
-    header = next(line for line in out.stdout.splitlines() if line.startswith("| cell"))
+    runs = stage_runs(tmp_path)
+    kinds = sorted(r.data.tags["sslgrid.stage"] for r in runs)
+    assert kinds == ["detection", "detection", "linear_probe", "pretrain", "pretrain"], kinds
+    for r in runs:
+        if r.data.tags["sslgrid.stage"] == "detection":
+            det = r.data.metrics
+            assert {"det_AP", "det_AP50", "det_AP75", "det_loss"} <= set(det) and 0 <= det["det_AP50"] <= 100
+    lines = out.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| cell"))
     assert "detection_det_AP50" in header and "det_AP75" in header, header
+    # the probe follows only the supervised cell; the random-init row says so instead of "pending"
+    row = next(line for line in lines if line.startswith("| method=none"))
+    probe = [c.strip() for c in header.split("|")].index("linear_probe_top1")
+    assert row.split("|")[probe].strip() == "-", row
 
 
 INVERSION = """

@@ -157,3 +157,13 @@ def test_unknown_study_and_bad_study_value(tmp_path):
         load_grid(p, only_studies=["temp"])
     msg = error(tmp_path, STUDIES.replace("axes: {pretrain.T: [0.1, 0.2]}", "axes: {pretrain.T: [0.1, -1]}"))
     assert "studies.temps.axes.pretrain.T: pretrain.T = -1.0: must be >= 1e-06" in msg
+
+
+def test_evaluations_restricted_to_unknown_cells_are_refused(tmp_path):
+    text = BASE + "axes:\n  pretrain.head.kind: [mlp, none]\nevaluations:\n  linear_probe: all\n  knn: [head.kind=mpl]\n"
+    msg = error(tmp_path, text)
+    assert "evaluations.knn = 'head.kind=mpl': did you mean 'head.kind=mlp'? no such cell" in msg
+    msg = error(tmp_path, BASE + "evaluations:\n  knn: some\n")
+    assert "evaluations.knn = 'some': must be 'all' or a non-empty list of cell names" in msg
+    msg = error(tmp_path, BASE + "evaluations:\n  detecton: all\n")
+    assert "evaluations.detecton = 'detecton': did you mean 'detection'?" in msg

@@ -80,3 +80,22 @@ def test_frozen_specs():
     except dataclasses.FrozenInstanceError:
         return
     raise AssertionError("specs must be frozen")
+
+
+def test_an_evaluation_can_follow_only_some_cells(tmp_path):
+    plan = plan_of(tmp_path, GRID + """
+axes:
+  pretrain.head.kind: [mlp, none]
+cells:
+  - {name: random-init, pretrain.method: none}
+evaluations:
+  linear_probe: all
+  knn: [head.kind=mlp, random-init]
+""")
+    assert {c: sorted(kinds) for c, kinds in plan.cells.items()} == {
+        "head.kind=mlp": ["knn", "linear_probe", "pretrain"],
+        "head.kind=none": ["linear_probe", "pretrain"],
+        "random-init": ["knn", "linear_probe", "pretrain"]}
+    # the list form still means every cell
+    listed = plan_of(tmp_path, GRID + "axes:\n  pretrain.head.kind: [mlp, none]\nevaluations: [knn]\n")
+    assert all("knn" in kinds for kinds in listed.cells.values())
