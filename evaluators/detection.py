@@ -13,9 +13,10 @@ BatchNorm (``norm``): ``train`` updates BN like MoCo's SyncBN does (one process 
 ``frozen`` replaces every BN by torchvision's FrozenBatchNorm2d with the checkpoint's statistics.
 
 Schedule: SGD, linear warm-up, ×0.1 at ``steps``; defaults follow MoCo's VOC recipe (24k
-iterations, steps at 18k/22k, base lr 0.02, batch 16). One min_size is used for training and
-testing; MoCo's multi-scale training (480–800) is not implemented. Horizontal flip is the only
-training augmentation. Boxes marked ``difficult`` are left out of training (as detectron2's VOC
+iterations, steps at 18k/22k, base lr 0.02, batch 16, shorter side drawn from 480–800 in steps of
+32 for each training image and 800 at test time; torchvision's transform draws from ``min_size``
+in training and uses its last entry in eval). Horizontal flip is the only other training
+augmentation. Boxes marked ``difficult`` are left out of training (as detectron2's VOC
 loader does) and ignored by the metric (passed to it as ``iscrowd``).
 
 Metric: torchmetrics' MeanAveragePrecision on the pycocotools backend (never hand-written):
@@ -37,7 +38,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from evaluators.voc import VocItem, load_image, read_classes, read_split, write_synthetic_voc
+from evaluators.voc import VocItem, load_image, parse_set, read_classes, read_sets, write_synthetic_voc
 from trainers import checkpoint
 from trainers.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainers.backbones import build_backbone
@@ -99,7 +100,7 @@ def voc_root(p: dict) -> Path:
     if p["voc_root"]:
         return Path(p["voc_root"])
     s = p["synthetic"]
-    root = cache_dir() / f"synthetic-voc-{s['trainval']}-{s['test']}-{s['size']}-{s['seed']}"
+    root = cache_dir() / f"synthetic-voc0712-{s['trainval']}-{s['test']}-{s['size']}-{s['seed']}"
     return write_synthetic_voc(root, s["trainval"], s["test"], s["size"], s["seed"])
 
 
@@ -134,8 +135,8 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     """spec: sections ``backbone`` and ``detection``; upstream: the pretrain result."""
     p = spec["detection"]
     root = voc_root(p)
-    classes = read_classes(root)
-    train, test = read_split(root, p["train_split"], classes), read_split(root, p["test_split"], classes)
+    classes = read_classes(root, tuple(dict.fromkeys(parse_set(e)[0] for e in [*p["train_sets"], p["test_set"]])))
+    train, test = read_sets(root, p["train_sets"], classes), read_sets(root, [p["test_set"]], classes)
     dev = device()
     torch.manual_seed(p["seed"])  # the RPN and box predictor start from random weights
     model = build_detector(spec["backbone"], upstream["checkpoint"], len(classes), p).to(dev)

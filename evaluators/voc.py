@@ -2,14 +2,17 @@
 
 Layout (``root`` is the folder that holds ``VOCdevkit``)::
 
-    VOCdevkit/VOC2007/Annotations/<id>.xml        boxes: 1-based inclusive pixel coordinates
-    VOCdevkit/VOC2007/JPEGImages/<id>.jpg
-    VOCdevkit/VOC2007/ImageSets/Main/<split>.txt  one id per line (train, val, trainval, test)
+    VOCdevkit/VOC<YEAR>/Annotations/<id>.xml        boxes: 1-based inclusive pixel coordinates
+    VOCdevkit/VOC<YEAR>/JPEGImages/<id>.jpg
+    VOCdevkit/VOC<YEAR>/ImageSets/Main/<split>.txt  one id per line (train, val, trainval, test)
 
 The reader turns boxes into 0-based ``x1, y1, x2, y2`` with exclusive ends (VOC's xmin − 1,
 ymin − 1, xmax, ymax, as detectron2's loader does), keeps the ``difficult`` flag per box, and
 accepts images without objects. The class list is read from the data: the sorted names of every
 object in ``Annotations``, so a real VOC tree gives its 20 classes and the synthetic one its 3.
+
+``YEAR/split`` entries (``2007/trainval``) name a split of ``VOCdevkit/VOC<YEAR>``; several are
+concatenated, as MoCo trains on VOC07+12 trainval and tests on VOC07 test.
 
 The synthetic set (the embedded default) draws 0–3 coloured shapes (square, circle, triangle) per
 canvas on a flat background. Shapes smaller than 8 px across are marked difficult, as VOC marks hard
@@ -43,22 +46,36 @@ class VocItem:
     difficult: torch.Tensor  # N bool
 
 
-def voc_dir(root: str | Path) -> Path:
-    return Path(root) / "VOCdevkit" / "VOC2007"
+def voc_dir(root: str | Path, year: str = "2007") -> Path:
+    return Path(root) / "VOCdevkit" / f"VOC{year}"
 
 
-def read_classes(root: str | Path) -> list[str]:
-    ann = voc_dir(root) / "Annotations"
-    if not ann.is_dir():
-        raise VocError(f"{ann}: no such folder; detection.voc_root must hold VOCdevkit/VOC2007/Annotations")
+def parse_set(entry: str) -> tuple[str, str]:
+    """``"2007/trainval"`` → (``"2007"``, ``"trainval"``)."""
+    year, _, split = entry.partition("/")
+    return year, split
+
+
+def read_classes(root: str | Path, years: tuple[str, ...] = ("2007",)) -> list[str]:
+    """The sorted names of every object annotated in the given years' trees."""
     names = set()
-    for f in ann.glob("*.xml"):
-        names.update(o.findtext("name") for o in ET.parse(f).getroot().iter("object"))
+    for year in years:
+        ann = voc_dir(root, year) / "Annotations"
+        if not ann.is_dir():
+            raise VocError(f"{ann}: no such folder; detection.voc_root must hold VOCdevkit/VOC{year}/Annotations, "
+                           f"or leave {year} out of detection.train_sets and detection.test_set")
+        for f in ann.glob("*.xml"):
+            names.update(o.findtext("name") for o in ET.parse(f).getroot().iter("object"))
     return sorted(n for n in names if n)
 
 
-def read_split(root: str | Path, split: str, classes: list[str]) -> list[VocItem]:
-    d = voc_dir(root)
+def read_sets(root: str | Path, sets: list[str] | tuple[str, ...], classes: list[str]) -> list[VocItem]:
+    """The concatenation of ``YEAR/split`` entries, e.g. MoCo's ``["2007/trainval", "2012/trainval"]``."""
+    return [item for entry in sets for item in read_split(root, parse_set(entry)[1], classes, parse_set(entry)[0])]
+
+
+def read_split(root: str | Path, split: str, classes: list[str], year: str = "2007") -> list[VocItem]:
+    d = voc_dir(root, year)
     ids_file = d / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.exists():
         raise VocError(f"{ids_file}: no such file; the split must be one of "
@@ -124,27 +141,33 @@ def _canvas(rng: random.Random, size: int) -> tuple[Image.Image, list]:
 
 
 def write_synthetic_voc(root: Path, n_trainval: int, n_test: int, size: int, seed: int) -> Path:
-    """Write the synthetic set under ``root`` (once; an existing complete tree is reused)."""
+    """Write the synthetic set under ``root`` (once; an existing complete tree is reused), laid out
+    as VOC07+12 is: VOC2007 holds the first half of the trainval images and the test images,
+    VOC2012 the other half of trainval. Each year's trainval is split into train and val halves."""
     root = Path(root)
-    if (voc_dir(root) / "ImageSets" / "Main" / "test.txt").exists():
+    if (voc_dir(root, "2012") / "ImageSets" / "Main" / "trainval.txt").exists():
         return root
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    d = voc_dir(tmp)
-    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
-        (d / sub).mkdir(parents=True)
+    for year in ("2007", "2012"):
+        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (voc_dir(tmp, year) / sub).mkdir(parents=True)
     rng = random.Random(seed)
-    splits: dict[str, list[str]] = {"trainval": [], "test": []}
+    splits: dict[tuple[str, str], list[str]] = {("2007", "trainval"): [], ("2012", "trainval"): [], ("2007", "test"): []}
+    first_half = (n_trainval + 1) // 2
     for i in range(n_trainval + n_test):
         image_id = f"{i:06d}"
+        year, split = ("2007", "trainval") if i < first_half else ("2012", "trainval") if i < n_trainval else ("2007", "test")
         im, objects = _canvas(rng, size)
+        d = voc_dir(tmp, year)
         im.save(d / "JPEGImages" / f"{image_id}.jpg", quality=95)
         (d / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, size, objects))
-        splits["trainval" if i < n_trainval else "test"].append(image_id)
-    half = len(splits["trainval"]) // 2
-    splits["train"], splits["val"] = splits["trainval"][:half], splits["trainval"][half:]
-    for name, ids in splits.items():
-        (d / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+        splits[(year, split)].append(image_id)
+    for year in ("2007", "2012"):
+        half = len(splits[(year, "trainval")]) // 2
+        splits[(year, "train")], splits[(year, "val")] = splits[(year, "trainval")][:half], splits[(year, "trainval")][half:]
+    for (year, name), ids in splits.items():
+        (voc_dir(tmp, year) / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
     try:
         os.rename(tmp, root)
     except OSError:  # another process finished first

@@ -163,12 +163,13 @@ def plot_fig4(df: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> Path | None:
+def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> list[Path]:
     """Fig. 2 from two cells' inversion stages, read back from MLflow: per image, original | h of a
     model without a head | h of a model with the MLP head | z of that model. The cells are the first
-    MoCo cells with head ``none`` and ``mlp`` (table1's, when the grid has that study)."""
+    MoCo cells with head ``none`` and ``mlp`` (table1's, when the grid has that study). Writes
+    ``fig2.png`` (a row per image) and ``fig2-image<N>.png`` (one grid per image)."""
     if "inversion" not in plan.grid.evaluations:
-        return None
+        return []
     import tempfile
 
     import torch
@@ -179,13 +180,13 @@ def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> Path | None:
     moco = [c for c in cells if c.config.pretrain.method in ("mocov1", "mocov2") and "inversion" in plan.cells[c.name]]
     picked = {kind: next((c for c in moco if c.config.pretrain.head.kind == kind), None) for kind in ("none", "mlp")}
     if None in picked.values():
-        return None
+        return []
     data = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind, cell in picked.items():
             key = plan.cells[cell.name]["inversion"]
             if key not in df.index or df.at[key, "status"] != "FINISHED":
-                return None
+                return []
             path = client(plan.grid.tracking_uri).download_artifacts(df.at[key, "run_id"], "inversion.pt", tmp)
             data[kind] = torch.load(path)
     import matplotlib
@@ -197,18 +198,26 @@ def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> Path | None:
               ("h, MLP head", data["mlp"]["h"]), ("z, MLP head", data["mlp"].get("z"))]
     panels = [(t, v) for t, v in panels if v is not None]
     n = min(len(v) for _, v in panels)
-    fig, axes = plt.subplots(n, len(panels), figsize=(1.5 * len(panels), 1.5 * n), dpi=100, squeeze=False)
-    for r in range(n):
+    paths = [_panel_grid(plt, panels, range(n), out / "fig2.png")]  # every image, one row each
+    paths += [_panel_grid(plt, panels, [r], out / f"fig2-image{r}.png") for r in range(n)]  # one grid per image
+    return paths
+
+
+def _panel_grid(plt, panels: list, rows, path: Path) -> Path:
+    rows = list(rows)
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(1.5 * len(panels), 1.5 * len(rows)), dpi=100,
+                             squeeze=False)
+    for i, r in enumerate(rows):
         for c, (title, imgs) in enumerate(panels):
-            axes[r][c].imshow(imgs[r].permute(1, 2, 0).numpy())
-            axes[r][c].axis("off")
-            if r == 0:
-                axes[r][c].set_title(title, fontsize=7)
+            axes[i][c].imshow(imgs[r].permute(1, 2, 0).numpy())
+            axes[i][c].axis("off")
+            if i == 0:
+                axes[i][c].set_title(title, fontsize=7)
     fig.tight_layout()
-    path = out / "fig2.png"
-    fig.savefig(path.with_name("fig2.tmp.png"))
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
     plt.close(fig)
-    path.with_name("fig2.tmp.png").replace(path)
+    tmp.replace(path)
     return path
 
 
@@ -238,9 +247,10 @@ def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False)
         files.append(out / f"{name}.csv")
         table.to_csv(files[-1], index=False)
     f2 = fig2(plan, df, out)
-    if f2 is not None:
-        files.append(f2)
-        parts.append(f"### Fig. 2: feature inversion ({f2.name}: original | h, no head | h, MLP head | z, MLP head)")
+    if f2:
+        files += f2
+        parts.append(f"### Fig. 2: feature inversion ({f2[0].name}, and one grid per image in fig2-image<N>.png: "
+                     "original | h, no head | h, MLP head | z, MLP head)")
     f4 = fig4(plan, look)
     if f4 is not None:
         files += [out / "fig4.csv", out / "fig4.png"]

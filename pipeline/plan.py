@@ -113,6 +113,9 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
                       "tsne": "samples={samples} perplexity={perplexity}",
                       "detection": "iterations={iterations} batch={batch_size} size={min_size} norm={norm}",
                       "inversion": "images={images} iterations={iterations}"}[s.kind].format(**sec)
+            if s.kind == "detection":  # one size, or the multi-scale training range
+                sizes = sec["min_size"]
+                detail = detail.replace(f"size={sizes}", f"size={min(sizes)}" + (f"-{max(sizes)}" if len(sizes) > 1 else ""))
         from pipeline.cost import gpu_hours
 
         hours = gpu_hours(s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,8 +203,9 @@ class DetectionSpec:
     lr 0.02, batch 16, SyncBN (here ``train``)."""
 
     voc_root: Optional[str] = _f(None, doc="folder holding VOCdevkit/VOC2007; null: the synthetic set")
-    train_split: str = "trainval"
-    test_split: str = "test"
+    train_sets: tuple[str, ...] = _f(("2007/trainval", "2012/trainval"), pattern=r"\d{4}/\w+", example="2007/trainval",
+                                     doc="YEAR/split under VOCdevkit/VOC<YEAR>, concatenated (MoCo: VOC07+12 trainval)")
+    test_set: str = _f("2007/test", pattern=r"\d{4}/\w+", example="2007/test")
     synthetic: SyntheticVocSpec = SyntheticVocSpec()
     iterations: int = _f(24000, min=1)
     batch_size: int = _f(16, min=1)
@@ -212,7 +214,9 @@ class DetectionSpec:
     warmup_iters: int = _f(100, min=0)
     momentum: float = _f(0.9, min=0.0, max=1.0)
     weight_decay: float = _f(1e-4, min=0.0)
-    min_size: int = _f(800, min=16)
+    min_size: tuple[int, ...] = _f(tuple(range(480, 801, 32)), min=16,
+                                   doc="shorter side; training draws one per image (MoCo's multi-scale 480-800), "
+                                       "testing uses the last; a single value trains and tests at that size")
     max_size: int = _f(1333, min=16)
     anchor_sizes: tuple[int, ...] = _f((32, 64, 128, 256, 512), min=1)
     roi_size: int = _f(14, min=1, doc="RoIAlign output side fed to res5 (detectron2 C4: 14)")
@@ -319,6 +323,8 @@ def _check_scalar(tp: Any, value: Any, path: str, meta: dict, problems: list[Pro
         return None
     if tp is float:
         value = float(value)
+    if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
+        problems.append(Problem(path, value, f"must look like {meta['example']!r}"))
     if "choices" in meta and value not in meta["choices"]:
         close = difflib.get_close_matches(str(value), [str(c) for c in meta["choices"]], n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -342,6 +348,8 @@ def _build(tp: Any, value: Any, path: str, meta: dict, problems: list[Problem]) 
         return build_dataclass(tp, value, path, problems)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a variadic list field accepts one value: ``min_size: 64`` means [64]
         if not isinstance(value, (list, tuple)):
             problems.append(Problem(path, value, f"must be {_type_name(tp)}"))
             return None

@@ -130,3 +130,6 @@ def test_inversion_stages_and_fig2_from_mlflow(tmp_path):
     # four columns (original, h without head, h with MLP, z with MLP), two rows of 1.5-inch panels
     with Image.open(tmp_path / "runs" / "report" / "fig2.png") as im:
         assert im.size == (600, 300)
+    for r in range(2):  # and one grid per image
+        with Image.open(tmp_path / "runs" / "report" / f"fig2-image{r}.png") as im:
+            assert im.size == (600, 150)

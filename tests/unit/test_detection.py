@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from evaluators.voc import read_classes, read_split, voc_dir, write_synthetic_voc
+from evaluators.voc import read_classes, read_sets, read_split, voc_dir, write_synthetic_voc
 
 
 def test_voc_reader_on_generated_tree(tmp_path):
     root = write_synthetic_voc(tmp_path / "voc", n_trainval=40, n_test=10, size=64, seed=0)
-    classes = read_classes(root)
+    classes = read_classes(root, ("2007", "2012"))
     assert classes == ["circle", "square", "triangle"]
-    train = read_split(root, "trainval", classes)
-    assert len(train) == 40 and len(read_split(root, "test", classes)) == 10
-    assert len(read_split(root, "train", classes)) + len(read_split(root, "val", classes)) == 40
+    train = read_sets(root, ["2007/trainval", "2012/trainval"], classes)  # VOC07+12, as MoCo trains
+    assert len(train) == 40 and len(read_split(root, "trainval", classes, "2012")) == 20
+    assert len(read_sets(root, ["2007/test"], classes)) == 10
+    assert sum(len(read_split(root, s, classes, y)) for s in ("train", "val") for y in ("2007", "2012")) == 40
+    assert len({it.image for it in train}) == 40
     assert any(len(it.boxes) == 0 for it in train)  # images without objects are kept
     assert any(it.difficult.any() for it in train) and any((~it.difficult).any() for it in train)
     for it in train:
@@ -23,8 +25,8 @@ def test_voc_reader_on_generated_tree(tmp_path):
             assert (it.boxes[:, :2] >= 0).all() and (it.boxes[:, 2:] <= 64).all()
             assert (it.boxes[:, 2:] > it.boxes[:, :2]).all()
     # the 1-based inclusive XML coordinates come back 0-based: xmin - 1
-    xml = (voc_dir(root) / "Annotations" / f"{next(i for i, it in enumerate(train) if len(it.boxes)):06d}.xml").read_text()
     first = next(it for it in train if len(it.boxes))
+    xml = (first.image.parent.parent / "Annotations" / f"{first.image.stem}.xml").read_text()
     xmin = int(xml.split("<xmin>")[1].split("<")[0])
     assert first.boxes[0, 0] == xmin - 1
     # a second call reuses the tree
@@ -37,6 +39,21 @@ def test_voc_reader_names_a_missing_split(tmp_path):
     root = write_synthetic_voc(tmp_path / "voc", 4, 2, 32, 0)
     with pytest.raises(VocError, match=r"test2007\.txt: no such file; the split must be one of"):
         read_split(root, "test2007", read_classes(root))
+    import shutil
+
+    shutil.rmtree(voc_dir(root, "2012"))  # a tree with VOC2007 only, and the 07+12 default
+    with pytest.raises(VocError, match=r"VOC2012/Annotations: no such folder; detection.voc_root must hold "
+                                       r"VOCdevkit/VOC2012/Annotations, or leave 2012 out of detection.train_sets"):
+        read_classes(root, ("2007", "2012"))
+
+
+def test_voc_sets_are_checked_when_the_grid_loads():
+    from pipeline.spec import DetectionSpec, Problem, build_dataclass
+
+    problems: list[Problem] = []
+    build_dataclass(DetectionSpec, {"train_sets": ["2007-trainval"], "test_set": "test"}, "detection", problems)
+    assert [str(p) for p in problems] == ["detection.train_sets[0] = '2007-trainval': must look like '2007/trainval'",
+                                          "detection.test_set = 'test': must look like '2007/test'"]
 
 
 def test_map_on_known_boxes():
@@ -136,3 +153,27 @@ def test_killed_detection_resumes_from_its_checkpoint_and_matches_uninterrupted(
     a = checkpoint.load(tmp_path / "whole" / "checkpoints" / "last.pt")["model"]
     b = checkpoint.load(tmp_path / "cut" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multi_scale_training_draws_from_min_size_and_tests_at_the_last(tmp_path):
+    from evaluators.detection import build_detector
+    from pipeline.spec import DetectionSpec, Problem, build_dataclass, to_dict
+    from tests.conftest import tiny_spec
+    from trainers import checkpoint
+    from trainers.backbones import build_backbone
+
+    problems: list[Problem] = []
+    assert build_dataclass(DetectionSpec, {"min_size": 64}, "detection", problems).min_size == (64,)
+    assert DetectionSpec().min_size == tuple(range(480, 801, 32))  # MoCo's VOC recipe
+    assert not problems
+    spec = tiny_spec()
+    checkpoint.atomic_save({"backbone": build_backbone(spec["backbone"]).state_dict()}, tmp_path / "final.pt")
+    p = to_dict(DetectionSpec()) | {"min_size": [40, 56, 72], "max_size": 1000, "anchor_sizes": [8, 16, 32]}
+    det = build_detector(spec["backbone"], tmp_path / "final.pt", 3, p)
+    img = torch.rand(3, 64, 64)
+    torch.manual_seed(0)
+    det.transform.train()
+    seen = {det.transform([img])[0].image_sizes[0][0] for _ in range(30)}
+    assert seen == {40, 56, 72}
+    det.transform.eval()
+    assert {det.transform([img])[0].image_sizes[0][0] for _ in range(5)} == {72}

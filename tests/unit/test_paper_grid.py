@@ -16,7 +16,12 @@ def test_paper_grid_plans_and_dedups_the_baseline():
     plan = build_plan(load_grid(PAPER))
     studies = {c.study for c in plan.grid.cells}
     assert studies == {"table1", "table2a", "table2b", "fig4", "table3"}
-    assert (plan.naive_count, len(plan.stages)) == (116, 104)
+    assert (plan.naive_count, len(plan.stages)) == (121, 109)
+    followed = {kind: sorted(c for c, keys in plan.cells.items() if kind in keys)
+                for kind in ("detection", "inversion", "tsne")}
+    assert followed == {"detection": ["fig4/method=mocov2,K=512", "fig4/method=mocov2,K=65536"],
+                        "inversion": ["table1/head.kind=mlp", "table1/head.kind=none"],
+                        "tsne": ["table2a/method=supervised,augment.crop_scale=[0.2, 1.0]"]}
     baseline = plan.cells["table1/head.kind=mlp"]["pretrain"]
     sharing = [name for name, keys in plan.cells.items() if keys["pretrain"] == baseline]
     assert sharing == ["table1/head.kind=mlp", "table2a/method=mocov2,augment.crop_scale=[0.2, 1.0]",
