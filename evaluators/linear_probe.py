@@ -52,6 +52,7 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
     aug = AugmentParams()
     size = spec["dataset"]["image_size"]
+
     def features(split: str, images: torch.Tensor) -> torch.Tensor:
         return frozen_features(backbone, images, upstream["checkpoint"], spec["dataset"], split, aug)
 
