@@ -27,6 +27,7 @@ test-unit: install
 bench: install
 	$(BIN)/python bench/linear_probe.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/detection_step.py
 
 clean:
 	rm -rf runs mlruns mlflow.db
