@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import shlex
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -81,6 +82,8 @@ class SlurmParams:
             kw["slurm_additional_parameters"] = dict(self.additional_parameters)
         if self.setup:
             kw["slurm_setup"] = list(self.setup)
+        if self.nodes * self.tasks_per_node > 1:  # one task failing ends the job, not a hang at a collective
+            kw["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
         return kw
 
     def group(self) -> str:
@@ -101,8 +104,37 @@ class Resumable(submitit.helpers.Checkpointable):
 
     def __call__(self, *args: Any) -> Any:
         if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            dist_env = submitit.helpers.TorchDistributedEnvironment()
+            if "MASTER_PORT" not in os.environ:  # a port the user exported is kept
+                dist_env.master_port = shared_master_port()
+            dist_env.export(set_cuda_visible_devices=False)
         return self.fn(*args)
+
+
+def shared_master_port(timeout_s: float = 300.0) -> int:
+    """A port that was free on the master node: global rank 0 (which runs there) asks the OS for one
+    and writes it to a file in the job's folder, which every node sees (submitit needs that too);
+    the other tasks read it. submitit's own choice, a hash of the job id, can name a port another
+    process already holds: that happened in CI (rank 0 failed with EADDRINUSE). The file name
+    carries SLURM_RESTART_COUNT, so a requeued job never reads its previous attempt's port."""
+    env = submitit.JobEnvironment()
+    path = env.paths.folder / f".master_port.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    if env.global_rank == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(str(port))
+        os.replace(tmp, path)
+        return port
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return int(path.read_text())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.2)
+    raise TimeoutError(f"{path}: global rank 0 did not publish the master port within {timeout_s:.0f} s")
 
 
 def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:

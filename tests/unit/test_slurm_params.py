@@ -74,3 +74,35 @@ def test_resumable_is_requeued_with_its_arguments():
     assert r([1, 2]) == 3
     again = r.checkpoint([1, 2])
     assert again.function is r and again.args == ([1, 2],)
+
+
+def test_tasks_share_a_master_port_that_rank_0_found_free(tmp_path):
+    """Two 'tasks' of one job, in two processes with SLURM's variables: the second starts first and
+    waits for the port rank 0 publishes in the job folder; a requeued attempt gets a fresh file."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    code = "from cluster.slurm_backend import shared_master_port; print(shared_master_port(timeout_s=60))"
+
+    def task(rank: int, restart: int = 0) -> subprocess.Popen:
+        env = dict(os.environ, SUBMITIT_EXECUTOR="slurm", SUBMITIT_FOLDER=str(tmp_path / "%j"), SLURM_JOB_ID="77",
+                   SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                   SLURM_JOB_NODELIST="localhost", SLURM_JOB_NUM_NODES="1", SLURM_RESTART_COUNT=str(restart))
+        return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+
+    waiting = task(1)
+    ports = {int(task(0).communicate(timeout=60)[0]), int(waiting.communicate(timeout=60)[0])}
+    assert len(ports) == 1
+    port = ports.pop()
+    with socket.socket() as s:  # still free for rank 0's TCPStore to bind
+        s.bind(("", port))
+    assert (tmp_path / "77" / ".master_port.0").read_text() == str(port)
+    again = task(0, restart=1)
+    assert int(again.communicate(timeout=60)[0]) > 0 and (tmp_path / "77" / ".master_port.1").exists()
+
+
+def test_multi_task_jobs_end_when_one_task_fails():
+    assert SlurmParams(tasks_per_node=2).executor_kwargs()["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
+    assert "slurm_srun_args" not in SlurmParams().executor_kwargs()
