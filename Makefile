@@ -28,6 +28,7 @@ bench: install
 	$(BIN)/python bench/linear_probe.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/detection_step.py
+	$(BIN)/python bench/optimizer_step.py
 
 clean:
 	rm -rf runs mlruns mlflow.db

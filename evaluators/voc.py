@@ -71,7 +71,11 @@ def read_classes(root: str | Path, years: tuple[str, ...] = ("2007",)) -> list[s
 
 def read_sets(root: str | Path, sets: list[str] | tuple[str, ...], classes: list[str]) -> list[VocItem]:
     """The concatenation of ``YEAR/split`` entries, e.g. MoCo's ``["2007/trainval", "2012/trainval"]``."""
-    return [item for entry in sets for item in read_split(root, parse_set(entry)[1], classes, parse_set(entry)[0])]
+    items: list[VocItem] = []
+    for entry in sets:
+        year, split = parse_set(entry)
+        items += read_split(root, split, classes, year)
+    return items
 
 
 def read_split(root: str | Path, split: str, classes: list[str], year: str = "2007") -> list[VocItem]:

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
@@ -115,12 +116,14 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     console.print(f"stages: {plan.naive_count} naive, {len(plan.stages)} after dedup, {done} already done")
     from pipeline.cost import gpu_hours
 
-    hours = [gpu_hours(s) for s in plan.ordered()]
-    known = [h for h in hours if h is not None]
-    naive = sum(gpu_hours(plan.stages[k]) or 0.0 for c in plan.cells.values() for k in c.values())
-    console.print(f"estimated GPU-hours (V100-class, see pipeline/cost.py): {sum(known):.4g} after dedup, "
-                  f"{naive:.4g} without" + (f"; {len(hours) - len(known)} stages of unknown size "
-                                             "(set dataset.size_hint)" if len(known) < len(hours) else ""))
+    hours = {s.key: gpu_hours(s) for s in plan.ordered()}
+    unknown = Counter(plan.stages[k].kind for k, h in hours.items() if h is None)
+    naive = sum(hours[k] or 0.0 for c in plan.cells.values() for k in c.values())
+    not_counted = ", ".join(f"{n} {kind}" + (" (no model)" if kind == "inversion" else " (set dataset.size_hint)")
+                            for kind, n in unknown.items())
+    console.print(f"estimated GPU-hours (V100-class, see pipeline/cost.py): "
+                  f"{sum(h for h in hours.values() if h is not None):.4g} after dedup, {naive:.4g} without"
+                  + (f"; not counted: {not_counted}" if unknown else ""))
     console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
     for where, problem in data_problems(plan.grid):
         console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)")

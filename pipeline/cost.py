@@ -10,13 +10,21 @@ image per epoch. Everything else scales from it by assumption, not measurement:
   epoch (``moco`` protocol), or one pass over train and val (``cached``);
 - compute per forward: multiply-accumulates of the backbone relative to ResNet-50 at 224 px
   (4.1 G), times (image_size/224)^2, times 16 for a torchvision ResNet with the CIFAR stem (no
-  stride-4 stem). tiny_resnet at 32 px is 0.064 GMAC (counted by hand from trainers/backbones.py).
+  stride-4 stem). tiny_resnet at 32 px is 0.064 GMAC (counted by hand from trainers/backbones.py);
+- kNN: one frozen forward over train and val; t-SNE: one forward per sample and view (3 views);
+- detection, from a second anchor: detectron2's MODEL_ZOO.md gives 0.551 s/iteration on 8 V100s for
+  R50-C4 (batch 16, COCO at short side 800, 512 RoIs of 14x14 per image), i.e. 0.2755 GPU-seconds
+  per image. It scales with the backbone's MACs and with (largest min_size / 800)^2; the RoI head's
+  share is taken as fixed (not scaled with rois_per_image or roi_size).
+
+Inversion has no estimate (its U-Net's cost is not modelled).
 """
 from __future__ import annotations
 
 from pipeline.plan import Stage
 
 MS_PER_IMAGE_EPOCH_MOCO_R50 = 53 * 8 * 3600 * 1000 / (200 * 1_281_167)
+GPU_S_PER_DET_IMAGE_R50_C4 = 0.551 * 8 / 16  # detectron2 MODEL_ZOO.md, faster_rcnn_R_50_C4_1x
 UNITS = {"mocov1": 4, "mocov2": 4, "simclr": 6, "byol": 8, "instdisc": 3, "supervised": 3, "none": 0}
 GMAC_224 = {"resnet50": 4.1, "resnet18": 1.8, "tiny_resnet": 0.064 * (224 / 32) ** 2}
 TRAIN_IMAGES = {"cifar10": 50_000, "stl10": 5_000}
@@ -39,6 +47,13 @@ def _ms_per_unit(stage: Stage) -> float:
 
 def gpu_hours(stage: Stage) -> float | None:
     """Estimated GPU-hours (V100-class) of one stage; None when the dataset size is unknown."""
+    if stage.kind == "detection":
+        d = stage.spec["detection"]
+        gmac = GMAC_224[stage.spec["backbone"]["name"]] / GMAC_224["resnet50"]
+        seconds = d["iterations"] * d["batch_size"] * GPU_S_PER_DET_IMAGE_R50_C4 * gmac * (max(d["min_size"]) / 800) ** 2
+        return seconds / 3600
+    if stage.kind == "tsne":  # needs no train-set size
+        return 3 * stage.spec["tsne"]["samples"] * _ms_per_unit(stage) / 3.6e6
     n = train_images(stage.spec["dataset"])
     if n is None:
         return None
@@ -48,6 +63,8 @@ def gpu_hours(stage: Stage) -> float | None:
     elif stage.kind == "linear_probe":
         p = stage.spec["linear_probe"]
         units = (p["epochs"] if p["mode"] == "moco" else 1) * n * 1.1  # + the val split, ~10%
+    elif stage.kind == "knn":
+        units = n * 1.1
     else:
         return None
     return units * _ms_per_unit(stage) / 3.6e6

@@ -15,6 +15,7 @@ import pandas as pd
 
 from pipeline.grid import Cell
 from pipeline.plan import Plan
+from pipeline.spec import negatives
 
 PENDING = "pending"
 
@@ -134,7 +135,7 @@ def fig4(plan: Plan, look: _Lookup) -> pd.DataFrame | None:
         line = METHOD_NAMES.get(p.method, p.method)
         if p.method in ("mocov1", "mocov2") and p.negatives.sampling == "hard":
             line += " + hard negatives"
-        k = 2 * p.batch_size - 2 if p.method == "simclr" else p.K
+        k = negatives(p.method, p.K, p.batch_size)
         rows.append({"method": line, "K": k, "top1": look.top1(c)})
     return pd.DataFrame(rows).sort_values(["method", "K"]).reset_index(drop=True)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.grid import Grid
-from pipeline.spec import StageConfig, pretrain_identity, to_dict
+from pipeline.spec import StageConfig, negatives, pretrain_identity, to_dict
+from trainers.pretrain import base_lr
 
 SCHEMA_VERSION = 1
 
@@ -103,19 +104,21 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
         detail = ""
         if s.kind == "pretrain":
             p = s.spec["pretrain"]
-            k = {"simclr": f"2B-2={2 * p['batch_size'] - 2}", "byol": "-", "supervised": "-"}.get(p["method"], p["K"])
+            k = negatives(p["method"], p["K"], p["batch_size"]) or "-"
+            k = f"2B-2={k}" if p["method"] == "simclr" else k
             hard = " hard-negatives" if p["method"] in ("mocov1", "mocov2") and p["negatives"]["sampling"] == "hard" else ""
             detail = (f"{p['method']}" if p["method"] == "none" else
-                      f"{p['method']} head={p['head']['kind']} K={k}{hard} epochs={p['epochs']} batch={p['batch_size']}")
+                      f"{p['method']} head={p['head']['kind']} K={k}{hard} epochs={p['epochs']} batch={p['batch_size']} "
+                      f"{p['optimizer']} lr={base_lr(p):.4g}")
         else:
-            sec = s.spec[s.kind]
+            sec = dict(s.spec[s.kind])
+            if s.kind == "detection":  # one size, or the multi-scale training range
+                sizes = sec["min_size"]
+                sec["min_size"] = f"{min(sizes)}" + (f"-{max(sizes)}" if len(sizes) > 1 else "")
             detail = {"linear_probe": "mode={mode} epochs={epochs}", "knn": "k={k} T={T}",
                       "tsne": "samples={samples} perplexity={perplexity}",
                       "detection": "iterations={iterations} batch={batch_size} size={min_size} norm={norm}",
                       "inversion": "images={images} iterations={iterations}"}[s.kind].format(**sec)
-            if s.kind == "detection":  # one size, or the multi-scale training range
-                sizes = sec["min_size"]
-                detail = detail.replace(f"size={sizes}", f"size={min(sizes)}" + (f"-{max(sizes)}" if len(sizes) > 1 else ""))
         from pipeline.cost import gpu_hours
 
         hours = gpu_hours(s)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.plan import Plan
+from pipeline.spec import negatives
 from pipeline.stages import REPORTED
 from pipeline.tracking import GRID, KEY, ROLE, client, find_runs
 
@@ -53,7 +54,7 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
         row = {"cell": cell.name}
         row.update({k: cell.values.get(k, "") for k in value_keys})
         row.update({"method": p.method, "head": p.head.kind if p.method != "none" else "-",
-                    "K": p.K if p.method != "none" else "-", "epochs": p.epochs if p.method != "none" else 0})
+                    "K": negatives(p.method, p.K, p.batch_size) or "-", "epochs": p.epochs if p.method != "none" else 0})
         loss = _metric(df, keys["pretrain"], "loss")
         row["pretrain_loss"] = loss if loss is not None else (PENDING if p.method != "none" else "-")
         for kind in plan.grid.evaluations:

@@ -5,7 +5,10 @@ A field's metadata may carry:
   caches) and is left out of the stage identity;
 - ``choices``: the allowed values;
 - ``min`` / ``max``: an inclusive range for numbers;
-- ``doc``: one line shown in error messages.
+- ``doc``: one line shown in error messages;
+- ``legacy``: for a field added after stages existed, the value that reproduces what they ran. The
+  field is left out of the identity while it holds that value, so adding it changes no existing
+  identity. The value is fixed for good; it is not the default, which may change.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Optional, Union
 
 from trainers.backbones import BACKBONES
 from trainers.heads import HEADS
+from trainers.optim import OPTIMIZERS
 from trainers.pretrain import METHODS as TRAINED_METHODS
 from trainers.pretrain import QUEUE_METHODS, UNTRAINED
 
@@ -69,6 +73,11 @@ class AugmentSpec:
     grayscale_p: float = _f(0.2, min=0.0, max=1.0)
     blur: bool = _f(True)
     blur_p: float = _f(0.5, min=0.0, max=1.0)
+    solarize_p: float = _f(0.0, min=0.0, max=1.0, legacy=0.0, doc="BYOL's solarisation (x >= 0.5 becomes 1 - x)")
+    view2_blur_p: Optional[float] = _f(None, min=0.0, max=1.0, legacy=None,
+                                       doc="the second view's blur_p (BYOL: 1.0 and 0.1); default: blur_p")
+    view2_solarize_p: Optional[float] = _f(None, min=0.0, max=1.0, legacy=None,
+                                           doc="the second view's solarize_p (BYOL: 0 and 0.2); default: solarize_p")
     flip: bool = _f(True)
 
 
@@ -94,7 +103,13 @@ class PretrainSpec:
     batch_size: int = _f(256, min=2)
     lr: float = _f(0.03, min=0.0)
     weight_decay: float = _f(1e-4, min=0.0)
-    momentum: float = _f(0.9, min=0.0, max=1.0, doc="SGD momentum")
+    momentum: float = _f(0.9, min=0.0, max=1.0, doc="SGD or LARS momentum")
+    optimizer: str = _f("sgd", choices=OPTIMIZERS, legacy="sgd", doc="lars: SimCLR's and BYOL's (trainers/optim.py)")
+    lars_eta: float = _f(1e-3, min=1e-9, legacy=1e-3, doc="LARS trust coefficient")
+    exclude_bias_norm: bool = _f(False, legacy=False, doc="no weight decay (and no LARS adaptation) for biases "
+                                 "and BN parameters, as SimCLR and BYOL")
+    lr_scaling: str = _f("none", choices=("none", "linear"), legacy="none",
+                         doc="linear: the lr used is lr x batch_size/256 (SimCLR, BYOL)")
     schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
     milestones: tuple[int, ...] = _f((120, 160), min=0)
     warmup_epochs: float = _f(0.0, min=0.0)
@@ -125,15 +140,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "head": {"kind": "linear"},
                  "augment": {"color_jitter": (0.4, 0.4, 0.4, 0.4), "color_p": 1.0, "blur": False}},
     # simclr run.py (ImageNet): T 0.1, lr 0.3xB/256, wd 1e-6, 10 warmup epochs then cosine; head with BN;
-    # crop 0.08-1, colour strength 1, blur p 0.5. LARS is not implemented (SGD).
+    # crop 0.08-1, colour strength 1, blur p 0.5; LARS (eta 1e-3) with BN and bias excluded.
     "simclr": {"T": 0.1, "lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 10, "schedule": "cosine",
+               "optimizer": "lars", "exclude_bias_norm": True, "lr_scaling": "linear",
                "head": {"kind": "mlp", "batchnorm": True},
                "augment": {"crop_scale": (0.08, 1.0), "color_strength": 1.0}},
     # byol configs/byol.py: tau_base 0.996, projector -> 256 with BN, lr 0.2xB/256 (1000 ep), wd 1.5e-6,
-    # 10 warmup epochs, cosine; ColorJitter(0.4,0.4,0.2,0.1) p 0.8. Its asymmetric blur/solarize is not.
+    # 10 warmup epochs, cosine, LARS (eta 1e-3, momentum 0.9) with BN and bias excluded;
+    # utils/augmentations.py: ColorJitter(0.4,0.4,0.2,0.1) p 0.8, blur p 1.0 / 0.1, solarize p 0 / 0.2.
     "byol": {"tau_base": 0.996, "lr": 0.2, "weight_decay": 1.5e-6, "warmup_epochs": 10, "schedule": "cosine",
+             "optimizer": "lars", "exclude_bias_norm": True, "lr_scaling": "linear",
              "head": {"kind": "mlp", "batchnorm": True, "out_dim": 256},
-             "augment": {"color_jitter": (0.4, 0.4, 0.2, 0.1), "crop_scale": (0.08, 1.0)}},
+             "augment": {"color_jitter": (0.4, 0.4, 0.2, 0.1), "crop_scale": (0.08, 1.0), "blur_p": 1.0,
+                         "view2_blur_p": 0.1, "solarize_p": 0.0, "view2_solarize_p": 0.2}},
     # torchvision's ResNet recipe: lr 0.1, wd 1e-4, x0.1 every 30 epochs
     "supervised": {"lr": 0.1, "weight_decay": 1e-4, "schedule": "step", "milestones": (30, 60), "head": {"kind": "none"}},
     "none": {},
@@ -141,8 +160,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # For a method, the pretrain fields that can change its result (the rest are dropped from identity,
 # so e.g. every random-init cell of a grid shares one stage).
-_COMMON = ("method", "epochs", "batch_size", "lr", "weight_decay", "momentum", "schedule", "milestones",
-           "warmup_epochs", "augment", "seed")
+_COMMON = ("method", "epochs", "batch_size", "lr", "weight_decay", "momentum", "optimizer", "lars_eta",
+           "exclude_bias_norm", "lr_scaling", "schedule", "milestones", "warmup_epochs", "augment", "seed")
 METHOD_FIELDS: dict[str, tuple[str, ...] | None] = {
     "none": ("method", "seed"),
     "instdisc": _COMMON + ("K", "T", "head", "bank_m", "nce_loss"),
@@ -428,11 +447,17 @@ def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
 # Identity views
 
 
+def _in_identity(f: dataclasses.Field, value: Any) -> bool:
+    if f.metadata.get("identity", True) is False:
+        return False
+    return not ("legacy" in f.metadata and value == f.metadata["legacy"])
+
+
 def to_dict(obj: Any, identity_only: bool = False) -> Any:
     """Dataclass → plain JSON-able dict (tuples become lists); optionally only identity fields."""
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name), identity_only) for f in dataclasses.fields(obj)
-                if not (identity_only and f.metadata.get("identity", True) is False)}
+                if not identity_only or _in_identity(f, getattr(obj, f.name))}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v, identity_only) for v in obj]
     return obj
@@ -440,8 +465,18 @@ def to_dict(obj: Any, identity_only: bool = False) -> Any:
 
 def pretrain_identity(p: PretrainSpec) -> dict:
     d = to_dict(p, identity_only=True)
+    if p.optimizer == "sgd":
+        d.pop("lars_eta", None)  # SGD does not read it
     keep = METHOD_FIELDS.get(p.method)
-    return {k: d[k] for k in keep} if keep is not None else d
+    return {k: d[k] for k in keep if k in d} if keep is not None else d
+
+
+def negatives(method: str, K: int, batch_size: int) -> int | None:
+    """The number of negatives a method contrasts each query with: SimCLR's in-batch 2B − 2, the
+    queue or bank size K for MoCo and InstDisc, None for the methods without negatives."""
+    if method == "simclr":
+        return 2 * batch_size - 2
+    return K if method in ("mocov1", "mocov2", "instdisc") else None
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -8,6 +8,8 @@ torchvision's ``RandomResizedCrop``, ``ColorJitter``, ``RandomGrayscale``, ``Gau
     RRC(scale=(0.2, 1)) → ColorJitter(0.4, 0.4, 0.4, 0.1) w.p. 0.8 → Grayscale w.p. 0.2
     → GaussianBlur(σ ~ U[0.1, 2]) w.p. 0.5 → HFlip → Normalize
 
+with BYOL's solarisation after the blur when ``solarize_p`` > 0 (its second view: p 0.2).
+
 Known differences from the PIL pipeline:
 - the order of the four jitter operations is drawn once per batch, not once per image;
 - the crop is resampled bilinearly by ``roi_align``, with s×s samples per output pixel where s is the
@@ -42,6 +44,7 @@ class AugmentParams:
     grayscale_p: float = 0.2
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0  # BYOL's second view: 0.2
     flip_p: float = 0.5
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -152,6 +155,12 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(n, ch, hgt, wid)
 
 
+def solarize(x: torch.Tensor) -> torch.Tensor:
+    """BYOL's solarisation of a [0, 1] image: pixels at or above 0.5 become 1 − x (torchvision's
+    RandomSolarize(threshold=0.5) on float images)."""
+    return torch.where(x >= 0.5, 1.0 - x, x)
+
+
 def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], a, b)
 
@@ -200,6 +209,9 @@ def _augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generat
         on = torch.rand(n, generator=g) < p.blur_p
         sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
         x = _apply_to(x, on.to(dev), lambda v: gaussian_blur(v, sigma[on.to(dev)]))
+    if p.solarize_p > 0:
+        on = torch.rand(n, generator=g) < p.solarize_p
+        x = _apply_to(x, on.to(dev), solarize)
     if p.flip_p > 0:
         on = (torch.rand(n, generator=g) < p.flip_p).to(dev)
         x = _where(on, x.flip(3), x)

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from trainers import checkpoint
 from trainers import distributed as D
+from trainers.optim import build_optimizer
 from trainers.schedule import lr_at
 from trainers.sink import Sink
 
@@ -36,6 +37,9 @@ class LoopConfig:
     milestones: tuple[int, ...] = ()
     warmup_epochs: float = 0.0
     seed: int = 0
+    optimizer: str = "sgd"  # trainers/optim.py: sgd or lars
+    exclude_bias_norm: bool = False
+    lars_eta: float = 1e-3
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -58,7 +62,8 @@ def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], image
     w = D.world()
     dev = next(model.parameters()).device
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.exclude_bias_norm,
+                          cfg.lars_eta)
     n = images.shape[0]
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch < 1:

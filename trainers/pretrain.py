@@ -6,6 +6,8 @@ trains, and writes ``checkpoints/final.pt`` holding the backbone (and head) weig
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,15 +31,22 @@ from trainers.simclr import SimCLR
 from trainers.sink import Sink
 
 
-def augment_params(aug: dict) -> AugmentParams:
-    """The grid's ``augment`` section → AugmentParams. ``color_strength`` s is SimCLR's:
-    ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); MoCo v2's (0.4, 0.4, 0.4, 0.1) is s = 0.5. An explicit
-    ``color_jitter: [b, c, s, h]`` (MoCo v1: 0.4 each) takes precedence."""
+def augment_params(aug: dict) -> tuple[AugmentParams, AugmentParams]:
+    """The grid's ``augment`` section → the AugmentParams of the two views. ``color_strength`` s is
+    SimCLR's: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); MoCo v2's (0.4, 0.4, 0.4, 0.1) is s = 0.5. An
+    explicit ``color_jitter: [b, c, s, h]`` (MoCo v1: 0.4 each) takes precedence. ``view2_blur_p`` and
+    ``view2_solarize_p`` make the views asymmetric, as BYOL's are (blur 1.0 / 0.1, solarize 0 / 0.2);
+    unset, the second view is drawn like the first. One-view methods (InstDisc, supervised) use the first."""
     s = aug["color_strength"]
     jitter = tuple(aug["color_jitter"]) if aug.get("color_jitter") else (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
-    return AugmentParams(crop_scale=tuple(aug["crop_scale"]), jitter=jitter, jitter_p=aug["color_p"],
-                         grayscale_p=aug["grayscale_p"], blur_p=aug["blur_p"] if aug["blur"] else 0.0,
-                         flip_p=0.5 if aug["flip"] else 0.0)
+    blur = aug["blur_p"] if aug["blur"] else 0.0
+    first = AugmentParams(crop_scale=tuple(aug["crop_scale"]), jitter=jitter, jitter_p=aug["color_p"],
+                          grayscale_p=aug["grayscale_p"], blur_p=blur, solarize_p=aug.get("solarize_p", 0.0),
+                          flip_p=0.5 if aug["flip"] else 0.0)
+    blur2, sol2 = aug.get("view2_blur_p"), aug.get("view2_solarize_p")
+    second = dataclasses.replace(first, blur_p=first.blur_p if blur2 is None or not aug["blur"] else blur2,
+                                 solarize_p=first.solarize_p if sol2 is None else sol2)
+    return first, second
 
 
 class Context:
@@ -58,10 +67,10 @@ def build_moco(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, S
     neg = p["negatives"]
     hard = (neg["shape"], neg["loc"], neg["scale"]) if neg["sampling"] == "hard" else None
     model = MoCo(encoder, dim=dim, K=p["K"], m=p["m"], T=p["T"], hard=hard)
-    aug = augment_params(p["augment"])
+    aug_q, aug_k = augment_params(p["augment"])
 
     def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        im_q, im_k = augment(x, aug, ctx.size, g), augment(x, aug, ctx.size, g)
+        im_q, im_k = augment(x, aug_q, ctx.size, g), augment(x, aug_k, ctx.size, g)
         loss, logits = model(im_q, im_k, g)
         return loss, {"inst_acc": float((logits.argmax(1) == 0).float().mean())}  # instance-discrimination top-1
 
@@ -71,10 +80,10 @@ def build_moco(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, S
 def build_simclr(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
     encoder, _ = _encoder(backbone, p)
     model = SimCLR(encoder, T=p["T"])
-    aug = augment_params(p["augment"])
+    aug1, aug2 = augment_params(p["augment"])
 
     def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, logits = model(augment(x, aug, ctx.size, g), augment(x, aug, ctx.size, g))
+        loss, logits = model(augment(x, aug1, ctx.size, g), augment(x, aug2, ctx.size, g))
         n = x.shape[0]
         target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(logits.device)
         return loss, {"inst_acc": float((logits.argmax(1) == target).float().mean())}
@@ -88,10 +97,10 @@ def build_byol(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, S
     online, dim = _encoder(backbone, p, hidden=2 * backbone.feat_dim)
     predictor, _ = build_head("mlp", dim, p["head"]["hidden_dim"] or 2 * backbone.feat_dim, dim, batchnorm=True)
     model = BYOL(online, predictor, tau_base=p["tau_base"], total_steps=ctx.total_steps)
-    aug = augment_params(p["augment"])
+    aug1, aug2 = augment_params(p["augment"])
 
     def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return model(augment(x, aug, ctx.size, g), augment(x, aug, ctx.size, g)), {}
+        return model(augment(x, aug1, ctx.size, g), augment(x, aug2, ctx.size, g)), {}
 
     return model, step
 
@@ -99,7 +108,7 @@ def build_byol(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, S
 def build_instdisc(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
     encoder, dim = _encoder(backbone, p)
     model = InstDisc(encoder, dim, ctx.n_data, K=p["K"], T=p["T"], bank_m=p["bank_m"], loss=p["nce_loss"])
-    aug = augment_params(p["augment"])
+    aug, _ = augment_params(p["augment"])
 
     def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         loss, logits = model(augment(x, aug, ctx.size, g), idx, g)
@@ -112,7 +121,7 @@ def build_supervised(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Mod
     """Cross-entropy on labels with the same augmentation knobs (the paper's Table 2 baseline)."""
     model = nn.Module()
     model.backbone, model.fc = backbone, nn.Linear(backbone.feat_dim, ctx.num_classes)
-    aug = augment_params(p["augment"])
+    aug, _ = augment_params(p["augment"])
 
     def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         logits = model.fc(model.backbone(augment(x, aug, ctx.size, g)))
@@ -171,9 +180,10 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     ctx = Context(spec["dataset"]["image_size"], len(data.classes), len(data), p["epochs"] * (len(data) // p["batch_size"]))
     model, step = METHODS[p["method"]](backbone, p, ctx)
     model.to(dev)
-    cfg = LoopConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"], weight_decay=p["weight_decay"],
+    cfg = LoopConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=base_lr(p), weight_decay=p["weight_decay"],
                      momentum=p["momentum"], schedule=p["schedule"], milestones=tuple(p["milestones"]),
-                     warmup_epochs=p["warmup_epochs"], seed=p["seed"])
+                     warmup_epochs=p["warmup_epochs"], seed=p["seed"], optimizer=p.get("optimizer", "sgd"),
+                     exclude_bias_norm=p.get("exclude_bias_norm", False), lars_eta=p.get("lars_eta", 1e-3))
     monitor = _knn_monitor(backbone, spec, data, p["epochs"]) if p.get("knn_every") else None
     history = fit(model, step, model.parameters(), data.images, data.labels, cfg,
                   Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=monitor)
@@ -187,6 +197,14 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
     result["epochs_trained"] = len(history)
     return result
+
+
+def base_lr(p: dict) -> float:
+    """The lr the schedule starts from: ``lr``, or lr x batch_size/256 under linear scaling (SimCLR's
+    "LearningRate = 0.3 x BatchSize/256", BYOL's base lr x B/256)."""
+    if p.get("lr_scaling", "none") == "linear":
+        return p["lr"] * p["batch_size"] / 256
+    return p["lr"]
 
 
 def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callable[[int], dict[str, float]]:

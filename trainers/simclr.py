@@ -1,5 +1,6 @@
 """SimCLR (Chen et al. 2020a), after google-research/simclr@be133b3: two views, in-batch negatives
-(K = 2B − 2), NT-Xent, a projection head with BN. LARS is not implemented: SGD with the grid's lr."""
+(K = 2B − 2), NT-Xent, a projection head with BN. Its optimiser (LARS in the preset) is
+trainers/optim.py's, chosen by the grid."""
 from __future__ import annotations
 
 import torch

@@ -41,6 +41,9 @@ def test_every_method_runs_one_epoch(tmp_path):
         if not name.startswith("none"):
             assert "loss" in run.data.metrics, name
     assert "train_acc" in pre["supervisedallnce"].data.metrics
+    for method in ("simclr", "byol"):  # their presets train with LARS at lr x B/256
+        params = pre[method + "allnce"].data.params
+        assert (params["pretrain.optimizer"], params["pretrain.lr_scaling"]) == ("lars", "linear"), params
     knn = [r for r in runs if r.data.tags["sslgrid.stage"] == "knn"]
     assert len(knn) == 9
     for r in knn:

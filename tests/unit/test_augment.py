@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from trainers.augment import AugmentParams, augment, gaussian_blur, hue_shift, sample_crop_boxes
+from pipeline.spec import to_dict
+from trainers.augment import (AugmentParams, augment, eval_view, gaussian_blur, hue_shift, normalize,
+                               sample_crop_boxes, solarize)
 
 
 def test_crop_boxes_inside_image_and_area_in_scale():
@@ -49,3 +51,41 @@ def test_augment_is_deterministic_per_generator_and_varies_per_sample():
     assert torch.equal(a, b) and not torch.equal(a, c)
     same = augment(imgs[:1].expand(8, -1, -1, -1).contiguous(), p, 32, torch.Generator().manual_seed(0))
     assert not torch.allclose(same[0], same[1])  # independent parameters per sample
+
+
+def test_solarize_matches_torchvision():
+    x = torch.rand(2, 3, 5, 5)
+    x[0, 0, 0, 0] = 0.5  # on the threshold: solarised, as torchvision does
+    torch.testing.assert_close(solarize(x), TF.solarize(x, threshold=0.5))
+
+
+def test_byol_views_are_asymmetric():
+    from pipeline.spec import PRESETS, build_stage_config
+    from trainers.pretrain import augment_params
+
+    problems: list = []
+    cfg = build_stage_config({"pretrain": {"method": "byol", **PRESETS["byol"]}}, problems)
+    assert not problems
+    aug = to_dict(cfg.pretrain.augment)
+    first, second = augment_params(aug)
+    assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    # a grid that turns blur off turns it off in both views (Table 3's "w/o GaussianBlur")
+    assert [v.blur_p for v in augment_params({**aug, "blur": False})] == [0.0, 0.0]
+    # MoCo's views are drawn alike
+    mo = augment_params(to_dict(build_stage_config({}, problems).pretrain.augment))
+    assert mo[0] == mo[1] and mo[0].solarize_p == 0.0
+
+
+def test_second_view_parameters_apply_to_the_second_view_only():
+    from trainers.pretrain import augment_params
+
+    base = {"crop_scale": (1.0, 1.0), "color_strength": 0.0, "color_jitter": None, "color_p": 0.0,
+            "grayscale_p": 0.0, "blur": True, "blur_p": 0.0, "flip": False, "solarize_p": 0.0,
+            "view2_blur_p": None, "view2_solarize_p": 1.0}
+    first, second = augment_params(base)
+    imgs = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
+    plain = eval_view(imgs, first)
+    v1 = augment(imgs, first, 32, torch.Generator().manual_seed(0))
+    v2 = augment(imgs, second, 32, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(v1, plain, atol=1e-5, rtol=0)  # whole-image crop, nothing else
+    torch.testing.assert_close(v2, normalize(solarize(imgs.float() / 255), first), atol=1e-5, rtol=0)

@@ -167,3 +167,9 @@ def test_evaluations_restricted_to_unknown_cells_are_refused(tmp_path):
     assert "evaluations.knn = 'some': must be 'all' or a non-empty list of cell names" in msg
     msg = error(tmp_path, BASE + "evaluations:\n  detecton: all\n")
     assert "evaluations.detecton = 'detecton': did you mean 'detection'?" in msg
+
+
+def test_unknown_optimizer_and_bad_view_probability(tmp_path):
+    msg = error(tmp_path, BASE + "cells:\n  - {name: a, pretrain.optimizer: lamb, pretrain.augment.view2_blur_p: 2}\n")
+    assert "cells[0] (a): pretrain.optimizer = 'lamb': valid values: sgd, lars" in msg
+    assert "cells[0] (a): pretrain.augment.view2_blur_p = 2.0: must be <= 1.0" in msg

@@ -134,7 +134,12 @@ def test_presets_match_reference_recipes():
     sim = resolve("simclr")  # google-research/simclr
     assert (sim.T, sim.lr, sim.weight_decay, sim.warmup_epochs, sim.head.batchnorm, sim.augment.color_strength,
             sim.augment.crop_scale) == (0.1, 0.3, 1e-6, 10, True, 1.0, (0.08, 1.0))
+    assert (sim.optimizer, sim.lars_eta, sim.exclude_bias_norm, sim.lr_scaling) == ("lars", 1e-3, True, "linear")
     byol = resolve("byol")  # deepmind-research/byol
+    assert (byol.optimizer, byol.lars_eta, byol.exclude_bias_norm, byol.lr_scaling) == ("lars", 1e-3, True, "linear")
+    a = byol.augment  # utils/augmentations.py: blur 1.0 / 0.1, solarize 0 / 0.2
+    assert (a.blur_p, a.view2_blur_p, a.solarize_p, a.view2_solarize_p) == (1.0, 0.1, 0.0, 0.2)
+    assert (v2.optimizer, v2.exclude_bias_norm, v2.lr_scaling) == ("sgd", False, "none")
     assert (byol.tau_base, byol.head.out_dim, byol.weight_decay, byol.augment.color_jitter) == (0.996, 256, 1.5e-6, (0.4, 0.4, 0.2, 0.1))
     assert resolve("simclr", T=0.5).T == 0.5  # grid values win over the preset
     assert set(PRESETS) == set(PretrainSpec.__dataclass_fields__["method"].metadata["choices"])

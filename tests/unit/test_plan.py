@@ -99,3 +99,20 @@ evaluations:
     # the list form still means every cell
     listed = plan_of(tmp_path, GRID + "axes:\n  pretrain.head.kind: [mlp, none]\nevaluations: [knn]\n")
     assert all("knn" in kinds for kinds in listed.cells.values())
+
+
+def test_fields_added_later_keep_old_identities(tmp_path):
+    # Golden keys of the quickstart's stages, computed before pretrain.optimizer, lars_eta,
+    # exclude_bias_norm and lr_scaling existed: at their legacy values they stay out of the identity,
+    # so finished quickstart stages are still found after an upgrade.
+    from pathlib import Path
+
+    plan = build_plan(load_grid(Path(__file__).parents[2] / "grids" / "quickstart.yaml"))
+    assert {s.key for s in plan.ordered() if s.kind == "pretrain"} == {"1bce5a3cbbe6", "318c0d8fe27c", "90b4441accff"}
+    sgd = plan_of(tmp_path, GRID)
+    lars = plan_of(tmp_path, GRID.replace("K: 64}", "K: 64, optimizer: lars}"))
+    pre = [[s for s in p.ordered() if s.kind == "pretrain"][0] for p in (sgd, lars)]
+    assert "optimizer" not in pre[0].identity["pretrain"] and "lars_eta" not in pre[0].identity["pretrain"]
+    assert pre[1].identity["pretrain"]["optimizer"] == "lars" and pre[0].key != pre[1].key
+    eta = plan_of(tmp_path, GRID.replace("K: 64}", "K: 64, lars_eta: 0.01}"))
+    assert [s.key for s in eta.ordered()] == [s.key for s in sgd.ordered()]  # SGD does not read the eta
