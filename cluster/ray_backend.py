@@ -24,16 +24,21 @@ class ConnectError(Exception):
 
 class RayBackend:
     def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
-                 env_vars: dict[str, str] | None = None):
+                 env_vars: dict[str, str] | None = None, code_dir: str | os.PathLike | None = None):
+        """``code_dir``: a folder whose packages the workers import instead of the driver's (Ray's
+        ``working_dir``: uploaded once per content hash, to every node of a joined cluster too)."""
         self.address = address
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.env_vars = env_vars or {}
+        self.code_dir = code_dir
         self._remote: dict[Callable, Any] = {}
 
     def __enter__(self) -> RayBackend:
         kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=True,
                                       logging_level="ERROR", runtime_env={"env_vars": self.env_vars})
+        if self.code_dir is not None:
+            kwargs["runtime_env"]["working_dir"] = str(self.code_dir)
         if self.address is None:
             # "local" always starts a private cluster; a bare ray.init() may join one already running
             kwargs.update(address="local", num_cpus=self.num_cpus, num_gpus=self.num_gpus)

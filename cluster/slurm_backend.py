@@ -223,9 +223,11 @@ def write_marker(path: Path, data: dict[str, Any]) -> None:
 class _Submitter:
     """The one actor that talks to SLURM: batches submissions into arrays and watches the jobs."""
 
-    def __init__(self, folder: str, window_s: float, poll_s: float, lost_grace_s: float, env: dict[str, str]):
+    def __init__(self, folder: str, window_s: float, poll_s: float, lost_grace_s: float, env: dict[str, str],
+                 code_dir: str | None = None):
         os.environ.update(env)  # SLURM_CONF and friends, for sbatch/squeue called from here
         self.folder, self.window_s, self.poll_s, self.lost_grace_s = folder, window_s, poll_s, lost_grace_s
+        self.code_dir = code_dir
         self.queue: list[tuple] = []
         self.flusher: asyncio.Task | None = None
 
@@ -259,8 +261,10 @@ class _Submitter:
     def _submit(self, items: list[tuple]) -> list[submitit.Job]:
         params: SlurmParams = items[0][2]
         ex = submitit.AutoExecutor(folder=os.path.join(self.folder, "%j"), cluster="slurm")
-        ex.update_parameters(name=items[0][3] if len(items) == 1 else f"sslgrid[{len(items)}]",
-                             **params.executor_kwargs())
+        kw = params.executor_kwargs()
+        if self.code_dir is not None:  # `python -m submitit...` puts the job's cwd first on sys.path
+            kw["slurm_additional_parameters"] = {**kw.get("slurm_additional_parameters", {}), "chdir": self.code_dir}
+        ex.update_parameters(name=items[0][3] if len(items) == 1 else f"sslgrid[{len(items)}]", **kw)
         for *_, marker, _fut in items:
             write_marker(marker, {"state": "submitting", "since": time.time()})
         jobs = []
@@ -311,8 +315,9 @@ class SlurmBackend(RayBackend):
 
     def __init__(self, folder: Path, params_for: Callable[[str], SlurmParams], marker_for: Callable[[str], Path],
                  env_vars: dict[str, str] | None = None, window_s: float = 1.0, poll_s: float = 2.0,
-                 lost_grace_s: float = 10.0):
-        super().__init__(None, env_vars=env_vars)
+                 lost_grace_s: float = 10.0, code_dir: str | os.PathLike | None = None):
+        """``code_dir`` (on the shared filesystem): the jobs start there, so they import its packages."""
+        super().__init__(None, env_vars=env_vars, code_dir=code_dir)
         self.folder, self.params_for, self.marker_for = Path(folder), params_for, marker_for
         self.window_s, self.poll_s, self.lost_grace_s = window_s, poll_s, lost_grace_s
         self.submitter: Any = None
@@ -321,7 +326,8 @@ class SlurmBackend(RayBackend):
         super().__enter__()
         env = {k: v for k, v in os.environ.items() if k.startswith("SLURM_CONF")} | self.env_vars
         actor = ray.remote(num_cpus=0, max_concurrency=10_000)(_Submitter)
-        self.submitter = actor.remote(str(self.folder), self.window_s, self.poll_s, self.lost_grace_s, env)
+        self.submitter = actor.remote(str(self.folder), self.window_s, self.poll_s, self.lost_grace_s, env,
+                                      None if self.code_dir is None else str(self.code_dir))
         return self
 
     def resources(self) -> dict[str, float]:

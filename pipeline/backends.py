@@ -71,7 +71,7 @@ def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
                        setup=tuple(pick("setup") or ()), array_parallelism=pick("array_parallelism") or 64)
 
 
-def slurm_backend(plan: Plan, env_vars: dict[str, str], poll_s: float = 2.0):
+def slurm_backend(plan: Plan, env_vars: dict[str, str], poll_s: float = 2.0, code_dir: Path | None = None):
     """A factory for the SLURM backend of ``plan``, after checking every request against ``sinfo``."""
     from cluster.slurm_backend import SlurmBackend, SlurmConfigError, check_params, partitions
 
@@ -91,7 +91,8 @@ def slurm_backend(plan: Plan, env_vars: dict[str, str], poll_s: float = 2.0):
     folder = plan.grid.workdir / "slurm"
 
     def factory() -> SlurmBackend:
-        return SlurmBackend(folder, params.__getitem__, markers.__getitem__, env_vars=env_vars, poll_s=poll_s)
+        return SlurmBackend(folder, params.__getitem__, markers.__getitem__, env_vars=env_vars, poll_s=poll_s,
+                            code_dir=code_dir)
 
     return factory
 

@@ -135,6 +135,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from pipeline.backends import BackendError, remote_tracking_problem, slurm_backend
     from pipeline.execute import execute
     from pipeline.report import write_report
+    from pipeline.snapshot import snapshot
     from pipeline.tracking import client, prepare_runs
 
     plan = _load(args)
@@ -142,20 +143,22 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if backend_name == "ray" and not args.ray_address:
         console.print("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")
         return EXIT_USAGE
+    # the stages import this copy of the code, whatever happens to the checkout while they run
+    code = snapshot(plan.grid.workdir)
     if backend_name == "slurm":
         problem = remote_tracking_problem(plan.grid.tracking_uri, "--backend slurm runs stages on other machines")
         if problem:
             console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
             return EXIT_USAGE
         try:
-            backend = slurm_backend(plan, local_env())
+            backend = slurm_backend(plan, local_env(), code_dir=code)
         except BackendError as err:
             console.print(f"[red]{err}[/]", highlight=False, soft_wrap=True)
             return EXIT_USAGE
     else:
         def backend() -> RayBackend:
             return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                              env_vars=local_env())
+                              env_vars=local_env(), code_dir=code)
 
     def preflight(b) -> None:
         # a joined Ray cluster that spans machines has the compute-node problem of SLURM
@@ -170,7 +173,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     c = client(plan.grid.tracking_uri)
     c.update_run(parent_id, status="RUNNING")
     try:
-        outcomes = execute(plan, run_ids, backend, console, preflight)
+        outcomes = execute(plan, run_ids, backend, console, preflight, code=code.name)
     except ResourceError as err:
         c.set_terminated(parent_id, "FAILED")
         kind = str(err).split()[0]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from cluster.slurm_backend import current_job_id
 from pipeline.backends import slurm_job
 from pipeline.plan import SCHEMA_VERSION, Plan, Stage
+from pipeline.snapshot import source_root
 from pipeline.stages import ARTIFACTS, STAGES
 from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
 from trainers import distributed as D
@@ -29,6 +31,7 @@ from trainers.sink import NullSink
 
 
 SLURM_TAG = "sslgrid.slurm_job_id"
+CODE_TAG, CODE_PATH_TAG = "sslgrid.code", "sslgrid.code_path"
 LONG_STAGES = ("pretrain",)  # stages worth system metrics
 
 
@@ -41,10 +44,12 @@ class Outcome:
     seconds: float = 0.0
 
 
-def payload(plan: Plan, stage: Stage, run_id: str) -> dict[str, Any]:
+def payload(plan: Plan, stage: Stage, run_id: str, code: str | None = None) -> dict[str, Any]:
+    """What a worker needs to run ``stage``; ``cwd`` is the driver's, so that relative paths in the
+    grid (dataset.root, $SSLGRID_CACHE) mean the same in a worker started in the code snapshot."""
     return {"kind": stage.kind, "key": stage.key, "spec": stage.spec, "identity": stage.identity,
             "upstream": list(stage.upstream), "dir": str(stage.directory(plan.grid.workdir)),
-            "tracking_uri": plan.grid.tracking_uri, "run_id": run_id}
+            "tracking_uri": plan.grid.tracking_uri, "run_id": run_id, "code": code, "cwd": str(Path.cwd())}
 
 
 def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
@@ -53,18 +58,23 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
 
     In a multi-process job (torch.distributed's env:// variables set, e.g. by a SLURM job of several
     tasks) every process trains; rank 0 alone writes files and talks to MLflow."""
+    if p.get("cwd") and Path(p["cwd"]).is_dir():
+        os.chdir(p["cwd"])
     d = Path(p["dir"])
     if D.init_from_env().size > 1 and not D.world().is_main:
         STAGES[p["kind"]](p["spec"], list(upstream), d, NullSink())
         return {}
     d.mkdir(parents=True, exist_ok=True)
     write_json(d / "spec.json", {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
-                                 "identity": p["identity"], "upstream": p["upstream"]})
+                                 "identity": p["identity"], "upstream": p["upstream"], "code": p.get("code")})
     (d / "status.json").unlink(missing_ok=True)
     c = client(p["tracking_uri"])
     run_id = p["run_id"]
     c.update_run(run_id, status="RUNNING")
     c.set_tag(run_id, ERROR, "")
+    if p.get("code"):  # which copy of the code ran, and where this worker imported it from
+        c.set_tag(run_id, CODE_TAG, p["code"])
+    c.set_tag(run_id, CODE_PATH_TAG, str(source_root()))
     job = current_job_id()
     if job:  # visible in the UI while the job runs; a requeued job keeps its id
         c.set_tag(run_id, SLURM_TAG, job)
@@ -180,7 +190,7 @@ class _Display:
 
 
 def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Console | None = None,
-            preflight=None) -> dict[str, Outcome]:
+            preflight=None, code: str | None = None) -> dict[str, Outcome]:
     """Run every stage that is not done. ``backend_factory()`` gives a context manager with
     ``submit``/``wait``/``outcome``/``check_fits`` (cluster/ray_backend.py); it is only called when
     there is something to run."""
@@ -216,7 +226,7 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
             args = [outcomes[u].result if u in outcomes else refs[u] for u in s.upstream]
             cpus, gpus, processes = wants[s.key]
             # retries=1: a crashed worker is retried once, and resumes from its checkpoint
-            refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key]), *args],
+            refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key], code), *args],
                                          name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1,
                                          processes=processes)
         started = time.time()

@@ -188,3 +188,33 @@ def test_gpu_scheduling_with_logical_gpus(tmp_path):
     grid = write_grid(tmp_path)
     out = sslgrid(grid, tmp_path, "-o", "resources.pretrain.gpus=1", "-o", "pretrain.epochs=1", "--num-gpus", "1")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_edits_to_the_checkout_during_a_run_do_not_reach_its_stages(tmp_path):
+    """The stages import the copy `sslgrid run` made at its start (pipeline/snapshot.py), not the
+    checkout, which a user may be editing while the grid runs."""
+    from pipeline.snapshot import PACKAGES
+
+    checkout = tmp_path / "checkout"
+    for pkg in PACKAGES:
+        shutil.copytree(REPO / pkg, checkout / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    grid = write_grid(tmp_path)
+    proc = subprocess.Popen(cli_args(grid, tmp_path), cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(checkout)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    code = tmp_path / "runs" / ".code"
+    deadline = time.time() + 120
+    while not (code.is_dir() and [p for p in code.iterdir() if not p.name.startswith(".")]):
+        assert proc.poll() is None and time.time() < deadline, "no code snapshot appeared"
+        time.sleep(0.05)
+    # The driver imported trainers/pretrain.py before it made the copy; a worker that imported the
+    # checkout's from now on would fail.
+    with open(checkout / "trainers" / "pretrain.py", "a") as f:
+        f.write("\nraise RuntimeError('a half-edited checkout')\n")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    (snap,) = [p for p in code.iterdir() if not p.name.startswith(".")]
+    runs = stage_runs(tmp_path)
+    assert len(runs) == 4 and {r.data.tags["sslgrid.code"] for r in runs} == {snap.name}
+    assert not any(r.data.tags["sslgrid.code_path"].startswith(str(checkout)) for r in runs)
+    specs = list((tmp_path / "runs").glob("*/*/spec.json"))
+    assert len(specs) == 4 and all(json.loads(s.read_text())["code"] == snap.name for s in specs)

@@ -125,6 +125,9 @@ def test_slurm_backend_matches_local(tmp_path, reference, mlflow_server):
     assert "system/cpu_utilization_percentage" in moco.data.metrics, sorted(moco.data.metrics)  # from the compute node
     jobs = [r.data.tags.get("sslgrid.slurm_job_id", "") for r in runs]
     assert all(jobs), jobs
+    # the jobs start in the run's code snapshot, on the shared filesystem, and import sslgrid from it
+    (snap,) = [p for p in (tmp_path / "runs" / ".code").iterdir() if not p.name.startswith(".")]
+    assert {(r.data.tags["sslgrid.code"], r.data.tags["sslgrid.code_path"]) for r in runs} == {(snap.name, str(snap))}
     # the two pretrainings were ready together: one array of two tasks. (Each probe is ready when
     # its own pretraining ends: random init ends seconds before MoCo, so they go out one by one.)
     pre = sorted(r.data.tags["sslgrid.slurm_job_id"] for r in runs if r.data.tags["sslgrid.stage"] == "pretrain")
