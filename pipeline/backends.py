@@ -71,8 +71,9 @@ def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
                        setup=tuple(pick("setup") or ()), array_parallelism=pick("array_parallelism") or 64)
 
 
-def slurm_backend(plan: Plan, env_vars: dict[str, str], poll_s: float = 2.0, code_dir: Path | None = None):
-    """A factory for the SLURM backend of ``plan``, after checking every request against ``sinfo``."""
+def slurm_backend(plan: Plan, env_vars: dict[str, str], poll_s: float = 2.0):
+    """A factory for the SLURM backend of ``plan``, after checking every request against ``sinfo``;
+    the factory's ``code_dir`` is the code snapshot the jobs start in."""
     from cluster.slurm_backend import SlurmBackend, SlurmConfigError, check_params, partitions
 
     try:
@@ -90,7 +91,7 @@ def slurm_backend(plan: Plan, env_vars: dict[str, str], poll_s: float = 2.0, cod
     markers = {task_name(s): s.directory(plan.grid.workdir) / MARKER for s in plan.stages.values()}
     folder = plan.grid.workdir / "slurm"
 
-    def factory() -> SlurmBackend:
+    def factory(code_dir: Path | None = None) -> SlurmBackend:
         return SlurmBackend(folder, params.__getitem__, markers.__getitem__, env_vars=env_vars, poll_s=poll_s,
                             code_dir=code_dir)
 

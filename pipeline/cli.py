@@ -143,18 +143,19 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if backend_name == "ray" and not args.ray_address:
         console.print("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")
         return EXIT_USAGE
-    # the stages import this copy of the code, whatever happens to the checkout while they run
-    code = snapshot(plan.grid.workdir)
     if backend_name == "slurm":
         problem = remote_tracking_problem(plan.grid.tracking_uri, "--backend slurm runs stages on other machines")
         if problem:
             console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
             return EXIT_USAGE
         try:
-            backend = slurm_backend(plan, local_env(), code_dir=code)
+            make_slurm = slurm_backend(plan, local_env())
         except BackendError as err:
             console.print(f"[red]{err}[/]", highlight=False, soft_wrap=True)
             return EXIT_USAGE
+
+        def backend():
+            return make_slurm(code_dir=code)
     else:
         def backend() -> RayBackend:
             return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
@@ -167,6 +168,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                                               f"the Ray cluster at {args.ray_address} spans {len(b.hosts())} machines")
             if problem:
                 raise BackendError(problem)
+    # after every refusal above, so a refused run writes nothing: the stages import this copy of
+    # the code, whatever happens to the checkout while they run
+    code = snapshot(plan.grid.workdir)
     console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
