@@ -199,8 +199,10 @@ def test_edits_to_the_checkout_during_a_run_do_not_reach_its_stages(tmp_path):
     for pkg in PACKAGES:
         shutil.copytree(REPO / pkg, checkout / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     grid = write_grid(tmp_path)
-    proc = subprocess.Popen(cli_args(grid, tmp_path), cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(checkout)),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a relative path means the same to the stages as to the driver, though they start in the copy
+    env = dict(os.environ, PYTHONPATH=str(checkout), SSLGRID_CACHE="relative-cache")
+    proc = subprocess.Popen(cli_args(grid, tmp_path), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     code = tmp_path / "runs" / ".code"
     deadline = time.time() + 120
     while not (code.is_dir() and [p for p in code.iterdir() if not p.name.startswith(".")]):
@@ -216,5 +218,7 @@ def test_edits_to_the_checkout_during_a_run_do_not_reach_its_stages(tmp_path):
     runs = stage_runs(tmp_path)
     assert len(runs) == 4 and {r.data.tags["sslgrid.code"] for r in runs} == {snap.name}
     assert not any(r.data.tags["sslgrid.code_path"].startswith(str(checkout)) for r in runs)
+    assert list((tmp_path / "relative-cache" / "data").glob("shapes-*"))
+    assert not any((Path(r.data.tags["sslgrid.code_path"]) / "relative-cache").exists() for r in runs)
     specs = list((tmp_path / "runs").glob("*/*/spec.json"))
     assert len(specs) == 4 and all(json.loads(s.read_text())["code"] == snap.name for s in specs)
