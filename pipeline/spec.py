@@ -476,7 +476,7 @@ def negatives(method: str, K: int, batch_size: int) -> int | None:
     queue or bank size K for MoCo and InstDisc, None for the methods without negatives."""
     if method == "simclr":
         return 2 * batch_size - 2
-    return K if method in ("mocov1", "mocov2", "instdisc") else None
+    return K if method in QUEUE_METHODS + ("instdisc",) else None
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -82,17 +82,15 @@ def build_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float, moment
                     exclude_bias_norm: bool = False, lars_eta: float = 1e-3) -> torch.optim.Optimizer:
     """``kind`` is "sgd" (torch's, MoCo's recipe) or "lars". With ``exclude_bias_norm`` the 1-D tensors
     (biases, BN weights) form a group without weight decay, and for LARS without adaptation."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}: use one of {', '.join(OPTIMIZERS)}")
     params = [p for p in params if p.requires_grad]
+    groups = [{"params": params}]
     if exclude_bias_norm:
-        groups = [{"params": [p for p in params if not is_bias_or_norm(p)]},
-                  {"params": [p for p in params if is_bias_or_norm(p)], "weight_decay": 0.0, "exclude": True}]
-        groups = [g for g in groups if g["params"]]
-    else:
-        groups = [{"params": params}]
+        free = {"params": [p for p in params if is_bias_or_norm(p)], "weight_decay": 0.0}
+        if kind == "lars":
+            free["exclude"] = True
+        groups = [g for g in ({"params": [p for p in params if not is_bias_or_norm(p)]}, free) if g["params"]]
     if kind == "sgd":
-        for g in groups:
-            g.pop("exclude", None)
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if kind == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
-    raise ValueError(f"unknown optimizer {kind!r}: use one of {', '.join(OPTIMIZERS)}")
+    return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, eta=lars_eta)
