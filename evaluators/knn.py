@@ -17,7 +17,7 @@ from trainers.augment import AugmentParams
 from trainers.data import load_split
 from trainers.features import frozen_features
 from trainers.knn import knn_top1
-from trainers.loop import device
+from trainers.loop import device, prepare
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
 
@@ -25,7 +25,7 @@ from trainers.sink import Sink
 def knn(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     """spec: sections ``dataset``, ``backbone`` and ``knn``; upstream: the pretrain result."""
     p = spec["knn"]
-    backbone = load_backbone(spec, upstream["checkpoint"]).to(device())
+    backbone = prepare(load_backbone(spec, upstream["checkpoint"]), device())
     train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
     aug = AugmentParams()
     with torch.no_grad():

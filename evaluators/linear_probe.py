@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.augment import AugmentParams, probe_view
+from trainers.augment import PROBE_VIEW, AugmentParams
 from trainers.data import load_split
 from trainers.features import frozen_features
-from trainers.loop import LoopConfig, device, fit
+from trainers.loader import TensorBatches, image_batches
+from trainers.loop import LoopConfig, device, fit, prepare
+from trainers.losses import full_precision
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
 
@@ -43,18 +45,22 @@ def sanity_check(backbone: nn.Module, before: dict[str, torch.Tensor]) -> None:
 
 
 def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
-    """spec: sections ``dataset``, ``backbone`` and ``linear_probe``; upstream: the pretrain result."""
+    """spec: sections ``dataset``, ``backbone`` and ``linear_probe``; upstream: the pretrain result.
+    Every rank of a torch.distributed job calls this: features are extracted in shards, and the
+    ``moco`` protocol's crops are read per rank (trainers/loader.py), with fc under
+    DistributedDataParallel. Raises BackboneChanged if a backbone tensor moved."""
     p = spec["linear_probe"]
     dev = device()
-    backbone = load_backbone(spec, upstream["checkpoint"]).to(dev)
+    precision = p.get("precision", "fp32")
+    backbone = prepare(load_backbone(spec, upstream["checkpoint"]), dev)
     backbone.requires_grad_(False)
     before = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
     aug = AugmentParams()
     size = spec["dataset"]["image_size"]
 
-    def features(split: str, images: torch.Tensor) -> torch.Tensor:
-        return frozen_features(backbone, images, upstream["checkpoint"], spec["dataset"], split, aug)
+    def features(split: str, images) -> torch.Tensor:
+        return frozen_features(backbone, images, upstream["checkpoint"], spec["dataset"], split, aug, precision)
 
     val_feats = features("val", val.images)
     num_classes = len(train.classes)
@@ -66,17 +72,19 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     fc.to(dev)
 
     if p["mode"] == "cached":
-        inputs = features("train", train.images)
+        data = TensorBatches(features("train", train.images), train.labels, dev)
 
-        def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
-            return F.cross_entropy(fc(x), y), {}
+        def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+            with full_precision():
+                return F.cross_entropy(net(inputs[0].float()), y), {}
     elif p["mode"] == "moco":
-        inputs = train.images
+        data = image_batches(train, (PROBE_VIEW,), size, p["seed"], dev, spec["dataset"].get("workers"))
 
-        def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
             with torch.no_grad():
-                h = backbone(probe_view(x, aug, size, g))
-            return F.cross_entropy(fc(h), y), {}
+                h = backbone(inputs[0])
+            with full_precision():
+                return F.cross_entropy(net(h.float()), y), {}
     else:
         raise ValueError(f"unknown probe mode {p['mode']!r}")
 
@@ -88,9 +96,8 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     milestones = p["milestones"] if p["milestones"] is not None else [int(0.6 * p["epochs"]), int(0.8 * p["epochs"])]
     cfg = LoopConfig(epochs=p["epochs"], batch_size=min(p["batch_size"], len(train)), lr=p["lr"],
                      weight_decay=p["weight_decay"], momentum=p["momentum"], schedule="step",
-                     milestones=tuple(milestones), seed=p["seed"])
-    history = fit(fc, step, fc.parameters(), inputs, train.labels, cfg, Path(workdir) / "checkpoints" / "last.pt",
-                  sink, on_epoch_end=evaluate)
+                     milestones=tuple(milestones), seed=p["seed"], precision=precision)
+    history = fit(fc, step, data, cfg, Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=evaluate)
     sanity_check(backbone, before)
     top1 = history[-1]["val_top1"]
     best = max(h["val_top1"] for h in history)

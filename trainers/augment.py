@@ -10,27 +10,49 @@ torchvision's ``RandomResizedCrop``, ``ColorJitter``, ``RandomGrayscale``, ``Gau
 
 with BYOL's solarisation after the blur when ``solarize_p`` > 0 (its second view: p 0.2).
 
-Known differences from the PIL pipeline:
-- the order of the four jitter operations is drawn once per batch, not once per image;
-- the crop is resampled bilinearly by ``roi_align``, with s×s samples per output pixel where s is the
-  batch's mean downscale factor rounded up (1 when the crops are upsampled), not by PIL;
+It is split in two so that the data path can do each part where it is cheapest:
 
-Colour jitter, grayscale and blur are computed only for the images drawn to receive them.
+- ``geometry``: the crop box, drawn on the image's **original** size (torchvision draws it on the
+  decoded original), then resized to the output size. The streaming data path
+  (trainers/loader.py) does this in DataLoader workers with PIL, on the JPEG decoded at the
+  smallest DCT scale that still gives the box the output resolution; in-memory data does it here,
+  batched, with ``roi_align`` (adaptive sampling: ceil(box side / output side) samples per output
+  pixel, per box);
+- ``photometric``: colour jitter (the four operations in a random order per image, as
+  torchvision), grayscale, blur, solarisation, flip and normalisation, batched on the device.
 
-All randomness comes from the ``generator`` argument, so an epoch's augmentations are a function of
-the seed alone: that is what lets a resumed run match an uninterrupted one.
+Every random number of a sample comes from one row of ``DRAWS`` uniforms (the layout below). The
+data path takes that row from trainers/keyed.py, keyed by (seed, epoch, sample index, view), so a
+sample's augmentation is the same whichever rank, worker or batch handles it; ``augment`` draws it
+from a generator instead, for callers outside the training loop. The draws stay on the CPU, so
+choosing which images receive an operation never waits on the device.
+
+Known differences from the PIL pipeline: in-memory crops are resampled by ``roi_align``, not by PIL.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Layout of a sample's row of uniforms: RandomResizedCrop's 10 tries of (area, log-ratio), then
+# the box's x and y; then jitter on/off, its 4 factors and its order; grayscale; blur on/off and σ;
+# solarisation; flip.
+CROP_TRIES = 10
+_CROP = slice(0, 2 * CROP_TRIES + 2)
+_JITTER_ON, _JITTER_F, _JITTER_ORDER = 22, slice(23, 27), 27
+_GRAY, _BLUR_ON, _SIGMA, _SOLAR, _FLIP = 28, 29, 30, 31, 32
+DRAWS = 33
+_ORDERS = torch.tensor(list(itertools.permutations(range(4))))  # 24×4: torchvision's randperm(4) per image
 
 
 @dataclass(frozen=True)
@@ -50,50 +72,73 @@ class AugmentParams:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=g) * (hi - lo) + lo).to(device)
+# main_lincls's training transform: RandomResizedCrop(224) (scale 0.08–1) + flip, nothing else
+PROBE_VIEW = AugmentParams(crop_scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
 
-def sample_crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
-                      g: torch.Generator, tries: int = 10) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params, vectorised: ``tries`` candidates per image, the
-    first that fits wins, else the whole image clipped to the ratio range. Returns n×4 (x1,y1,x2,y2)."""
-    area = h * w
-    target = area * (torch.rand(n, tries, generator=g) * (scale[1] - scale[0]) + scale[0])
-    log_r = torch.rand(n, tries, generator=g) * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0])
-    aspect = torch.exp(log_r)
+def crop_boxes(u: torch.Tensor | np.ndarray, h, w, scale: tuple[float, float],
+               ratio: tuple[float, float]) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params, vectorised over a batch: 10 candidate boxes per
+    image, the first that fits wins, else the whole image clipped to the ratio range.
+
+    u: N×22 uniforms (the crop columns of a DRAWS row); h, w: the original's height and width in
+    pixels, ints or N-vectors. Returns N×4 float64 boxes (x1, y1, x2, y2) in pixels."""
+    u = torch.as_tensor(u, dtype=torch.float64)
+    n = u.shape[0]
+    h = torch.as_tensor(h, dtype=torch.float64).expand(n)
+    w = torch.as_tensor(w, dtype=torch.float64).expand(n)
+    t = CROP_TRIES
+    area = (h * w)[:, None]
+    target = area * (u[:, :t] * (scale[1] - scale[0]) + scale[0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(u[:, t:2 * t] * (hi - lo) + lo)
     cw = torch.sqrt(target * aspect).round()
     ch = torch.sqrt(target / aspect).round()
-    fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((n,), -1))
-    ux = torch.rand(n, generator=g)
-    uy = torch.rand(n, generator=g)
+    fits = (cw > 0) & (ch > 0) & (cw <= w[:, None]) & (ch <= h[:, None])
+    first = torch.where(fits.any(1), fits.to(torch.uint8).argmax(1), torch.full((n,), -1))
     rows = torch.arange(n)
-    idx = first.clamp(min=0)
-    bw, bh = cw[rows, idx], ch[rows, idx]
-    # fallback: centre crop of the whole image with the ratio clamped, as torchvision does
+    pick = first.clamp(min=0)
+    bw, bh = cw[rows, pick], ch[rows, pick]
+    # fallback: a centre crop of the whole image with the ratio clamped, as torchvision does
     in_ratio = w / h
-    if in_ratio < ratio[0]:
-        fw, fh = w, round(w / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(h * ratio[1]), h
-    else:
-        fw, fh = w, h
+    fw = torch.where(in_ratio < ratio[0], w, torch.where(in_ratio > ratio[1], (h * ratio[1]).round(), w))
+    fh = torch.where(in_ratio < ratio[0], (w / ratio[0]).round(), h)
     ok = first >= 0
-    bw = torch.where(ok, bw, torch.full_like(bw, fw))
-    bh = torch.where(ok, bh, torch.full_like(bh, fh))
-    x1 = torch.where(ok, torch.floor(ux * (w - bw + 1)), torch.full_like(bw, (w - fw) // 2))
-    y1 = torch.where(ok, torch.floor(uy * (h - bh + 1)), torch.full_like(bh, (h - fh) // 2))
+    bw, bh = torch.where(ok, bw, fw), torch.where(ok, bh, fh)
+    x1 = torch.where(ok, torch.floor(u[:, 2 * t] * (w - bw + 1)), torch.div(w - fw, 2, rounding_mode="floor"))
+    y1 = torch.where(ok, torch.floor(u[:, 2 * t + 1] * (h - bh + 1)), torch.div(h - fh, 2, rounding_mode="floor"))
     return torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
 
 
+def sample_crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
+                      g: torch.Generator) -> torch.Tensor:
+    """``crop_boxes`` with the uniforms drawn from ``g``. Returns N×4 (x1, y1, x2, y2)."""
+    return crop_boxes(torch.rand(n, 2 * CROP_TRIES + 2, generator=g, dtype=torch.float64), h, w, scale, ratio)
+
+
 def resized_crop(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each image of x (N×C×H×W float) to its box and resize to size×size, in one kernel."""
+    """Crop each image of x (N×C×H×W float) to its box (N×4, pixels) and resize it to size×size, in
+    one kernel; each box gets ceil(side / size) samples per output pixel (roi_align's adaptive mode)."""
     n = x.shape[0]
-    rois = torch.cat([torch.arange(n, dtype=x.dtype, device=x.device)[:, None], boxes.to(x)], 1)
-    side = ((boxes[:, 2] - boxes[:, 0]) + (boxes[:, 3] - boxes[:, 1])).float().mean().item() / 2
-    ratio = max(1, math.ceil(side / size))
-    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=ratio, aligned=True)
+    rois = torch.cat([torch.arange(n, dtype=torch.float64)[:, None], boxes.to(torch.float64).cpu()], 1)
+    rois = to_device(rois.to(x.dtype), x.device)
+    return roi_align(x, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without a host synchronisation: pinned and copied asynchronously
+    on CUDA (a pageable copy waits for the stream to drain)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def geometry(images: torch.Tensor, u: torch.Tensor, p: AugmentParams, size: int) -> torch.Tensor:
+    """The crop of each uint8 image (N×3×H×W, H×W its original size), resized: float N×3×size×size
+    in [0, 1]. u: N×DRAWS uniforms on the CPU."""
+    _, _, h, w = images.shape
+    x = images.float().div_(255)
+    return resized_crop(x, crop_boxes(u[:, _CROP], h, w, p.crop_scale, p.crop_ratio), size)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -104,23 +149,31 @@ def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return (f[:, None, None, None] * a + (1 - f[:, None, None, None]) * b).clamp_(0, 1)
 
 
-def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], g: torch.Generator) -> torch.Tensor:
-    """torchvision ColorJitter semantics on a float batch in [0, 1], a factor per image."""
-    n, dev = x.shape[0], x.device
-    b, c, s, h = strength
-    for op in torch.randperm(4, generator=g).tolist():
-        if op == 0 and b > 0:
-            f = _uniform(n, max(0.0, 1 - b), 1 + b, g, dev)
-            x = (x * f[:, None, None, None]).clamp_(0, 1)
-        elif op == 1 and c > 0:
-            f = _uniform(n, max(0.0, 1 - c), 1 + c, g, dev)
-            mean = _gray(x).mean((1, 2, 3), keepdim=True).expand_as(x)
-            x = _blend(x, mean, f)
-        elif op == 2 and s > 0:
-            f = _uniform(n, max(0.0, 1 - s), 1 + s, g, dev)
-            x = _blend(x, _gray(x).expand_as(x), f)
-        elif op == 3 and h > 0:
-            x = hue_shift(x, _uniform(n, -h, h, g, dev))
+def _jitter_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
+    """One of ColorJitter's operations with a factor per image (f on x's device)."""
+    if op == 0:
+        return (x * f[:, None, None, None]).clamp_(0, 1)
+    if op == 1:
+        return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True).expand_as(x), f)
+    if op == 2:
+        return _blend(x, _gray(x).expand_as(x), f)
+    return hue_shift(x, f)
+
+
+def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], u: torch.Tensor) -> torch.Tensor:
+    """torchvision ColorJitter on a float batch in [0, 1]: per image, a factor for each operation and
+    the order of the four. u: N×5 uniforms on the CPU (4 factors, then the order)."""
+    n = x.shape[0]
+    ranges = [(max(0.0, 1 - s), 1 + s) for s in strength[:3]] + [(-strength[3], strength[3])]
+    factors = [u[:, i] * (hi - lo) + lo for i, (lo, hi) in enumerate(ranges)]
+    order = _ORDERS[(u[:, 4] * len(_ORDERS)).long().clamp_(max=len(_ORDERS) - 1)]  # N×4
+    for pos in range(4):
+        for op in range(4):
+            if strength[op] <= 0:
+                continue
+            on = order[:, pos] == op
+            f = factors[op].to(torch.float32)
+            x = _apply_to(x, on, lambda v, sel, op=op, f=f: _jitter_op(v, op, to_device(f[sel], v.device)))
     return x
 
 
@@ -141,13 +194,15 @@ def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian blur with a σ per image; kernel ~10% of the side (SimCLR: H//10), odd, ≥3,
-    and no wider than 6σ+1 for the batch's largest σ (the taps beyond 3σ carry < 0.3% of the weight)."""
+    """Separable Gaussian blur with a σ per image (sigma: N, on the CPU); kernel ~10% of the side
+    (SimCLR: H//10), odd, ≥3, and no wider than 6σ+1 for the batch's largest σ (the taps beyond 3σ
+    carry < 0.3% of the weight)."""
     n, ch, hgt, wid = x.shape
+    sigma = sigma.cpu().to(torch.float32)
     k = max(3, min(int(0.1 * hgt) // 2 * 2 + 1, 2 * math.ceil(3 * float(sigma.max())) + 1))
-    r = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    kern = torch.exp(-(r[None, :] ** 2) / (2 * sigma[:, None].to(x) ** 2))
-    kern = kern / kern.sum(1, keepdim=True)  # n×k
+    r = torch.arange(k, dtype=torch.float32) - k // 2
+    kern = torch.exp(-(r[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = to_device(kern / kern.sum(1, keepdim=True), x.device).to(x.dtype)  # n×k
     w = kern.repeat_interleave(ch, 0)  # (n·ch)×k
     y = x.reshape(1, n * ch, hgt, wid)
     y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), w[:, None, None, :], groups=n * ch)
@@ -161,19 +216,17 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0.5, 1.0 - x, x)
 
 
-def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask[:, None, None, None], a, b)
-
-
 def _apply_to(x: torch.Tensor, on: torch.Tensor, fn) -> torch.Tensor:
-    """x with fn applied to the images where ``on`` is set; fn sees only those (index order kept)."""
-    idx = on.nonzero().squeeze(1)
-    if idx.numel() == 0:
+    """x with fn(images, selection) applied to the images where ``on`` (N bool, CPU) is set; fn sees
+    only those, in index order, and ``selection`` is their CPU index."""
+    sel = on.nonzero().squeeze(1)
+    if sel.numel() == 0:
         return x
-    if idx.numel() == x.shape[0]:
-        return fn(x)
+    if sel.numel() == x.shape[0]:
+        return fn(x, sel)
+    dev_sel = to_device(sel, x.device)
     x = x.clone()
-    x[idx] = fn(x[idx])
+    x[dev_sel] = fn(x[dev_sel], sel)
     return x
 
 
@@ -183,44 +236,50 @@ def _apply_to(x: torch.Tensor, on: torch.Tensor, fn) -> torch.Tensor:
 CPU_CHUNK_BYTES = 8 << 20
 
 
-def augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of a uint8 batch (N×3×H×W), normalised float N×3×size×size."""
-    n, c, h, w = images.shape
-    chunk = max(1, CPU_CHUNK_BYTES // (4 * c * max(h * w, size * size)))
-    if images.device.type == "cpu" and n > chunk:
-        return torch.cat([_augment(images[i:i + chunk], p, size, g) for i in range(0, n, chunk)])
-    return _augment(images, p, size, g)
+def photometric(x: torch.Tensor, u: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """Colour jitter, grayscale, blur, solarisation, flip and normalisation of a float batch in
+    [0, 1] (N×3×S×S, any device), with the parameters in u (N×DRAWS uniforms, CPU)."""
+    n, c, h, w = x.shape
+    u = torch.as_tensor(u, dtype=torch.float64)
+    chunk = max(1, CPU_CHUNK_BYTES // (4 * c * h * w))
+    if x.device.type == "cpu" and n > chunk:
+        return torch.cat([_photometric(x[i:i + chunk], u[i:i + chunk], p) for i in range(0, n, chunk)])
+    return _photometric(x, u, p)
 
 
-def _augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
-    n, _, h, w = images.shape
-    dev = images.device
-    x = images.float().div_(255)
-    x = resized_crop(x, sample_crop_boxes(n, h, w, p.crop_scale, p.crop_ratio, g).to(dev), size)
-    # Random draws stay on the CPU generator, in a fixed order, whatever subset they select: the
-    # augmentation of an epoch is a function of the seed alone (resume depends on it).
+def _photometric(x: torch.Tensor, u: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     if p.jitter_p > 0 and any(v > 0 for v in p.jitter):
-        on = torch.rand(n, generator=g) < p.jitter_p
-        x = _apply_to(x, on.to(dev), lambda v: color_jitter(v, p.jitter, g))
+        on = u[:, _JITTER_ON] < p.jitter_p
+        ju = torch.cat([u[:, _JITTER_F], u[:, _JITTER_ORDER:_JITTER_ORDER + 1]], 1)
+        x = _apply_to(x, on, lambda v, sel: color_jitter(v, p.jitter, ju[sel]))
     if p.grayscale_p > 0:
-        on = torch.rand(n, generator=g) < p.grayscale_p
-        x = _apply_to(x, on.to(dev), lambda v: _gray(v).expand_as(v))
+        x = _apply_to(x, u[:, _GRAY] < p.grayscale_p, lambda v, sel: _gray(v).expand_as(v))
     if p.blur_p > 0:
-        on = torch.rand(n, generator=g) < p.blur_p
-        sigma = _uniform(n, p.blur_sigma[0], p.blur_sigma[1], g, dev)
-        x = _apply_to(x, on.to(dev), lambda v: gaussian_blur(v, sigma[on.to(dev)]))
+        sigma = u[:, _SIGMA] * (p.blur_sigma[1] - p.blur_sigma[0]) + p.blur_sigma[0]
+        x = _apply_to(x, u[:, _BLUR_ON] < p.blur_p, lambda v, sel: gaussian_blur(v, sigma[sel]))
     if p.solarize_p > 0:
-        on = torch.rand(n, generator=g) < p.solarize_p
-        x = _apply_to(x, on.to(dev), solarize)
+        x = _apply_to(x, u[:, _SOLAR] < p.solarize_p, lambda v, sel: solarize(v))
     if p.flip_p > 0:
-        on = (torch.rand(n, generator=g) < p.flip_p).to(dev)
-        x = _where(on, x.flip(3), x)
+        x = _apply_to(x, u[:, _FLIP] < p.flip_p, lambda v, sel: v.flip(3))
     return normalize(x, p)
 
 
+def augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
+    """One augmented view of a uint8 batch (N×3×H×W), normalised float N×3×size×size, with its
+    random numbers drawn from ``g`` (the training loop keys them per sample instead, see
+    trainers/loader.py)."""
+    u = torch.rand(images.shape[0], DRAWS, generator=g, dtype=torch.float64)
+    return photometric(geometry(images, u, p, size), u, p)
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_std(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(mean, dtype=dtype, device=device)[None, :, None, None],
+            torch.tensor(std, dtype=dtype, device=device)[None, :, None, None])
+
+
 def normalize(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-    mean = torch.tensor(p.mean, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.tensor(p.std, device=x.device, dtype=x.dtype)[None, :, None, None]
+    mean, std = _mean_std(p.mean, p.std, x.device, x.dtype)  # made once per device: no copy per batch
     return (x - mean) / std
 
 
@@ -231,8 +290,4 @@ def eval_view(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
 
 def probe_view(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
     """main_lincls's training transform: RandomResizedCrop (scale 0.08–1) + flip, nothing else."""
-    n, _, h, w = images.shape
-    x = images.float().div_(255)
-    x = resized_crop(x, sample_crop_boxes(n, h, w, (0.08, 1.0), p.crop_ratio, g).to(images.device), size)
-    on = (torch.rand(n, generator=g) < 0.5).to(images.device)
-    return normalize(_where(on, x.flip(3), x), p)
+    return augment(images, PROBE_VIEW, size, g)

@@ -36,12 +36,13 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         s = self.num_splits
         running_mean = self.running_mean.repeat(s)
         running_var = self.running_var.repeat(s)
-        # (N, C, H, W) → (N/S, S·C, H, W): each sub-batch gets its own channel statistics
-        y = F.batch_norm(x.view(-1, c * s, h, w), running_mean, running_var,
+        # (N, C, H, W) → (N/S, S·C, H, W): each sub-batch gets its own channel statistics (reshape:
+        # a channels_last input is copied)
+        y = F.batch_norm(x.reshape(-1, c * s, h, w), running_mean, running_var,
                          self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
         self.running_mean.copy_(running_mean.view(s, c).mean(0))
         self.running_var.copy_(running_var.view(s, c).mean(0))
-        return y.view(n, c, h, w)
+        return y.reshape(n, c, h, w)
 
 
 def _norm_layer(bn_splits: int) -> Callable[[int], nn.Module]:

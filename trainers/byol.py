@@ -22,13 +22,22 @@ class BYOL(nn.Module):
         self.target.requires_grad_(False)
         self.tau_base, self.total_steps = tau_base, total_steps
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._step: int | None = None  # the step mirrored on the host, so no step reads it back
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._step = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def _update_target(self) -> None:
-        tau = byol_tau(int(self.step), self.total_steps, self.tau_base)
-        for p_o, p_t in zip(self.online.parameters(), self.target.parameters()):
-            p_t.mul_(tau).add_(p_o.detach(), alpha=1 - tau)
-        self.step += 1
+        if self._step is None:
+            self._step = int(self.step)  # once per run
+        tau = byol_tau(self._step, self.total_steps, self.tau_base)
+        t_params = list(self.target.parameters())
+        torch._foreach_mul_(t_params, tau)
+        torch._foreach_add_(t_params, [p.detach() for p in self.online.parameters()], alpha=1 - tau)
+        self._step += 1
+        self.step.fill_(self._step)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         self._update_target()

@@ -33,9 +33,11 @@ class DataError(Exception):
 
 
 class LazyImages:
-    """N×3×H×W uint8 images decoded on demand: ``lazy[idx]`` (a tensor of indices or a slice) decodes
-    just those files, in a thread pool sized to the machine (PIL releases the GIL while decoding).
-    Used for ImageFolder trees too large to hold in memory, such as ImageNet."""
+    """N×3×S×S uint8 images in the evaluation view, decoded on demand: ``lazy[idx]`` (a tensor of
+    indices or a slice) decodes just those files, in a thread pool sized to the machine (PIL
+    releases the GIL while decoding). Used for ImageFolder trees too large, or too varied in size,
+    to hold in memory, such as ImageNet; training reads the same files through trainers/loader.py,
+    which crops the originals."""
 
     def __init__(self, files: list[Path], image_size: int, workers: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +56,12 @@ class LazyImages:
             idx = idx.tolist()
         arrays = list(self.pool.map(lambda i: _load_image(self.files[i], self.image_size), idx))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    def __getstate__(self) -> dict:  # DataLoader workers get the file list, not the thread pool
+        return {"files": self.files, "image_size": self.image_size, "shape": self.shape}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["files"], state["image_size"], workers=1)
 
 
 IN_MEMORY_BYTES = 4 * 2**30  # decoded size above which an ImageFolder is read lazily
@@ -173,28 +181,71 @@ def ensure_synthetic(num_train: int, num_val: int, image_size: int, seed: int) -
 # ImageFolder
 
 
-def _load_image(path: Path, image_size: int) -> np.ndarray:
+def eval_resize(image_size: int) -> int:
+    """The shorter side the evaluation view resizes to before its centre crop: moco main_lincls's
+    Resize(256) + CenterCrop(224), scaled to ``image_size`` (pixels)."""
+    return round(image_size * 256 / 224)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as PIL RGB, or a DataError that names the file."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (image_size, image_size):
-                # shorter side to image_size, then centre crop: the same framing as eval transforms
-                w, h = im.size
-                scale = image_size / min(w, h)
-                im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
-                               Image.Resampling.BILINEAR)
-                w, h = im.size
-                left, top = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-            return np.asarray(im, dtype=np.uint8)
+        im = Image.open(path)
+        im.load()
+        return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
 
 
+def eval_image(im: Image.Image, image_size: int) -> Image.Image:
+    """The evaluation view of an RGB image: as is when it is already image_size square (CIFAR, STL,
+    the synthetic set, as solo-learn and moco's CIFAR demo evaluate them), else torchvision's
+    Resize(eval_resize(S)) + CenterCrop(S), moco main_lincls's val transform at S = 224."""
+    if im.size == (image_size, image_size):
+        return im
+    import torchvision.transforms.functional as TF
+
+    return TF.center_crop(TF.resize(im, eval_resize(image_size), interpolation=TF.InterpolationMode.BILINEAR),
+                          image_size)
+
+
+def _load_image(path: Path, image_size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            # decode at the smallest JPEG DCT scale that still gives the resize its resolution
+            short = min(im.size)
+            target = eval_resize(image_size)
+            if short > target:
+                im.draft("RGB", (math.ceil(im.size[0] * target / short), math.ceil(im.size[1] * target / short)))
+            im = im.convert("RGB")
+            return np.asarray(eval_image(im, image_size), dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
+
+
+def _all_native(files: list[Path], image_size: int) -> bool:
+    """Whether every file is already image_size square (PIL reads only the headers)."""
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                if im.size != (image_size, image_size):
+                    return False
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return True  # _load_image reports it, with the file's name
+    return True
+
+
 def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = None,
                      in_memory: bool | None = None) -> ImageSet:
-    """Read ``split_root/<class>/<image>`` at ``image_size`` (resize + centre crop): decoded into
-    memory when that takes under 4 GiB (or ``in_memory``), else lazily, a batch at a time."""
+    """Read ``split_root/<class>/<image>``.
+
+    In memory (``images`` a uint8 N×3×S×S tensor, decoded once) when ``in_memory``, or by default
+    when every image is already S×S and they take under 4 GiB: training then crops these arrays,
+    which are the originals. Otherwise streamed (``images`` a :class:`LazyImages` in the evaluation
+    view), and training crops the decoded originals in DataLoader workers (trainers/loader.py), as
+    torchvision's RandomResizedCrop does. An explicit ``in_memory: true`` on images of other sizes
+    stores their evaluation view and trains on crops of it (smaller, but the crop cannot reach the
+    border the centre crop cut). Raises DataError naming the folder or file at fault."""
     split_root = Path(split_root)
     if not split_root.is_dir():
         raise DataError(f"{split_root}: no such folder. An ImageFolder dataset needs <root>/train/<class>/ "
@@ -215,7 +266,8 @@ def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = 
         files = [files[int(i * step)] for i in range(max_items)]
     labels = torch.tensor([c for _, c in files], dtype=torch.int64)
     if in_memory is None:
-        in_memory = len(files) * 3 * image_size * image_size <= IN_MEMORY_BYTES
+        in_memory = (len(files) * 3 * image_size * image_size <= IN_MEMORY_BYTES
+                     and _all_native([f for f, _ in files], image_size))
     if not in_memory:
         return ImageSet(LazyImages([f for f, _ in files], image_size), labels, classes)
     arr = np.stack([_load_image(f, image_size) for f, _ in files])

@@ -1,23 +1,25 @@
 """Data-parallel training over torch.distributed, written so that W processes reproduce one process
 with the same global batch.
 
-Every rank draws the same global batch (the sample order comes from the shared epoch generator) and
-augments all of it with the same generator, then keeps its own slice: the random stream stays
-identical on every rank, so rank r's rows r, r+W, r+2W… are exactly what a single process would
-have there. Rows are dealt out interleaved, not in blocks, because that is how one process's
-SplitBatchNorm (moco's CIFAR demo, ``bn_splits``) groups them: W ranks with bn_splits=s normalise
-the same groups as one process with bn_splits=W·s. This costs W× the augmentation work, which is
-cheap next to the encoders, and buys exactness: tests/unit/test_distributed.py checks a 2-process
-run against a 1-process run.
+Every rank knows the global batch of every step (the sample order comes from the shared epoch
+generator) and reads only its own rows of it: rows r, r+W, r+2W… (trainers/loader.py). Each
+sample's augmentation is keyed by its index (trainers/keyed.py), so rank r's rows are exactly what a
+single process would have there. Rows are dealt out interleaved, not in blocks, because that is
+how one process's SplitBatchNorm (moco's CIFAR demo, ``bn_splits``) groups them: W ranks with
+bn_splits=s normalise the same groups as one process with bn_splits=W·s.
+tests/unit/test_distributed.py checks a 2-process run against a 1-process run.
 
 What moco#16 and lightly#1018 got wrong is handled in the methods: keys and bank entries are
 gathered from all ranks (``gather``, moco's ``concat_all_gather``) before they enter the queue or the
 memory bank, and the key encoder's BatchNorm sees a batch shuffled across ranks (shuffle-BN).
-Gradients are averaged over ranks in one flattened all-reduce per step (``average_gradients``).
-Rank 0 alone writes checkpoints and talks to the metrics sink.
+Gradients are averaged by torch's DistributedDataParallel (trainers/loop.py). Rank 0 alone writes
+checkpoints and talks to the metrics sink.
 
 A process group is started from the usual environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-``MASTER_PORT``; submitit's ``TorchDistributedEnvironment`` exports them on SLURM), by ``init_from_env``.
+``MASTER_PORT``; submitit's ``TorchDistributedEnvironment`` exports them on SLURM), by
+``init_from_env``. With CUDA present it serves CPU tensors through gloo and CUDA tensors through
+NCCL (``backend_for``): an NCCL-only group refuses a collective on a CPU tensor ("No backend type
+associated with device type cpu").
 """
 from __future__ import annotations
 
@@ -44,16 +46,23 @@ def world() -> World:
     return World()
 
 
-def init_from_env() -> World:
-    """Join the process group the environment describes (a no-op for a single process): gloo on the
-    CPU, nccl when CUDA is present."""
+def backend_for(cuda: bool) -> str:
+    """The process group's backend string: gloo for CPU tensors, plus NCCL for CUDA tensors when
+    CUDA is present (torch's "device:backend" form)."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def init_from_env(backend: str | None = None) -> World:
+    """Join the process group the environment describes (a no-op for a single process), with
+    ``backend`` or ``backend_for(torch.cuda.is_available())``; on CUDA, this process's device is
+    LOCAL_RANK modulo the visible devices."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or world().size > 1:
         return world()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=size)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group(backend or backend_for(torch.cuda.is_available()), rank=int(os.environ["RANK"]),
+                            world_size=size)
     return world()
 
 
@@ -77,31 +86,40 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])
 
 
-def mean(value: float) -> float:
-    """The mean of a scalar over ranks."""
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``t`` over ranks, on t's device (no host round trip)."""
     w = world()
     if w.size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
+        return t
+    t = t.clone()
     dist.all_reduce(t)
-    return float(t) / w.size
+    return t / w.size
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Replace each gradient by its mean over ranks, in one all-reduce of the flattened gradients."""
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """``gather`` through which gradients flow back to every rank's rows (torch.distributed.nn's
+    all_gather, whose backward sums each slot's gradient over ranks): SimCLR's global negatives."""
     w = world()
     if w.size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= w.size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(x.contiguous())
+    return torch.stack(parts, 1).reshape(-1, *x.shape[1:])
+
+
+def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of range(n) held as contiguous shards (trainers/loader.Shard: rank r has rows
+    [r·ceil(n/W), …)) back as the full n×… tensor on every rank."""
+    w = world()
+    if w.size == 1:
+        return x
+    per = -(-n // w.size)
+    padded = torch.zeros((per, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(w.size)]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)[:n]
 
 
 def barrier() -> None:

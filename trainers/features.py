@@ -25,23 +25,30 @@ from trainers.augment import AugmentParams
 from trainers.knn import extract
 
 
-def cache_path(ckpt: str | Path, dataset: dict, split: str, aug: AugmentParams) -> Path:
+def cache_path(ckpt: str | Path, dataset: dict, split: str, aug: AugmentParams, precision: str = "fp32") -> Path:
     ckpt = Path(ckpt)
     st = ckpt.stat()
-    key = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "dataset": dataset, "split": split,
-                      "view": dataclasses.asdict(aug)}, sort_keys=True, default=str)
+    fields = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "dataset": dataset, "split": split,
+              "view": dataclasses.asdict(aug)}
+    if precision != "fp32":  # fp32 files keep the names they had before precision existed
+        fields["precision"] = precision
+    key = json.dumps(fields, sort_keys=True, default=str)
     return ckpt.parent / "features" / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.pt"
 
 
-def store(ckpt: str | Path, dataset: dict, split: str, aug: AugmentParams, feats: torch.Tensor) -> None:
-    checkpoint.atomic_save(feats.cpu(), cache_path(ckpt, dataset, split, aug))
+def store(ckpt: str | Path, dataset: dict, split: str, aug: AugmentParams, feats: torch.Tensor,
+          precision: str = "fp32") -> None:
+    from trainers import distributed as D
+
+    if D.world().is_main:  # every rank has the gathered features; one writes them
+        checkpoint.atomic_save(feats.cpu(), cache_path(ckpt, dataset, split, aug, precision))
 
 
-def frozen_features(backbone: nn.Module, images: torch.Tensor, ckpt: str | Path, dataset: dict, split: str,
-                    aug: AugmentParams) -> torch.Tensor:
+def frozen_features(backbone: nn.Module, images, ckpt: str | Path, dataset: dict, split: str,
+                    aug: AugmentParams, precision: str = "fp32") -> torch.Tensor:
     """``extract(backbone, images, aug)`` for the backbone loaded from ``ckpt``, read from the cache
     when a stage already computed it. The caller sets eval mode."""
-    path = cache_path(ckpt, dataset, split, aug)
+    path = cache_path(ckpt, dataset, split, aug, precision)
     if path.exists():
         try:
             feats = checkpoint.load(path)
@@ -49,6 +56,6 @@ def frozen_features(backbone: nn.Module, images: torch.Tensor, ckpt: str | Path,
                 return feats
         except Exception:  # a partial or foreign file: recompute and replace it
             pass
-    feats = extract(backbone, images, aug)
-    store(ckpt, dataset, split, aug, feats)
+    feats = extract(backbone, images, aug, precision=precision)
+    store(ckpt, dataset, split, aug, feats, precision)
     return feats

@@ -11,16 +11,61 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers import distributed as D
 from trainers.augment import AugmentParams, eval_view
+from trainers.data import LazyImages, _load_image
+from trainers.loader import Shard, default_workers
+from trainers.loop import autocast
+
+
+class _EvalFiles(torch.utils.data.Dataset):
+    """File i in the evaluation view (trainers/data.py ``_load_image``), for DataLoader workers."""
+
+    def __init__(self, images: LazyImages, start: int, stop: int):
+        self.files, self.size, self.start, self.stop = images.files, images.image_size, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(_load_image(self.files[self.start + i], self.size)).permute(2, 0, 1)
+
+
+def _shard_batches(images, start: int, stop: int, batch: int, dev: torch.device, workers: int | None):
+    if isinstance(images, LazyImages):  # decoded by DataLoader workers, ahead of the backbone
+        workers = default_workers() if workers is None else workers
+        loader = torch.utils.data.DataLoader(_EvalFiles(images, start, stop), batch_size=batch, num_workers=workers,
+                                             pin_memory=dev.type == "cuda",
+                                             prefetch_factor=4 if workers else None)
+        yield from loader
+    else:
+        for i in range(start, stop, batch):
+            yield images[i:min(i + batch, stop)]
 
 
 @torch.no_grad()
-def extract(backbone: nn.Module, images: torch.Tensor, aug: AugmentParams, batch: int = 512) -> torch.Tensor:
-    """Backbone features h of uint8 images, un-augmented, batch by batch, on the backbone's device;
-    returned on the CPU. The caller sets train/eval mode."""
+def extract(backbone: nn.Module, images, aug: AugmentParams, batch: int = 512, precision: str = "fp32",
+            workers: int | None = None) -> torch.Tensor:
+    """Backbone features h (N×C float32, on the CPU) of uint8 images (N×3×S×S tensor, or a
+    LazyImages decoded in the evaluation view by DataLoader workers), un-augmented, batch by batch on
+    the backbone's device, under ``precision``'s autocast. Under torch.distributed every rank
+    extracts a contiguous share and all get the whole result. The caller sets train/eval mode."""
     dev = next(backbone.parameters()).device
-    out = [backbone(eval_view(images[i:i + batch].to(dev), aug)).float().cpu() for i in range(0, len(images), batch)]
-    return torch.cat(out)
+    n = len(images)
+    shard = Shard.of(n)
+    out = []
+    for x in _shard_batches(images, shard.start, shard.stop, batch, dev, workers):
+        x = eval_view(x.to(dev, non_blocking=True), aug)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(dev, precision):
+            out.append(backbone(x).float())
+    feats = torch.cat(out) if out else torch.zeros((0, _feat_dim(backbone)), device=dev)
+    return D.gather_shards(feats, n).cpu()
+
+
+def _feat_dim(backbone: nn.Module) -> int:
+    return int(getattr(backbone, "feat_dim"))
 
 
 @torch.no_grad()

@@ -1,29 +1,52 @@
-"""The one training loop every method uses, with checkpoint/resume.
+"""The one training loop every method uses, with checkpoint/resume, data parallelism and mixed
+precision.
 
-Each epoch's randomness (sample order, augmentation, key shuffling) comes from a generator seeded by
-(seed, epoch), and a checkpoint holding model (queue and bank included, as buffers), optimizer,
+Each epoch's randomness comes from the epoch generator seeded by (seed, epoch) (sample order, key
+shuffling, negatives) and from trainers/keyed.py (each sample's augmentation, keyed by its index).
+A checkpoint holding model (queue and bank included, as buffers), optimizer, gradient scaler,
 step, epoch, history and RNG state is written by write-then-rename after every epoch. A run
 resumed from the checkpoint of epoch e therefore replays epochs e+1… exactly as an uninterrupted run
 would (on CPU; cuDNN kernels may differ bitwise).
+
+Under torch.distributed the model is wrapped in torch's DistributedDataParallel (bucketed
+gradient all-reduce overlapping the backward pass); each rank reads its own rows of every global
+batch (trainers/loader.py). On CUDA: channels_last, cudnn.benchmark, and autocast to the stage's
+``precision`` (bf16, or fp16 with a gradient scaler); losses are computed in fp32 by the methods.
+The step loop never waits on the device: losses accumulate on it, and the non-finite check reads
+them back once every ``check_every`` steps and at the epoch's end.
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
 from trainers import checkpoint
 from trainers import distributed as D
+from trainers.loader import Batch, epoch_order, local_steps
 from trainers.optim import build_optimizer
 from trainers.schedule import lr_at
 from trainers.sink import Sink
 
-# step(images, labels, dataset indices, generator) -> (loss, metrics); indices serve memory banks
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+# step(net, inputs, labels, dataset indices, generator) -> (loss, metrics): inputs are this rank's
+# rows of each view; ``net`` is the model, wrapped in DistributedDataParallel under torch.distributed
+# (call it, not the model, so that gradients are averaged); metrics are tensors on the device.
+StepFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Generator],
+                  tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class Batches(Protocol):
+    def __len__(self) -> int: ...
+    def epoch(self, epoch: int, steps: list[torch.Tensor]): ...  # -> Iterator[Batch]
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +63,8 @@ class LoopConfig:
     optimizer: str = "sgd"  # trainers/optim.py: sgd or lars
     exclude_bias_norm: bool = False
     lars_eta: float = 1e-3
+    precision: str = "fp32"  # bf16 | fp16 | fp32: autocast dtype of the forward pass
+    check_every: int = 50  # steps between non-finite checks (each one reads a scalar back from the device)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -47,25 +72,56 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], images: torch.Tensor,
-        labels: torch.Tensor, cfg: LoopConfig, ckpt_path: Path, sink: Sink,
-        on_epoch_end: Callable[[int], dict[str, float]] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` by ``step_fn`` over uint8 ``images`` for cfg.epochs, resuming from ``ckpt_path``
-    if it exists. Returns the per-epoch history (mean loss, lr, ...).
+def autocast(dev: torch.device, precision: str):
+    """The autocast context of ``precision`` on ``dev`` (a no-op for fp32). Raises ValueError for an
+    unknown precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: valid values are {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
-    Under torch.distributed (trainers/distributed.py) every rank gets the same global batch of
-    cfg.batch_size images and ``step_fn`` keeps its own slice; gradients and logged values are
-    averaged over ranks, and rank 0 alone writes the checkpoint (all ranks read it on resume)."""
+
+def prepare(model: nn.Module, dev: torch.device) -> nn.Module:
+    """``model`` on ``dev``; on CUDA in channels_last with cudnn.benchmark on (fixed input sizes)."""
+    model.to(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def data_parallel(model: nn.Module, dev: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel under torch.distributed, else itself. Buffers
+    (queue, memory bank, BN statistics) are not broadcast: the methods keep the queue and bank
+    equal on every rank themselves, and BN statistics stay per rank as in moco."""
+    if D.world().size == 1 or not any(p.requires_grad for p in model.parameters()):
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+
+
+def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_path: Path, sink: Sink,
+        on_epoch_end: Callable[[int], dict[str, float]] | None = None, drop_last: bool = True
+        ) -> list[dict[str, float]]:
+    """Train ``model`` by ``step_fn`` on ``data`` (trainers/loader.py) for cfg.epochs, resuming from
+    ``ckpt_path`` if it exists. Returns the per-epoch history (mean loss, lr, images/s, ...).
+
+    ``drop_last``: drop each epoch's last partial global batch (pretraining) or train on it too
+    (the probe). Raises ValueError when the batch is larger than the data, and FloatingPointError,
+    naming the epoch and step range, when the loss stops being finite."""
     w = D.world()
     dev = next(model.parameters()).device
-    params = [p for p in params if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.exclude_bias_norm,
                           cfg.lars_eta)
-    n = images.shape[0]
-    steps_per_epoch = n // cfg.batch_size
+    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+    n = len(data)
+    steps_per_epoch = n // cfg.batch_size if drop_last else -(-n // cfg.batch_size)
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({n} images)")
     start_epoch, step, history = 0, 0, []
@@ -73,47 +129,67 @@ def fit(model: nn.Module, step_fn: StepFn, params: Iterable[nn.Parameter], image
         state = checkpoint.load(ckpt_path)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
         checkpoint.set_rng_state(state["rng"])
         if w.is_main:
             sink.log({"resumed_from_epoch": float(state["epoch"] + 1)}, step=state["epoch"] + 1)
+    net = data_parallel(model, dev)
     if w.is_main:
         sink.progress(start_epoch, cfg.epochs)
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        g = epoch_generator(cfg.seed, epoch)
-        perm = torch.randperm(n, generator=g)
-        totals: dict[str, float] = {}
-        t0 = time.perf_counter()
-        lr = cfg.lr
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            lr = lr_at(step, steps_per_epoch, cfg.epochs, cfg.lr, cfg.schedule, cfg.milestones, cfg.warmup_epochs)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = images[idx].to(dev, non_blocking=True)
-            y = labels[idx].to(dev, non_blocking=True)
-            loss, metrics = step_fn(x, y, idx.to(dev), g)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {i}: lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            D.average_gradients(params)
-            opt.step()
-            step += 1
-            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        seconds = time.perf_counter() - t0
-        record = {k: D.mean(v / steps_per_epoch) for k, v in totals.items()}
-        record.update(lr=lr, epoch_seconds=seconds, images_per_second=steps_per_epoch * cfg.batch_size / seconds)
-        if on_epoch_end is not None:
-            record.update(on_epoch_end(epoch))
-        history.append(record)
-        if w.is_main:
-            sink.log(record, step=epoch)
-            checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                                    "step": step, "history": history, "rng": checkpoint.rng_state()}, ckpt_path)
-            sink.progress(epoch + 1, cfg.epochs)
-        D.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            g = epoch_generator(cfg.seed, epoch)
+            steps = local_steps(epoch_order(n, g), cfg.batch_size, drop_last)
+            totals: dict[str, torch.Tensor] = {}
+            window, window_start = torch.zeros((), device=dev), 0
+            t0 = time.perf_counter()
+            lr = cfg.lr
+            for i, (inputs, y, idx) in enumerate(data.epoch(epoch, steps)):
+                lr = lr_at(step, steps_per_epoch, cfg.epochs, cfg.lr, cfg.schedule, cfg.milestones, cfg.warmup_epochs)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                if dev.type == "cuda":
+                    inputs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
+                with autocast(dev, cfg.precision):
+                    loss, metrics = step_fn(net, inputs, y, idx, g)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                loss = loss.detach().float()
+                window = window + loss
+                totals["loss"] = totals.get("loss", 0.0) + loss
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v.detach().float()
+                if (i + 1) % cfg.check_every == 0 or i + 1 == steps_per_epoch:
+                    _check_finite(window, epoch, window_start, i)
+                    window, window_start = torch.zeros((), device=dev), i + 1
+            seconds = time.perf_counter() - t0
+            names = sorted(totals)
+            means = D.all_mean(torch.stack([torch.as_tensor(totals[k], device=dev) for k in names]) / steps_per_epoch)
+            record = dict(zip(names, means.tolist()))
+            record.update(lr=lr, epoch_seconds=seconds, images_per_second=steps_per_epoch * cfg.batch_size / seconds)
+            if on_epoch_end is not None:
+                record.update(on_epoch_end(epoch))
+            history.append(record)
+            if w.is_main:
+                sink.log(record, step=epoch)
+                checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                                        "history": history, "rng": checkpoint.rng_state()}, ckpt_path)
+                sink.progress(epoch + 1, cfg.epochs)
+            D.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
+    finally:
+        data.close()
     return history
+
+
+def _check_finite(window: torch.Tensor, epoch: int, first: int, last: int) -> None:
+    """One read-back of the summed losses of steps first..last of ``epoch``."""
+    if not bool(torch.isfinite(window)):
+        raise FloatingPointError(f"the loss is not finite (sum {float(window)}) in epoch {epoch}, steps {first}-{last}: "
+                                 f"lower the lr, or use precision fp32/bf16 if this is fp16")

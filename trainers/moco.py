@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainers import distributed as D
+from trainers.augment import to_device
 from trainers.losses import info_nce, info_nce_selected
 from trainers.negatives import hard_negative_index
 
@@ -45,34 +46,45 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))  # C×K
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
+        self._ptr: int | None = None  # queue_ptr mirrored on the host, so no step reads it back
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a resumed queue_ptr replaces the mirror
+        self._ptr = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def _momentum_update_key_encoder(self) -> None:
-        """θ_k ← m·θ_k + (1 − m)·θ_q"""
-        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            p_k.mul_(self.m).add_(p_q.detach(), alpha=1.0 - self.m)
+        """θ_k ← m·θ_k + (1 − m)·θ_q, in two foreach kernels over all tensors."""
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, self.m)
+        torch._foreach_add_(k_params, [p.detach() for p in self.encoder_q.parameters()], alpha=1.0 - self.m)
 
     @torch.no_grad()
     def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
         """Replace the oldest len(keys) entries of the queue by keys (N×C)."""
         n = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        if self._ptr is None:
+            self._ptr = int(self.queue_ptr)  # once per run
+        ptr = self._ptr
         if n >= self.K:  # more keys than slots: keep the newest K
             keys, n, ptr = keys[-self.K:], self.K, 0
         idx = (ptr + torch.arange(n, device=keys.device)) % self.K
-        self.queue[:, idx] = keys.T
-        self.queue_ptr[0] = (ptr + n) % self.K
+        self.queue[:, idx] = keys.T.to(self.queue.dtype)
+        self._ptr = (ptr + n) % self.K
+        self.queue_ptr.fill_(self._ptr)
 
     def forward(self, im_q: torch.Tensor, im_k: torch.Tensor, g: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """im_q, im_k: two views of the global batch, B×3×H×W. Returns (loss, logits b×(1+K)) for
-        this rank's b = B / world rows (b = B in one process)."""
-        q = F.normalize(self.encoder_q(D.local(im_q)), dim=1)  # queries: b×C
+        """im_q, im_k: two views of this rank's b rows of the global batch of B = b·W, b×3×H×W.
+        Returns (loss, logits b×(1+K)), computed in fp32 whatever the autocast dtype."""
+        q = F.normalize(self.encoder_q(im_q).float(), dim=1)  # queries: b×C
         with torch.no_grad():
             self._momentum_update_key_encoder()
-            n = im_k.shape[0]
-            perm = torch.randperm(n, generator=g).to(im_k.device)  # shuffle-BN, across ranks
-            k_shuffled = F.normalize(self.encoder_k(D.local(im_k[perm])), dim=1)  # b×C, BN over this rank's slice
-            k_all = D.gather(k_shuffled)[torch.argsort(perm)]  # keys of the whole batch: B×C, in order
+            x_all = D.gather(im_k)  # B×3×H×W: moco's _batch_shuffle_ddp gathers the key images
+            perm = torch.randperm(x_all.shape[0], generator=g)  # shuffle-BN, across ranks (same g on all)
+            dev_perm = to_device(perm, im_k.device)
+            k_shuffled = F.normalize(self.encoder_k(D.local(x_all[dev_perm])).float(), dim=1)  # b×C, BN over this rank's slice
+            k_all = D.gather(k_shuffled)[to_device(torch.argsort(perm), im_k.device)]  # keys of the whole batch: B×C, in order
             k = D.local(k_all)  # this rank's keys: b×C
         queue = self.queue.clone().detach()
         if self.hard is None:

@@ -39,5 +39,6 @@ def hard_negative_index(q: torch.Tensor, queue: torch.Tensor, shape: float, loc:
     """Queue columns to use as negatives: N×K indices, hard ones most often (q: N×C, queue: C×K)."""
     with torch.no_grad():
         order = torch.argsort(q @ queue, dim=1, descending=True)  # N×K, hardest first
-    ranks = skewnorm_ranks(q.shape[0], queue.shape[1], shape, loc, scale, g).to(q.device)
+    ranks = skewnorm_ranks(q.shape[0], queue.shape[1], shape, loc, scale, g)
+    ranks = ranks.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else ranks
     return order.gather(1, ranks)

@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from trainers import checkpoint
 from trainers import distributed as D
 from trainers import features
-from trainers.augment import AugmentParams, augment
+from trainers.augment import AugmentParams
 from trainers.backbones import build_backbone
 from trainers.data import load_split
 from trainers.heads import build_head
 from trainers.knn import extract, knn_top1
-from trainers.loop import LoopConfig, StepFn, device, fit
+from trainers.loader import image_batches
+from trainers.loop import LoopConfig, StepFn, device, fit, prepare
+from trainers.losses import full_precision
 from trainers.byol import BYOL
 from trainers.instdisc import InstDisc
 from trainers.moco import Encoder, MoCo
@@ -56,82 +58,98 @@ class Context:
         self.size, self.num_classes, self.n_data, self.total_steps = size, num_classes, n_data, total_steps
 
 
+# builder(backbone, pretrain section, context) → (model, the views its step reads, step function)
+Built = tuple[nn.Module, tuple[AugmentParams, ...], StepFn]
+
+
 def _encoder(backbone: nn.Module, p: dict, hidden: int | None = None) -> tuple[Encoder, int]:
     h = p["head"]
     head, dim = build_head(h["kind"], backbone.feat_dim, h["hidden_dim"] or hidden, h["out_dim"], h["batchnorm"])
     return Encoder(backbone, head), dim
 
 
-def build_moco(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+def _top1(logits: torch.Tensor, target: torch.Tensor | int) -> torch.Tensor:
+    """Fraction of rows whose largest logit is the target, as a device tensor (no read-back)."""
+    return (logits.argmax(1) == target).float().mean()
+
+
+def build_moco(backbone: nn.Module, p: dict, ctx: Context) -> Built:
     encoder, dim = _encoder(backbone, p)
     neg = p["negatives"]
     hard = (neg["shape"], neg["loc"], neg["scale"]) if neg["sampling"] == "hard" else None
     model = MoCo(encoder, dim=dim, K=p["K"], m=p["m"], T=p["T"], hard=hard)
-    aug_q, aug_k = augment_params(p["augment"])
 
-    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        im_q, im_k = augment(x, aug_q, ctx.size, g), augment(x, aug_k, ctx.size, g)
-        loss, logits = model(im_q, im_k, g)
-        return loss, {"inst_acc": float((logits.argmax(1) == 0).float().mean())}  # instance-discrimination top-1
+    def step(net: nn.Module, views: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        loss, logits = net(views[0], views[1], g)
+        return loss, {"inst_acc": _top1(logits, 0)}  # instance-discrimination top-1
 
-    return model, step
+    return model, augment_params(p["augment"]), step
 
 
-def build_simclr(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+def build_simclr(backbone: nn.Module, p: dict, ctx: Context) -> Built:
     encoder, _ = _encoder(backbone, p)
     model = SimCLR(encoder, T=p["T"])
-    aug1, aug2 = augment_params(p["augment"])
 
-    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, logits = model(augment(x, aug1, ctx.size, g), augment(x, aug2, ctx.size, g))
-        n = x.shape[0]
-        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(logits.device)
-        return loss, {"inst_acc": float((logits.argmax(1) == target).float().mean())}
+    def step(net: nn.Module, views: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        loss, logits = net(views[0], views[1])
+        n, big_n = logits.shape[0] // 2, logits.shape[1] // 2
+        w = D.world()
+        rows = torch.arange(n, device=logits.device) * w.size + w.rank
+        return loss, {"inst_acc": _top1(logits, torch.cat([rows + big_n, rows]))}
 
-    return model, step
+    return model, augment_params(p["augment"]), step
 
 
-def build_byol(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+def build_byol(backbone: nn.Module, p: dict, ctx: Context) -> Built:
     # byol: projector 4096 -> 256 and predictor hidden 4096 for a 2048-d ResNet-50, i.e. 2x the
     # feature width; the same ratio scales them down for small backbones
     online, dim = _encoder(backbone, p, hidden=2 * backbone.feat_dim)
     predictor, _ = build_head("mlp", dim, p["head"]["hidden_dim"] or 2 * backbone.feat_dim, dim, batchnorm=True)
     model = BYOL(online, predictor, tau_base=p["tau_base"], total_steps=ctx.total_steps)
-    aug1, aug2 = augment_params(p["augment"])
 
-    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        return model(augment(x, aug1, ctx.size, g), augment(x, aug2, ctx.size, g)), {}
+    def step(net: nn.Module, views: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        return net(views[0], views[1]), {}
 
-    return model, step
+    return model, augment_params(p["augment"]), step
 
 
-def build_instdisc(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+def build_instdisc(backbone: nn.Module, p: dict, ctx: Context) -> Built:
     encoder, dim = _encoder(backbone, p)
     model = InstDisc(encoder, dim, ctx.n_data, K=p["K"], T=p["T"], bank_m=p["bank_m"], loss=p["nce_loss"])
-    aug, _ = augment_params(p["augment"])
 
-    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, logits = model(augment(x, aug, ctx.size, g), idx, g)
-        return loss, {"inst_acc": float((logits.argmax(1) == 0).float().mean())}
+    def step(net: nn.Module, views: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        loss, logits = net(views[0], idx, g)
+        return loss, {"inst_acc": _top1(logits, 0)}
 
-    return model, step
+    return model, augment_params(p["augment"])[:1], step
 
 
-def build_supervised(backbone: nn.Module, p: dict, ctx: Context) -> tuple[nn.Module, StepFn]:
+class Supervised(nn.Module):
+    """backbone + fc, trained by cross-entropy on labels (the paper's Table 2 baseline)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone, self.fc = backbone, nn.Linear(backbone.feat_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(x))  # logits: N×classes
+
+
+def build_supervised(backbone: nn.Module, p: dict, ctx: Context) -> Built:
     """Cross-entropy on labels with the same augmentation knobs (the paper's Table 2 baseline)."""
-    model = nn.Module()
-    model.backbone, model.fc = backbone, nn.Linear(backbone.feat_dim, ctx.num_classes)
-    aug, _ = augment_params(p["augment"])
+    model = Supervised(backbone, ctx.num_classes)
 
-    def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model.fc(model.backbone(augment(x, aug, ctx.size, g)))
-        return F.cross_entropy(logits, y), {"train_acc": float((logits.argmax(1) == y).float().mean())}
+    def step(net: nn.Module, views: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        logits = net(views[0])
+        with full_precision():
+            loss = F.cross_entropy(logits.float(), y)
+        return loss, {"train_acc": _top1(logits, y)}
 
-    return model, step
+    return model, augment_params(p["augment"])[:1], step
 
 
-# method name → builder(backbone, pretrain section, context) → (model, step function)
-METHODS: dict[str, Callable[[nn.Module, dict, Context], tuple[nn.Module, StepFn]]] = {
+# method name → builder(backbone, pretrain section, context) → (model, views, step function)
+METHODS: dict[str, Callable[[nn.Module, dict, Context], Built]] = {
     "instdisc": build_instdisc,
     "mocov1": build_moco,
     "mocov2": build_moco,
@@ -141,16 +159,16 @@ METHODS: dict[str, Callable[[nn.Module, dict, Context], tuple[nn.Module, StepFn]
 }
 UNTRAINED = "none"
 QUEUE_METHODS = ("mocov1", "mocov2")
-# methods whose modules slice the global batch per rank and gather keys / bank entries (trainers/distributed.py)
-DATA_PARALLEL = ("mocov1", "mocov2", "instdisc")
 
 
 def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
+    """Train the spec's method; every rank of a torch.distributed job calls this (rank 0 writes).
+
+    Writes ``checkpoints/last.pt`` after every epoch and ``checkpoints/final.pt`` at the end.
+    Raises ValueError for a batch size or bn_splits that the number of processes does not divide,
+    and DataError (trainers/data.py) for unreadable data."""
     p = spec["pretrain"]
     w = D.world()
-    if w.size > 1 and p["method"] not in DATA_PARALLEL + (UNTRAINED,):
-        raise ValueError(f"pretrain.method = {p['method']!r} runs on one process only; data-parallel training "
-                         f"is implemented for {', '.join(DATA_PARALLEL)}. Request one GPU for this stage.")
     if w.size > 1 and p["batch_size"] % w.size:
         raise ValueError(f"pretrain.batch_size = {p['batch_size']} must be a multiple of the {w.size} processes")
     torch.manual_seed(p["seed"])  # the same initial weights on every rank
@@ -177,26 +195,33 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
         # harder as the encoder learns: the loss then rises towards ln(K+1)
         raise ValueError(f"pretrain.K = {p['K']} must be below the number of training images ({len(data)})")
     dev = device()
-    ctx = Context(spec["dataset"]["image_size"], len(data.classes), len(data), p["epochs"] * (len(data) // p["batch_size"]))
-    model, step = METHODS[p["method"]](backbone, p, ctx)
-    model.to(dev)
+    size = spec["dataset"]["image_size"]
+    ctx = Context(size, len(data.classes), len(data), p["epochs"] * (len(data) // p["batch_size"]))
+    model, views, step = METHODS[p["method"]](backbone, p, ctx)
+    prepare(model, dev)
     cfg = LoopConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=base_lr(p), weight_decay=p["weight_decay"],
                      momentum=p["momentum"], schedule=p["schedule"], milestones=tuple(p["milestones"]),
                      warmup_epochs=p["warmup_epochs"], seed=p["seed"], optimizer=p.get("optimizer", "sgd"),
-                     exclude_bias_norm=p.get("exclude_bias_norm", False), lars_eta=p.get("lars_eta", 1e-3))
+                     exclude_bias_norm=p.get("exclude_bias_norm", False), lars_eta=p.get("lars_eta", 1e-3),
+                     precision=p.get("precision", "fp32"))
     monitor = _knn_monitor(backbone, spec, data, p["epochs"]) if p.get("knn_every") else None
-    history = fit(model, step, model.parameters(), data.images, data.labels, cfg,
-                  Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=monitor)
+    batches = image_batches(data, views, size, p["seed"], dev, spec["dataset"].get("workers"))
+    history = fit(model, step, batches, cfg, Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=monitor)
     if w.is_main:
-        checkpoint.atomic_save({"backbone": backbone.state_dict(), "model": model.state_dict(),
+        checkpoint.atomic_save({"backbone": _cpu(backbone.state_dict()), "model": _cpu(model.state_dict()),
                                 "method": p["method"]}, final)
         if monitor is not None and monitor.last:  # the last epoch's features are the final checkpoint's
             for split, feats in monitor.last.items():
-                features.store(final, spec["dataset"], split, AugmentParams(), feats)
+                features.store(final, spec["dataset"], split, AugmentParams(), feats, cfg.precision)
     D.barrier()
     result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
     result["epochs_trained"] = len(history)
     return result
+
+
+def _cpu(state: dict) -> dict:
+    """A state dict with contiguous CPU tensors (channels_last weights load anywhere)."""
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def base_lr(p: dict) -> float:
@@ -212,6 +237,7 @@ def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callabl
     ``knn_every`` epochs and after the last, so the UI shows learning while it happens. It runs in
     eval mode (no BN statistics move, no random numbers drawn) so it cannot change the training."""
     every = spec["pretrain"]["knn_every"]
+    precision = spec["pretrain"].get("precision", "fp32")
     val = load_split(spec["dataset"], "val")
     aug = AugmentParams()
 
@@ -220,7 +246,8 @@ def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callabl
             return {}
         was = backbone.training
         backbone.eval()
-        feats = {"train": extract(backbone, train.images, aug), "val": extract(backbone, val.images, aug)}
+        feats = {"train": extract(backbone, train.images, aug, precision=precision),
+                 "val": extract(backbone, val.images, aug, precision=precision)}
         top1 = knn_top1(feats["train"], train.labels, feats["val"], val.labels, len(train.classes))
         backbone.train(was)
         monitor.last = feats if epoch + 1 == epochs else {}

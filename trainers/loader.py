@@ -1,0 +1,217 @@
+"""The training data path: each rank reads only its share of every global batch, and the views
+a method asks for arrive on the device, augmented.
+
+An epoch's sample order is one permutation, drawn from the epoch generator (trainers/loop.py), so
+every rank knows the global batch of every step; rank r of W takes rows r, r+W, r+2W… of it
+(interleaved, because that is how one process's SplitBatchNorm groups rows: W ranks with
+bn_splits s normalise the same groups as one process with W·s). Every random number of a sample's
+augmentation is keyed by (seed, epoch, sample index, view) (trainers/keyed.py), so W processes
+reproduce one process with the same global batch, whichever rank or worker decodes a sample, and
+a resumed run replays its epochs exactly.
+
+Two sources behind one interface (:class:`Batches`):
+
+- **in memory** (small data: the synthetic set, CIFAR-10, STL-10, small ImageFolders of S×S
+  images): the uint8 array is indexed per step, and crop, colour and flip run batched on the
+  device (trainers/augment.py);
+- **streaming** (ImageNet-like JPEG trees): torch DataLoader workers (persistent, prefetching,
+  pinned memory) decode each file once per step and cut every view's RandomResizedCrop from the
+  **original** image with PIL, as torchvision does. A JPEG is decoded at the smallest DCT scale
+  (PIL's ``draft``: 1/2, 1/4, 1/8) that still leaves every box at least the output resolution.
+  Colour, blur and flip then run batched on the device.
+
+Feature tensors (the cached linear probe) go through :class:`TensorBatches`, unaugmented.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trainers import distributed as D
+from trainers.augment import DRAWS, AugmentParams, crop_boxes, geometry, photometric, to_device
+from trainers.data import DataError, ImageSet, LazyImages
+from trainers.keyed import uniforms
+
+# inputs (one tensor per view, on the device), labels, dataset indices: this rank's rows of a step
+Batch = tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]
+
+
+def epoch_order(n: int, g: torch.Generator) -> torch.Tensor:
+    """The epoch's sample order: a permutation of n drawn from the epoch generator."""
+    return torch.randperm(n, generator=g)
+
+
+def local_steps(order: torch.Tensor, batch_size: int, drop_last: bool = True) -> list[torch.Tensor]:
+    """This rank's indices for each step of an epoch: rows rank, rank+W, … of each global batch of
+    ``batch_size`` (the last, partial one kept unless ``drop_last``)."""
+    w = D.world()
+    n = order.shape[0]
+    steps = n // batch_size if drop_last else math.ceil(n / batch_size)
+    return [order[i * batch_size:(i + 1) * batch_size][w.rank::w.size] for i in range(steps)]
+
+
+def default_workers() -> int:
+    """DataLoader workers per process: the CPUs this process may use, shared among the processes of
+    the node (LOCAL_WORLD_SIZE, else 1), minus one for the training loop; at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(per - 1, 16))
+
+
+class TensorBatches:
+    """Rows of a tensor (e.g. frozen features, N×C) as one unaugmented input."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, device: torch.device):
+        self.inputs, self.labels, self.device = inputs, labels, device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        for idx in steps:
+            yield ([to_device(self.inputs[idx], self.device)], to_device(self.labels[idx], self.device),
+                   to_device(idx, self.device))
+
+    def close(self) -> None:
+        pass
+
+
+class InMemoryBatches:
+    """Views of an in-memory uint8 array (N×3×H×W), cropped and coloured batched on the device."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, views: Sequence[AugmentParams], size: int,
+                 seed: int, device: torch.device):
+        self.images, self.labels, self.views, self.size, self.seed, self.device = images, labels, views, size, seed, device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        for idx in steps:
+            x = to_device(self.images[idx], self.device)
+            views = []
+            for v, p in enumerate(self.views):
+                u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
+                views.append(photometric(geometry(x, u, p, self.size), u, p))
+            yield views, to_device(self.labels[idx], self.device), to_device(idx, self.device)
+
+    def close(self) -> None:
+        pass
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Item (epoch, i): file i decoded once and cut into one uint8 crop per view, V×3×S×S, each
+    drawn on the original's size (RandomResizedCrop's box) and resized by PIL (bilinear, antialiased,
+    as torchvision's RandomResizedCrop on a PIL image)."""
+
+    def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int):
+        self.files, self.labels, self.views, self.size, self.seed = list(files), labels, list(views), size, seed
+        self.decodes = 0  # files decoded by this process (a worker's own copy): bench/data_path.py counts them
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        epoch, i = key
+        path = self.files[i]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, DRAWS)[:, :22], h, w, p.crop_scale,
+                                    p.crop_ratio)[0].tolist() for v, p in enumerate(self.views)]
+                # the smallest decode that still gives every box the output resolution in both directions
+                need = max(max(self.size / (b[2] - b[0]), self.size / (b[3] - b[1])) for b in boxes)
+                if need < 1:
+                    im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
+                sx, sy = im.size[0] / w, im.size[1] / h
+                im = im.convert("RGB")
+                crops = [np.asarray(im.resize((self.size, self.size), Image.Resampling.BILINEAR,
+                                              box=(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy))) for b in boxes]
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
+        self.decodes += 1
+        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2), int(self.labels[i]), i
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's (epoch, index) lists, one per step, for the epoch last set."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[int, int]]] = []
+
+    def set(self, epoch: int, steps: Sequence[torch.Tensor]) -> None:
+        self.steps = [[(epoch, int(i)) for i in idx] for idx in steps]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    crops = torch.stack([c for c, _, _ in items], 1).contiguous()  # V×b×3×S×S
+    return crops, torch.tensor([y for _, y, _ in items]), torch.tensor([i for _, _, i in items])
+
+
+class StreamingBatches:
+    """Views decoded from files by DataLoader workers; colour on the device."""
+
+    def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int,
+                 device: torch.device, workers: int | None = None, prefetch: int = 4):
+        self.labels, self.views, self.seed, self.device = labels, list(views), seed, device
+        self.dataset = CropDataset(files, labels, views, size, seed)
+        self.sampler = _StepSampler()
+        workers = default_workers() if workers is None else workers
+        kw = dict(persistent_workers=True, prefetch_factor=prefetch) if workers > 0 else {}
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
+                                                  collate_fn=_collate, pin_memory=device.type == "cuda", **kw)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        self.sampler.set(epoch, steps)
+        for crops, y, idx in self.loader:
+            views = []
+            for v, p in enumerate(self.views):
+                u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
+                x = crops[v].to(self.device, non_blocking=True).float().div_(255)
+                views.append(photometric(x, u, p))
+            yield views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        # persistent workers end with the loader's iterator; drop it so they exit now
+        self.loader = None
+
+
+def image_batches(data: ImageSet, views: Sequence[AugmentParams], size: int, seed: int, device: torch.device,
+                  workers: int | None = None) -> InMemoryBatches | StreamingBatches:
+    """The training batches of ``data``: in memory when its images are a tensor, else streamed from
+    its files by DataLoader workers (``workers``: None for :func:`default_workers`)."""
+    if isinstance(data.images, LazyImages):
+        return StreamingBatches(data.images.files, data.labels, views, size, seed, device, workers)
+    return InMemoryBatches(data.images, data.labels, views, size, seed, device)
+
+
+@dataclass
+class Shard:
+    """This rank's contiguous share of range(n): [start, stop)."""
+
+    start: int
+    stop: int
+
+    @staticmethod
+    def of(n: int) -> "Shard":
+        w = D.world()
+        per = math.ceil(n / w.size)
+        return Shard(min(n, w.rank * per), min(n, (w.rank + 1) * per))
