@@ -43,7 +43,7 @@ from trainers import checkpoint
 from trainers.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainers.backbones import build_backbone
 from trainers.data import cache_dir
-from trainers.loop import device
+from trainers.loop import autocast, device, resolve_precision
 from trainers.sink import Sink
 
 
@@ -142,6 +142,8 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     model = build_detector(spec["backbone"], upstream["checkpoint"], len(classes), p).to(dev)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
+    precision = resolve_precision(p.get("precision", "fp32"))
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     ckpt = Path(workdir) / "checkpoints" / "last.pt"
     start = 0
     if ckpt.exists():
@@ -167,13 +169,15 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
                                             tgt["boxes"][:, 3]], 1)
             images.append(img.to(dev))
             targets.append({k: v.to(dev) for k, v in tgt.items()})
-        losses = model(images, targets)
-        loss = sum(losses.values())
+        with autocast(dev, precision):  # torchvision's detection heads support autocast
+            losses = model(images, targets)
+        loss = sum(v.float() for v in losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"detection loss is {float(loss)} at iteration {it}: lower detection.lr")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         running += float(loss.detach())
         done = it + 1
         if done % p["log_every"] == 0 or done == p["iterations"]:

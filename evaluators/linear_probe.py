@@ -24,7 +24,7 @@ from trainers.augment import PROBE_VIEW, AugmentParams
 from trainers.data import load_split
 from trainers.features import frozen_features
 from trainers.loader import TensorBatches, image_batches
-from trainers.loop import LoopConfig, device, fit, prepare
+from trainers.loop import LoopConfig, device, fit, prepare, resolve_precision
 from trainers.losses import full_precision
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
@@ -51,7 +51,7 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     DistributedDataParallel. Raises BackboneChanged if a backbone tensor moved."""
     p = spec["linear_probe"]
     dev = device()
-    precision = p.get("precision", "fp32")
+    precision = resolve_precision(p.get("precision", "fp32"))
     backbone = prepare(load_backbone(spec, upstream["checkpoint"]), dev)
     backbone.requires_grad_(False)
     before = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}

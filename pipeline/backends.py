@@ -43,7 +43,8 @@ def remote_tracking_problem(uri: str, where: str) -> str | None:
 
 def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
     """The SLURM request of a ``kind`` stage: ``cluster.<kind>`` over ``cluster.default`` over the
-    stage's ``resources`` (cpus, gpus, processes → cpus_per_task, gpus_per_node, tasks_per_node).
+    stage's ``resources``: its GPUs spread over ``nodes`` (gpus_per_node), one task per GPU
+    (tasks_per_node = processes / nodes), its CPUs shared by the tasks (cpus_per_task).
     GPUs default to one when the chosen partition has any, else none."""
     from cluster.slurm_backend import SlurmParams
 
@@ -57,14 +58,18 @@ def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
     partition = pick("partition")
     part_name = partition or next((n for n, i in partitions.items() if i["default"]), None)
     part_gpus = partitions.get(part_name or "", {}).get("gpus", 0)
+    nodes = pick("nodes") or 1
+    total_gpus = res.gpus if res.gpus is not None else (1 if part_gpus > 0 else 0)
+    processes = res.process_count(total_gpus)
     gpus = pick("gpus_per_node")
     if gpus is None:
-        gpus = math.ceil(res.gpus) if res.gpus is not None else (1 if part_gpus > 0 else 0)
+        gpus = math.ceil(total_gpus / nodes)
+    tasks = pick("tasks_per_node") or max(1, math.ceil(processes / nodes))  # one task per GPU by default
     cpus = pick("cpus_per_task")
     if cpus is None:
-        cpus = max(1, math.ceil(res.cpus))
-    return SlurmParams(partition=partition, nodes=pick("nodes") or 1,
-                       tasks_per_node=pick("tasks_per_node") or res.processes,
+        cpus = max(1, math.floor(res.cpus / (tasks * nodes)))
+    return SlurmParams(partition=partition, nodes=nodes,
+                       tasks_per_node=tasks,
                        gpus_per_node=int(gpus), cpus_per_task=int(cpus), mem_gb=pick("mem_gb"),
                        timeout_min=pick("timeout_min") or 60, account=pick("account"), qos=pick("qos"),
                        constraint=pick("constraint"), additional_parameters=dict(pick("additional_parameters") or {}),

@@ -125,9 +125,20 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                   f"{sum(h for h in hours.values() if h is not None):.4g} after dedup, {naive:.4g} without"
                   + (f"; not counted: {not_counted}" if unknown else ""))
     console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
+    _warn_shuffle_bn(plan, console)
     for where, problem in data_problems(plan.grid):
         console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)")
     return 0
+
+
+def _warn_shuffle_bn(plan, console: Console) -> None:
+    """One warning per MoCo cell whose key encoder's BN sees the whole batch (pipeline/spec.py)."""
+    from pipeline.spec import shuffle_bn_warning
+
+    cells = [c.name for c in plan.grid.cells if shuffle_bn_warning(c.config, plan.grid.resources)]
+    if cells:
+        text = shuffle_bn_warning(next(c.config for c in plan.grid.cells if c.name == cells[0]), plan.grid.resources)
+        console.print(f"[yellow]warning[/]: {plan.grid.path}: {text}. Cells: {', '.join(cells)}")
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
@@ -139,6 +150,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from pipeline.tracking import client, prepare_runs
 
     plan = _load(args)
+    _warn_shuffle_bn(plan, console)
     backend_name = args.backend or ("ray" if args.ray_address else "local")
     if backend_name == "ray" and not args.ray_address:
         console.print("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")

@@ -44,12 +44,13 @@ class Outcome:
     seconds: float = 0.0
 
 
-def payload(plan: Plan, stage: Stage, run_id: str, code: str | None = None) -> dict[str, Any]:
+def payload(plan: Plan, stage: Stage, run_id: str, code: str | None = None, cpus: float | None = None) -> dict[str, Any]:
     """What a worker needs to run ``stage``; ``cwd`` is the driver's, so that relative paths in the
     grid (dataset.root, $SSLGRID_CACHE) mean the same in a worker started in the code snapshot."""
     return {"kind": stage.kind, "key": stage.key, "spec": stage.spec, "identity": stage.identity,
             "upstream": list(stage.upstream), "dir": str(stage.directory(plan.grid.workdir)),
-            "tracking_uri": plan.grid.tracking_uri, "run_id": run_id, "code": code, "cwd": str(Path.cwd())}
+            "tracking_uri": plan.grid.tracking_uri, "run_id": run_id, "code": code, "cwd": str(Path.cwd()),
+            "cpus": cpus}
 
 
 def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
@@ -61,6 +62,8 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     if p.get("cwd") and Path(p["cwd"]).is_dir():
         os.chdir(p["cwd"])
     d = Path(p["dir"])
+    if p.get("cpus"):  # the CPUs this process was given: trainers/loader.py sizes its DataLoader workers by it
+        os.environ["SSLGRID_CPUS"] = str(p["cpus"])
     if D.init_from_env().size > 1 and not D.world().is_main:
         STAGES[p["kind"]](p["spec"], list(upstream), d, NullSink())
         return {}
@@ -219,14 +222,14 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
         for s in pending:
             res = plan.grid.resources[s.kind]
             gpus = res.gpus if res.gpus is not None else (1.0 if has_gpu else 0.0)
-            backend.check_fits(f"resources.{s.kind}", res.cpus * res.processes, gpus * res.processes)
-            wants[s.key] = (res.cpus, gpus, res.processes)
+            backend.check_fits(f"resources.{s.kind}", res.cpus, gpus)
+            wants[s.key] = res.per_process(gpus)
         refs: dict[str, Any] = {}
         for s in pending:
             args = [outcomes[u].result if u in outcomes else refs[u] for u in s.upstream]
-            cpus, gpus, processes = wants[s.key]
+            processes, cpus, gpus = wants[s.key]
             # retries=1: a crashed worker is retried once, and resumes from its checkpoint
-            refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key], code), *args],
+            refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key], code, cpus), *args],
                                          name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1,
                                          processes=processes)
         started = time.time()

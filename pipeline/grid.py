@@ -27,6 +27,7 @@ every axis or cell that sets the same key. Keys outside ``defaults`` (``name``, 
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import os
@@ -37,7 +38,7 @@ from typing import Any
 import yaml
 
 from pipeline.spec import (EVALUATIONS, Problem, Resources, SlurmSpec, StageConfig, build_dataclass,
-                           build_stage_config, flatten)
+                           build_stage_config, flatten, process_problems, resolve_precision)
 
 TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "studies", "evaluations",
             "resources", "cluster")
@@ -208,6 +209,14 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     for kind in STAGE_KINDS:
         resources.setdefault(kind, Resources())
     cluster = _per_kind(doc, "cluster", SlurmSpec, ("default",) + STAGE_KINDS, "SLURM requests", problems)
+    if "pretrain" in resources:
+        for cell in cells:
+            for p in process_problems(cell.config, resources):
+                origin = _origin(p.field, cell.values, {}, set(cfg_over))
+                if (origin, p.field, p.message) not in seen:
+                    seen.add((origin, p.field, p.message))
+                    problems.append((origin, p))
+        cells = [dataclasses.replace(c, config=resolve_precision(c.config, resources)) for c in cells]
 
     if problems:
         raise GridError(source, problems)

@@ -121,8 +121,14 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
                       "inversion": "images={images} iterations={iterations}"}[s.kind].format(**sec)
         from pipeline.cost import gpu_hours
 
+        precision = s.spec.get(s.kind, {}).get("precision") if s.kind != "pretrain" else s.spec["pretrain"]["precision"]
+        if precision and (s.kind != "pretrain" or s.spec["pretrain"]["method"] != "none"):
+            detail += f" {precision}"
         hours = gpu_hours(s)
+        n = res.process_count()
+        gpus = "auto" if res.gpus is None else f"{res.gpus / n:g}"
+        wall = "?" if hours is None or not res.gpus else f"{hours / res.gpus:.3g}"
         rows.append({"stage": s.kind, "key": s.key, "after": ",".join(s.upstream) or "-", "what": detail,
-                     "cells": ", ".join(s.cells), "cpus": res.cpus, "gpus": "auto" if res.gpus is None else res.gpus,
-                     "GPU-h": "?" if hours is None else f"{hours:.3g}"})
+                     "cells": ", ".join(s.cells), "cpus": res.cpus, "procs x GPUs": f"{n} x {gpus}",
+                     "GPU-h": "?" if hours is None else f"{hours:.3g}", "wall-h": wall})
     return rows

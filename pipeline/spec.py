@@ -33,6 +33,18 @@ def _f(default: Any, **meta: Any) -> Any:
     return field(default=default, metadata=meta)
 
 
+# autocast dtypes of the training stages (trainers/loop.py); "auto" resolves per stage in
+# ``resolve_precision``
+PRECISIONS = ("bf16", "fp16", "fp32")
+_PRECISION_DOC = ("autocast dtype of the forward pass; auto: bf16 when the stage's resources give it GPUs "
+                  "(gpus > 0), else fp32. fp16 uses a gradient scaler; losses are fp32 in every case")
+
+
+def _precision() -> Any:
+    # legacy fp32: stages trained before the field existed ran in fp32 and keep their identities
+    return _f("auto", choices=("auto",) + PRECISIONS, legacy="fp32", doc=_PRECISION_DOC)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str = _f("synthetic", choices=("synthetic", "imagefolder", "cifar10", "stl10"))
@@ -47,6 +59,8 @@ class DatasetSpec:
     in_memory: Optional[bool] = _f(None, identity=False, doc="imagefolder: decode all images up front "
                                    "(default: when they fit in 4 GiB), else a batch at a time")
     size_hint: Optional[int] = _f(None, min=1, identity=False, doc="training images, for plan's GPU-hour estimate")
+    workers: Optional[int] = _f(None, min=0, identity=False, doc="DataLoader workers per process for streamed "
+                                "images (default: the process's CPUs minus one, at most 16)")
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,7 @@ class PretrainSpec:
     bank_m: float = _f(0.5, min=0.0, max=1.0, doc="instdisc: memory-bank momentum")
     nce_loss: str = _f("nce", choices=("nce", "softmax"), doc="instdisc: NCE or the softmax over 1+K")
     seed: int = _f(0)
+    precision: str = _precision()
     knn_every: int = _f(0, min=0, identity=False, doc="online monitor: log knn_top1 (k 200, T 0.1) on the val "
                                                    "split every N epochs and after the last; 0: off")
 
@@ -161,7 +176,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # For a method, the pretrain fields that can change its result (the rest are dropped from identity,
 # so e.g. every random-init cell of a grid shares one stage).
 _COMMON = ("method", "epochs", "batch_size", "lr", "weight_decay", "momentum", "optimizer", "lars_eta",
-           "exclude_bias_norm", "lr_scaling", "schedule", "milestones", "warmup_epochs", "augment", "seed")
+           "exclude_bias_norm", "lr_scaling", "schedule", "milestones", "warmup_epochs", "augment", "seed",
+           "precision")
 METHOD_FIELDS: dict[str, tuple[str, ...] | None] = {
     "none": ("method", "seed"),
     "instdisc": _COMMON + ("K", "T", "head", "bank_m", "nce_loss"),
@@ -185,6 +201,7 @@ class ProbeSpec:
     weight_decay: float = _f(0.0, min=0.0)
     milestones: Optional[tuple[int, ...]] = _f(None, min=0, doc="default: 60% and 80% of epochs")
     seed: int = _f(0)
+    precision: str = _precision()
 
 
 @dataclass(frozen=True)
@@ -244,6 +261,7 @@ class DetectionSpec:
     proposals_test: int = _f(1000, min=1, doc="RPN proposals kept per image at test time")
     norm: str = _f("train", choices=("train", "frozen"))
     seed: int = _f(0)
+    precision: str = _precision()
     log_every: int = _f(20, min=1, identity=False)
     ckpt_every: int = _f(500, min=1, identity=False)
 
@@ -275,11 +293,25 @@ class StageConfig:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one process of a stage asks for; ``processes`` > 1 runs the stage data-parallel."""
+    """What a stage asks for in all. ``processes`` (default: one per GPU) share ``cpus`` and ``gpus``:
+    {cpus: 32, gpus: 8} runs 8 data-parallel processes of 4 CPUs and 1 GPU each, as moco's 8-GPU recipe."""
 
-    cpus: float = _f(1.0, min=0.0)
-    gpus: Optional[float] = _f(None, min=0.0, doc="null: 1 when the Ray cluster has a GPU, else 0")
-    processes: int = _f(1, min=1, doc="processes joined by torch.distributed, e.g. one per GPU")
+    cpus: float = _f(1.0, min=0.0, doc="CPUs of the whole stage, shared by its processes")
+    gpus: Optional[float] = _f(None, min=0.0, doc="GPUs of the whole stage; null: 1 when the Ray cluster has a GPU, else 0")
+    processes: Optional[int] = _f(None, min=1, doc="processes joined by torch.distributed; default: one per GPU "
+                                  "(gpus when it is a whole number >= 1), else 1")
+
+    def process_count(self, gpus: float | None = None) -> int:
+        """The number of processes for ``gpus`` in all (default: the field's; null counts as at most 1)."""
+        g = self.gpus if gpus is None else gpus
+        if self.processes:
+            return self.processes
+        return int(g) if g is not None and g >= 1 and float(g).is_integer() else 1
+
+    def per_process(self, gpus: float) -> tuple[int, float, float]:
+        """(processes, CPUs per process, GPUs per process) when the stage has ``gpus`` in all."""
+        n = self.process_count(gpus)
+        return n, self.cpus / n, gpus / n
 
 
 @dataclass(frozen=True)
@@ -426,6 +458,54 @@ def build_stage_config(raw: dict, problems: list[Problem]) -> StageConfig | None
     if cfg is not None:
         _cross_checks(cfg, problems)
     return cfg
+
+
+def resolve_precision(cfg: StageConfig, resources: dict[str, Resources]) -> StageConfig:
+    """``cfg`` with every ``precision: auto`` replaced by what it means for the stage that reads it:
+    bf16 when the grid's resources give that stage GPUs (gpus > 0), else fp32. The resolved value is
+    what the stage's identity records (fp32 is the legacy value, so CPU stages keep their keys)."""
+    def resolve(section: Any, kind: str) -> Any:
+        if section.precision != "auto":
+            return section
+        gpus = resources[kind].gpus if kind in resources else None
+        return dataclasses.replace(section, precision="bf16" if gpus else "fp32")
+
+    return dataclasses.replace(cfg, pretrain=resolve(cfg.pretrain, "pretrain"),
+                               linear_probe=resolve(cfg.linear_probe, "linear_probe"),
+                               detection=resolve(cfg.detection, "detection"))
+
+
+def process_problems(cfg: StageConfig, resources: dict[str, Resources]) -> list[Problem]:
+    """What the pretraining's process count (``resources.pretrain``) requires of the cell: a global
+    batch and a number of BatchNorm groups that the processes divide."""
+    n = resources["pretrain"].process_count()
+    if n == 1 or cfg.pretrain.method == "none":
+        return []
+    problems = []
+    if cfg.pretrain.batch_size % n:
+        problems.append(Problem("pretrain.batch_size", cfg.pretrain.batch_size,
+                                f"must be a multiple of the {n} processes resources.pretrain runs"))
+    if cfg.backbone.bn_splits % n:
+        problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
+                                f"must be a multiple of the {n} processes resources.pretrain runs: it counts "
+                                f"BatchNorm groups in the global batch, so that the result does not depend on the "
+                                f"number of GPUs. Set it to {n} for one group per process (moco's per-GPU BN), or "
+                                f"set resources.pretrain.processes"))
+    return problems
+
+
+def shuffle_bn_warning(cfg: StageConfig, resources: dict[str, Resources]) -> str | None:
+    """A MoCo stage whose key encoder's BatchNorm sees the whole batch at once: one process and
+    ``bn_splits: 1``. Shuffle-BN then cannot hide the batch's statistics from the key encoder (moco's
+    CIFAR demo: 4 points worse without it). The default stays 1, because changing it would change the
+    identity of every stage that relied on it; this warning names the field instead."""
+    if cfg.pretrain.method not in QUEUE_METHODS or cfg.backbone.bn_splits > 1:
+        return None
+    if resources["pretrain"].process_count() > 1:
+        return None
+    return ("backbone.bn_splits = 1 with one process: the key encoder's BatchNorm sees the whole batch, the leak "
+            "shuffle-BN exists to stop. Set backbone.bn_splits to 8 (moco's 8 GPUs of 32 images at batch 256) or to "
+            "batch_size/32, or give the stage several GPUs")
 
 
 def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:

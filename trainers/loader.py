@@ -57,14 +57,19 @@ def local_steps(order: torch.Tensor, batch_size: int, drop_last: bool = True) ->
 
 
 def default_workers() -> int:
-    """DataLoader workers per process: the CPUs this process may use, shared among the processes of
-    the node (LOCAL_WORLD_SIZE, else 1), minus one for the training loop; at least 1."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    per = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(per - 1, 16))
+    """DataLoader workers per process: the CPUs this process was given (SLURM_CPUS_PER_TASK; else
+    SSLGRID_CPUS, which pipeline sets from the stage's resources; else the CPUs it may run on,
+    shared among LOCAL_WORLD_SIZE processes), minus one for the training loop; from 1 to 16."""
+    given = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SSLGRID_CPUS")
+    if given:
+        cpus = int(float(given))
+    else:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(cpus - 1, 16))
 
 
 class TensorBatches:

@@ -75,9 +75,18 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto`` (a spec that did not come through pipeline/, which resolves it per stage) becomes
+    bf16 where CUDA supports it, else fp32; other values are returned as they are."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def autocast(dev: torch.device, precision: str):
-    """The autocast context of ``precision`` on ``dev`` (a no-op for fp32). Raises ValueError for an
-    unknown precision."""
+    """The autocast context of ``precision`` on ``dev`` (a no-op for fp32; ``auto`` as
+    ``resolve_precision``). Raises ValueError for an unknown precision."""
+    precision = resolve_precision(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: valid values are {', '.join(PRECISIONS)}")
     if precision == "fp32":
@@ -119,7 +128,7 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.exclude_bias_norm,
                           cfg.lars_eta)
-    scaler = torch.amp.GradScaler(dev.type, enabled=cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler(dev.type, enabled=resolve_precision(cfg.precision) == "fp16")
     n = len(data)
     steps_per_epoch = n // cfg.batch_size if drop_last else -(-n // cfg.batch_size)
     if steps_per_epoch < 1:

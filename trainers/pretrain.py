@@ -24,7 +24,7 @@ from trainers.data import load_split
 from trainers.heads import build_head
 from trainers.knn import extract, knn_top1
 from trainers.loader import image_batches
-from trainers.loop import LoopConfig, StepFn, device, fit, prepare
+from trainers.loop import LoopConfig, StepFn, device, fit, prepare, resolve_precision
 from trainers.losses import full_precision
 from trainers.byol import BYOL
 from trainers.instdisc import InstDisc
@@ -203,7 +203,7 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
                      momentum=p["momentum"], schedule=p["schedule"], milestones=tuple(p["milestones"]),
                      warmup_epochs=p["warmup_epochs"], seed=p["seed"], optimizer=p.get("optimizer", "sgd"),
                      exclude_bias_norm=p.get("exclude_bias_norm", False), lars_eta=p.get("lars_eta", 1e-3),
-                     precision=p.get("precision", "fp32"))
+                     precision=resolve_precision(p.get("precision", "fp32")))
     monitor = _knn_monitor(backbone, spec, data, p["epochs"]) if p.get("knn_every") else None
     batches = image_batches(data, views, size, p["seed"], dev, spec["dataset"].get("workers"))
     history = fit(model, step, batches, cfg, Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=monitor)
@@ -237,7 +237,7 @@ def _knn_monitor(backbone: nn.Module, spec: dict, train, epochs: int) -> Callabl
     ``knn_every`` epochs and after the last, so the UI shows learning while it happens. It runs in
     eval mode (no BN statistics move, no random numbers drawn) so it cannot change the training."""
     every = spec["pretrain"]["knn_every"]
-    precision = spec["pretrain"].get("precision", "fp32")
+    precision = resolve_precision(spec["pretrain"].get("precision", "fp32"))
     val = load_split(spec["dataset"], "val")
     aug = AugmentParams()
 
