@@ -60,11 +60,12 @@ def slurm_params(grid: Grid, kind: str, partitions: dict[str, dict[str, Any]]):
     part_gpus = partitions.get(part_name or "", {}).get("gpus", 0)
     nodes = pick("nodes") or 1
     total_gpus = res.gpus if res.gpus is not None else (1 if part_gpus > 0 else 0)
-    processes = res.process_count(total_gpus)
     gpus = pick("gpus_per_node")
     if gpus is None:
         gpus = math.ceil(total_gpus / nodes)
-    tasks = pick("tasks_per_node") or max(1, math.ceil(processes / nodes))  # one task per GPU by default
+    tasks = pick("tasks_per_node")
+    if tasks is None:  # one task per GPU, unless resources name the processes
+        tasks = math.ceil(res.processes / nodes) if res.processes else max(1, int(gpus))
     cpus = pick("cpus_per_task")
     if cpus is None:
         cpus = max(1, math.floor(res.cpus / (tasks * nodes)))

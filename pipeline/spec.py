@@ -485,27 +485,24 @@ def process_problems(cfg: StageConfig, resources: dict[str, Resources]) -> list[
     if cfg.pretrain.batch_size % n:
         problems.append(Problem("pretrain.batch_size", cfg.pretrain.batch_size,
                                 f"must be a multiple of the {n} processes resources.pretrain runs"))
-    if cfg.backbone.bn_splits % n:
+    if cfg.backbone.bn_splits != 1 and cfg.backbone.bn_splits % n:
         problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
-                                f"must be a multiple of the {n} processes resources.pretrain runs: it counts "
-                                f"BatchNorm groups in the global batch, so that the result does not depend on the "
-                                f"number of GPUs. Set it to {n} for one group per process (moco's per-GPU BN), or "
-                                f"set resources.pretrain.processes"))
+                                f"must be 1 (BN synchronised over the processes) or a multiple of the {n} processes "
+                                f"resources.pretrain runs: it counts BatchNorm groups in the global batch, so that "
+                                f"the result does not depend on the number of GPUs. {n} is one group per process "
+                                f"(moco's per-GPU BN)"))
     return problems
 
 
 def shuffle_bn_warning(cfg: StageConfig, resources: dict[str, Resources]) -> str | None:
-    """A MoCo stage whose key encoder's BatchNorm sees the whole batch at once: one process and
-    ``bn_splits: 1``. Shuffle-BN then cannot hide the batch's statistics from the key encoder (moco's
+    """A MoCo stage whose key encoder's BatchNorm sees the whole batch at once: ``bn_splits: 1``. Shuffle-BN then cannot hide the batch's statistics from the key encoder (moco's
     CIFAR demo: 4 points worse without it). The default stays 1, because changing it would change the
     identity of every stage that relied on it; this warning names the field instead."""
     if cfg.pretrain.method not in QUEUE_METHODS or cfg.backbone.bn_splits > 1:
         return None
-    if resources["pretrain"].process_count() > 1:
-        return None
-    return ("backbone.bn_splits = 1 with one process: the key encoder's BatchNorm sees the whole batch, the leak "
-            "shuffle-BN exists to stop. Set backbone.bn_splits to 8 (moco's 8 GPUs of 32 images at batch 256) or to "
-            "batch_size/32, or give the stage several GPUs")
+    return ("backbone.bn_splits = 1: the key encoder's BatchNorm sees the whole batch (in one process, or "
+            "synchronised over several), the leak shuffle-BN exists to stop. Set backbone.bn_splits to 8 (moco's 8 GPUs "
+            "of 32 images at batch 256) or to batch_size/32")
 
 
 def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:

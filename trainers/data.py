@@ -177,6 +177,55 @@ def ensure_synthetic(num_train: int, num_val: int, image_size: int, seed: int) -
     return root
 
 
+def _texture(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """An h×w×3 uint8 picture with texture at every scale: octaves of smooth noise (bilinear
+    upsampling of random grids of 4 to 256 cells) and per-pixel grain, so JPEG sizes and decode costs are photo-like."""
+    out = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((4, 90.0), (16, 50.0), (64, 30.0), (256, 18.0)):
+        grid = rng.uniform(-1, 1, size=(max(2, cells * h // max(w, h)), cells, 3)).astype(np.float32)
+        layer = Image.fromarray(((grid + 1) * 127.5).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+        out += (np.asarray(layer, np.float32) / 127.5 - 1) * amp
+    out += rng.uniform(0, 255, size=3).astype(np.float32)[None, None] * 0.5 + 64
+    out += rng.normal(0, 10, size=(h, w, 1)).astype(np.float32)  # grain: photo-like JPEG sizes (~100 kB)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def ensure_jpeg_tree(num_train: int, num_val: int, seed: int = 0, size: tuple[int, int] = (500, 375),
+                     jitter: float = 0.25, quality: int = 90) -> Path:
+    """An ImageNet-like ImageFolder of JPEGs, written once into the cache: the synthetic shapes
+    (one class per shape) drawn over a textured picture whose width and height vary by ±``jitter``
+    around ``size`` (pixels; ImageNet's median is about 500×375), saved at JPEG ``quality``. For the
+    benches and tests of the streaming data path; returns the root (train/ and val/)."""
+    params = {"train": num_train, "val": num_val, "seed": seed, "size": size, "jitter": jitter, "q": quality}
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    root = cache_dir() / "data" / f"jpeg-{size[0]}x{size[1]}-{digest}"
+    if (root / "DONE").exists():
+        return root
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
+        rng = np.random.default_rng(split_seed)
+        for i in range(n):
+            cls = SHAPES[i % len(SHAPES)]
+            w = int(size[0] * rng.uniform(1 - jitter, 1 + jitter))
+            h = int(size[1] * rng.uniform(1 - jitter, 1 + jitter))
+            img = Image.fromarray(_texture(rng, w, h))
+            side = int(min(w, h) * rng.uniform(0.4, 0.8))
+            shape = render_shape(cls, side, rng, supersample=2)
+            mask = Image.fromarray((np.abs(np.asarray(shape, np.int16) - np.asarray(shape, np.int16)[0, 0]).sum(2)
+                                    > 30).astype(np.uint8) * 255)
+            img.paste(shape, (int(rng.uniform(0, w - side)), int(rng.uniform(0, h - side))), mask)
+            (tmp / split / cls).mkdir(parents=True, exist_ok=True)
+            img.save(tmp / split / cls / f"{i:06d}.jpg", quality=quality)
+    (tmp / "DONE").write_text(json.dumps(params))
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process won the race; its tree is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 # --------------------------------------------------------------------------------------------
 # ImageFolder
 

@@ -125,3 +125,63 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()
+
+
+def _global_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm in training mode with statistics over every rank's rows (x: N×C or N×C×H×W).
+
+    torch's SyncBatchNorm refuses CPU tensors ("expected input tensor to be on GPU"), so this one,
+    which runs on CPU (gloo) and CUDA (NCCL) alike, is what tests/unit/test_distributed.py can check
+    against one process. The sums go through torch.distributed.nn's differentiable all_reduce, whose
+    backward sums each rank's gradient, so the statistics' gradient reaches every rank's rows."""
+    from torch.distributed.nn.functional import all_reduce
+
+    dims = [0] + list(range(2, x.dim()))
+    xf = x.float()
+    count = torch.full((1,), float(xf.numel() // xf.shape[1]), device=x.device)
+    stats = all_reduce(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count]))
+    c = x.shape[1]
+    n = stats[-1]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_(min=0)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=m)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    return y.to(x.dtype)
+
+
+class GlobalBatchNorm1d(torch.nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the global batch (all ranks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world().size == 1:
+            return super().forward(x)
+        return _global_batch_norm(self, x)
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch (all ranks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world().size == 1:
+            return super().forward(x)
+        return _global_batch_norm(self, x)
+
+
+def global_batchnorm(module: torch.nn.Module, two_d: bool) -> torch.nn.Module:
+    """Make ``module``'s plain BatchNorm1d layers (the heads' BN) — and its BatchNorm2d layers when
+    ``two_d`` (``bn_splits: 1``: one group for the whole batch) — normalise over the global batch, as
+    one process does; in place, keeping every parameter and buffer name. Split BN is left alone."""
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm1d:
+            m.__class__ = GlobalBatchNorm1d
+        elif two_d and type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return module

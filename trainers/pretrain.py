@@ -173,13 +173,15 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
         raise ValueError(f"pretrain.batch_size = {p['batch_size']} must be a multiple of the {w.size} processes")
     torch.manual_seed(p["seed"])  # the same initial weights on every rank
     bb = dict(spec["backbone"])
+    splits = bb.get("bn_splits", 1)
     if w.size > 1:
         # bn_splits counts BatchNorm groups in the global batch, whatever the number of processes, so
-        # that a stage's identity (and its result) does not depend on how many GPUs ran it
-        if bb.get("bn_splits", 1) % w.size:
-            raise ValueError(f"backbone.bn_splits = {bb.get('bn_splits', 1)} must be a multiple of the {w.size} "
+        # that a stage's identity (and its result) does not depend on how many GPUs ran it: one group
+        # is BN synchronised over the processes, W·s groups are s per process
+        if splits != 1 and splits % w.size:
+            raise ValueError(f"backbone.bn_splits = {splits} must be 1 or a multiple of the {w.size} "
                              f"processes (it counts BatchNorm groups in the global batch)")
-        bb["bn_splits"] = bb.get("bn_splits", 1) // w.size
+        bb["bn_splits"] = max(1, splits // w.size)
     backbone = build_backbone(bb)
     final = Path(workdir) / "checkpoints" / "final.pt"
     result: dict = {"checkpoint": str(final), "feat_dim": backbone.feat_dim, "epochs": p["epochs"],
@@ -198,6 +200,8 @@ def pretrain(spec: dict, workdir: Path, sink: Sink) -> dict:
     size = spec["dataset"]["image_size"]
     ctx = Context(size, len(data.classes), len(data), p["epochs"] * (len(data) // p["batch_size"]))
     model, views, step = METHODS[p["method"]](backbone, p, ctx)
+    if w.size > 1:  # the heads' BN (and the backbone's at bn_splits 1) see the global batch, as in one process
+        D.global_batchnorm(model, two_d=splits == 1)
     prepare(model, dev)
     cfg = LoopConfig(epochs=p["epochs"], batch_size=p["batch_size"], lr=base_lr(p), weight_decay=p["weight_decay"],
                      momentum=p["momentum"], schedule=p["schedule"], milestones=tuple(p["milestones"]),

@@ -1,5 +1,6 @@
-"""Two gloo processes with the same global batch and seed reproduce one process: the loss curve, the
-MoCo queue and the InstDisc memory bank. Keys and bank entries are gathered from both ranks, and the
+"""Two gloo processes with the same global batch and seed reproduce one process, for every method: the
+loss curve, the MoCo queue, the InstDisc memory bank, and the weights of SimCLR (negatives gathered
+with gradient), BYOL and supervised training. Keys and bank entries are gathered from both ranks, and the
 key encoder's BatchNorm is shuffled across ranks (the same spec, bn_splits=2, on one process is the reference).
 
 Tolerances. The first steps agree to 1e-6: the maths is the same, only float summation order
@@ -56,22 +57,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method, buffer", [("mocov2", "queue"), ("instdisc", "memory")])
+CASES = [("mocov2", "queue", 2), ("instdisc", "memory", 2), ("simclr", None, 2), ("byol", None, 2),
+         ("supervised", None, 2),
+         # bn_splits 1: one BN group for the whole batch, i.e. BN synchronised over the processes
+         ("simclr", None, 1), ("supervised", None, 1)]
+
+
+@pytest.mark.parametrize("method, buffer, bn_splits", CASES, ids=[f"{m}-bn{b}" for m, _, b in CASES])
 @pytest.mark.parametrize("epochs, n_train, K, rel", [(1, 32, 8, 1e-6), (3, 96, 32, 1e-2)],
                          ids=["two-steps", "three-epochs"])
-def test_two_processes_match_one(tmp_path, method, buffer, epochs, n_train, K, rel):
-    load_split(_spec(method, 2, epochs, n_train, K)["dataset"], "train")  # the data cache, before the ranks start
+def test_two_processes_match_one(tmp_path, method, buffer, bn_splits, epochs, n_train, K, rel):
+    if bn_splits == 1 and epochs > 1:
+        pytest.skip("the synchronised-BN cases run the two-step comparison only")
+    if bn_splits == 1:  # the synchronised variance is E[x²] − mean² in fp32, not torch's Welford: 4e-6 apart
+        rel = max(rel, 2e-5)
+    chaotic = method == "simclr" and epochs > 1
+    if chaotic:
+        # after one step SimCLR's weights agree to 2e-7, as supervised training's do; but one process run
+        # with 1 and with 2 threads already differs by 1.3e-5 after two steps (supervised: 1.6e-7): its
+        # training here amplifies rounding fast, and the losses are 1.1% apart by epoch 3
+        rel = 5e-2
+    spec = _spec(method, bn_splits, epochs, n_train, K)
+    load_split(spec["dataset"], "train")  # the data cache, before the ranks start
     torch.set_num_threads(1)
     one = ListSink()
-    pretrain(_spec(method, 2, epochs, n_train, K), tmp_path / "one", one)
+    pretrain(spec, tmp_path / "one", one)
     ref_losses = _losses(one)
-    ref = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"][buffer]
+    # methods without a queue or bank: the first convolution's weights after training
+    name = buffer or {"simclr": "encoder.", "byol": "online.", "supervised": ""}[method] + "backbone.stem.0.weight"
+    ref = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"][name]
 
     # the same spec: bn_splits counts groups in the global batch, so each of 2 ranks uses 1
-    mp.spawn(_worker, args=(2, _free_port(), _spec(method, 2, epochs, n_train, K), str(tmp_path / "two")),
-             nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), spec, str(tmp_path / "two")), nprocs=2, join=True)
     losses = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert len(losses) == epochs == len(ref_losses)
     assert losses == pytest.approx(ref_losses, rel=rel), (losses, ref_losses)
-    two = checkpoint.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"][buffer]
-    assert torch.allclose(two, ref, atol=10 * rel), (two - ref).abs().max()
+    two = checkpoint.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"][name]
+    if buffer:
+        assert torch.allclose(two, ref, atol=10 * rel), (two - ref).abs().max()
+    elif epochs == 1:
+        # weights: within 0.1% of their scale after two steps (summation order; a wrong gradient, e.g.
+        # the heads' BN over each half instead of the whole batch, was off by 3%). After 3 epochs the
+        # weights differ as much between 1 and 2 threads of one process, so the losses are compared
+        scale = float(ref.abs().max())
+        assert float((two - ref).abs().max()) <= 1e-3 * scale, (two - ref).abs().max()

@@ -45,3 +45,31 @@ def test_detection_estimate_reproduces_its_anchor():
     assert (d["iterations"], d["batch_size"], max(d["min_size"]), det.spec["backbone"]["name"]) == (24000, 16, 800, "resnet50")
     # detectron2 MODEL_ZOO: R50-C4 0.551 s/iter on 8 V100 at batch 16 -> 24k iterations
     assert gpu_hours(det) == pytest.approx(0.551 * 8 * 24000 / 3600, rel=1e-6)
+
+
+def test_paper_grid_trains_every_pretraining_on_8_processes():
+    """`sslgrid plan grids/paper.yaml`: each pretraining (and probe) runs 8 processes of 1 GPU, in bf16."""
+    from pipeline.plan import describe
+
+    plan = build_plan(load_grid(PAPER))
+    rows = describe(plan)
+    pretrain = [r for r in rows if r["stage"] == "pretrain"]
+    assert len(pretrain) == 52 and {r["procs x GPUs"] for r in pretrain} == {"8 x 1"}
+    assert {r["procs x GPUs"] for r in rows if r["stage"] == "linear_probe"} == {"8 x 1"}
+    assert all(r["what"].endswith(" bf16") for r in pretrain)
+    assert float(pretrain[0]["wall-h"]) == pytest.approx(float(pretrain[0]["GPU-h"]) / 8, rel=1e-2)
+    assert all(s.spec["backbone"]["bn_splits"] == 8 for s in plan.ordered() if s.kind == "pretrain")
+
+
+def test_processes_must_divide_the_batch_and_the_bn_groups(tmp_path):
+    from pipeline.grid import GridError
+
+    g = tmp_path / "g.yaml"
+    g.write_text("name: g\ndefaults:\n  backbone: {bn_splits: 4}\n  pretrain: {batch_size: 12}\n"
+                 "resources:\n  pretrain: {gpus: 8}\n")
+    with pytest.raises(GridError) as info:
+        load_grid(g)
+    text = str(info.value)
+    assert "pretrain.batch_size = 12: must be a multiple of the 8 processes resources.pretrain runs" in text
+    assert "backbone.bn_splits = 4: must be 1 (BN synchronised over the processes) or a multiple of the 8" in text
+    assert str(g) in text

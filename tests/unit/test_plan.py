@@ -116,3 +116,19 @@ def test_fields_added_later_keep_old_identities(tmp_path):
     assert pre[1].identity["pretrain"]["optimizer"] == "lars" and pre[0].key != pre[1].key
     eta = plan_of(tmp_path, GRID.replace("K: 64}", "K: 64, lars_eta: 0.01}"))
     assert [s.key for s in eta.ordered()] == [s.key for s in sgd.ordered()]  # SGD does not read the eta
+
+
+def test_identities_of_the_shipped_grids_are_pinned():
+    """Every stage key of the four shipped grids. quickstart, methods and paper-mini are those of
+    5a91e3e (before precision, processes and the new data path: their stages run in fp32 on CPUs, the
+    legacy value); paper's changed once, on purpose, when it moved to bf16 and bn_splits 8 on 8 GPUs."""
+    import json
+
+    from pipeline.grid import load_grid
+    from pipeline.plan import build_plan
+
+    pinned = json.loads((Path(__file__).parent / "identities.json").read_text())
+    grids = Path(__file__).resolve().parents[2] / "grids"
+    for name, keys in pinned.items():
+        plan = build_plan(load_grid(grids / f"{name}.yaml"))
+        assert sorted(f"{s.kind}/{s.key}" for s in plan.ordered()) == keys, name

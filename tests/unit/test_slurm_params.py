@@ -106,3 +106,19 @@ def test_tasks_share_a_master_port_that_rank_0_found_free(tmp_path):
 def test_multi_task_jobs_end_when_one_task_fails():
     assert SlurmParams(tasks_per_node=2).executor_kwargs()["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
     assert "slurm_srun_args" not in SlurmParams().executor_kwargs()
+
+
+def test_a_stage_gets_one_task_per_gpu(tmp_path):
+    """{cpus: 32, gpus: 8}: one job of 8 tasks, each with a GPU and 4 CPUs (moco's 8-GPU recipe);
+    over 2 nodes, 16 GPUs are 8 tasks and 8 GPUs per node."""
+    parts = parse_sinfo(SINFO)
+    one = slurm_params(grid(tmp_path, "  default: {partition: gpu}\n", "resources:\n  pretrain: {cpus: 32, gpus: 8}"),
+                       "pretrain", parts)
+    assert (one.nodes, one.tasks_per_node, one.gpus_per_node, one.cpus_per_task) == (1, 8, 8, 4)
+    two = slurm_params(grid(tmp_path, "  default: {partition: gpu}\n  pretrain: {nodes: 2}\n",
+                            "resources:\n  pretrain: {cpus: 64, gpus: 16}"), "pretrain", parts)
+    assert (two.nodes, two.tasks_per_node, two.gpus_per_node, two.cpus_per_task) == (2, 8, 8, 4)
+    # explicit processes win: 2 processes sharing 8 GPUs
+    mine = slurm_params(grid(tmp_path, "  default: {partition: gpu}\n",
+                             "resources:\n  pretrain: {cpus: 32, gpus: 8, processes: 2}"), "pretrain", parts)
+    assert (mine.tasks_per_node, mine.gpus_per_node, mine.cpus_per_task) == (2, 8, 16)
