@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+from pathlib import Path
 
 from pipeline.grid import load_grid
 from pipeline.plan import build_plan, identity_key
