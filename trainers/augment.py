@@ -82,32 +82,32 @@ def crop_boxes(u: torch.Tensor | np.ndarray, h, w, scale: tuple[float, float],
     image, the first that fits wins, else the whole image clipped to the ratio range.
 
     u: N×22 uniforms (the crop columns of a DRAWS row); h, w: the original's height and width in
-    pixels, ints or N-vectors. Returns N×4 float64 boxes (x1, y1, x2, y2) in pixels."""
-    u = torch.as_tensor(u, dtype=torch.float64)
+    pixels, ints or N-vectors. Returns N×4 float64 boxes (x1, y1, x2, y2) in pixels. (numpy inside:
+    DataLoader workers call it per image, where torch's per-op overhead would dominate.)"""
+    u = np.asarray(u, dtype=np.float64)
     n = u.shape[0]
-    h = torch.as_tensor(h, dtype=torch.float64).expand(n)
-    w = torch.as_tensor(w, dtype=torch.float64).expand(n)
+    h = np.broadcast_to(np.asarray(h, dtype=np.float64), (n,))
+    w = np.broadcast_to(np.asarray(w, dtype=np.float64), (n,))
     t = CROP_TRIES
     area = (h * w)[:, None]
     target = area * (u[:, :t] * (scale[1] - scale[0]) + scale[0])
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(u[:, t:2 * t] * (hi - lo) + lo)
-    cw = torch.sqrt(target * aspect).round()
-    ch = torch.sqrt(target / aspect).round()
+    aspect = np.exp(u[:, t:2 * t] * (hi - lo) + lo)
+    cw = np.round(np.sqrt(target * aspect))
+    ch = np.round(np.sqrt(target / aspect))
     fits = (cw > 0) & (ch > 0) & (cw <= w[:, None]) & (ch <= h[:, None])
-    first = torch.where(fits.any(1), fits.to(torch.uint8).argmax(1), torch.full((n,), -1))
-    rows = torch.arange(n)
-    pick = first.clamp(min=0)
+    ok = fits.any(1)
+    pick = fits.argmax(1)
+    rows = np.arange(n)
     bw, bh = cw[rows, pick], ch[rows, pick]
     # fallback: a centre crop of the whole image with the ratio clamped, as torchvision does
     in_ratio = w / h
-    fw = torch.where(in_ratio < ratio[0], w, torch.where(in_ratio > ratio[1], (h * ratio[1]).round(), w))
-    fh = torch.where(in_ratio < ratio[0], (w / ratio[0]).round(), h)
-    ok = first >= 0
-    bw, bh = torch.where(ok, bw, fw), torch.where(ok, bh, fh)
-    x1 = torch.where(ok, torch.floor(u[:, 2 * t] * (w - bw + 1)), torch.div(w - fw, 2, rounding_mode="floor"))
-    y1 = torch.where(ok, torch.floor(u[:, 2 * t + 1] * (h - bh + 1)), torch.div(h - fh, 2, rounding_mode="floor"))
-    return torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+    fw = np.where(in_ratio < ratio[0], w, np.where(in_ratio > ratio[1], np.round(h * ratio[1]), w))
+    fh = np.where(in_ratio < ratio[0], np.round(w / ratio[0]), h)
+    bw, bh = np.where(ok, bw, fw), np.where(ok, bh, fh)
+    x1 = np.where(ok, np.floor(u[:, 2 * t] * (w - bw + 1)), np.floor((w - fw) / 2))
+    y1 = np.where(ok, np.floor(u[:, 2 * t + 1] * (h - bh + 1)), np.floor((h - fh) / 2))
+    return torch.from_numpy(np.stack([x1, y1, x1 + bw, y1 + bh], 1))
 
 
 def sample_crop_boxes(n: int, h: int, w: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -138,7 +138,7 @@ def geometry(images: torch.Tensor, u: torch.Tensor, p: AugmentParams, size: int)
     in [0, 1]. u: N×DRAWS uniforms on the CPU."""
     _, _, h, w = images.shape
     x = images.float().div_(255)
-    return resized_crop(x, crop_boxes(u[:, _CROP], h, w, p.crop_scale, p.crop_ratio), size)
+    return resized_crop(x, crop_boxes(np.asarray(u)[:, _CROP], h, w, p.crop_scale, p.crop_ratio), size)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -162,19 +162,28 @@ def _jitter_op(x: torch.Tensor, op: int, f: torch.Tensor) -> torch.Tensor:
 
 def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], u: torch.Tensor) -> torch.Tensor:
     """torchvision ColorJitter on a float batch in [0, 1]: per image, a factor for each operation and
-    the order of the four. u: N×5 uniforms on the CPU (4 factors, then the order)."""
-    n = x.shape[0]
+    the order of the four. u: N×5 uniforms on the CPU (4 factors, then the order). The images are
+    grouped by their order (at most 24 groups), so each group runs its four operations on a
+    contiguous slice: no per-operation gather and scatter, and the slice stays in cache on a CPU."""
     ranges = [(max(0.0, 1 - s), 1 + s) for s in strength[:3]] + [(-strength[3], strength[3])]
-    factors = [u[:, i] * (hi - lo) + lo for i, (lo, hi) in enumerate(ranges)]
-    order = _ORDERS[(u[:, 4] * len(_ORDERS)).long().clamp_(max=len(_ORDERS) - 1)]  # N×4
-    for pos in range(4):
-        for op in range(4):
-            if strength[op] <= 0:
-                continue
-            on = order[:, pos] == op
-            f = factors[op].to(torch.float32)
-            x = _apply_to(x, on, lambda v, sel, op=op, f=f: _jitter_op(v, op, to_device(f[sel], v.device)))
-    return x
+    factors = torch.stack([u[:, i] * (hi - lo) + lo for i, (lo, hi) in enumerate(ranges)], 1).to(torch.float32)
+    perm_id = (u[:, 4] * len(_ORDERS)).long().clamp_(max=len(_ORDERS) - 1)
+    rows = torch.argsort(perm_id, stable=True)
+    counts = torch.bincount(perm_id, minlength=len(_ORDERS)).tolist()  # CPU: no device read-back
+    grouped = x[to_device(rows, x.device)]
+    f = to_device(factors[rows], x.device)
+    start = 0
+    for pid, count in enumerate(counts):
+        if count:
+            part = grouped[start:start + count]
+            for op in _ORDERS[pid].tolist():
+                if strength[op] > 0:
+                    part = _jitter_op(part, op, f[start:start + count, op])
+            grouped[start:start + count] = part
+            start += count
+    out = torch.empty_like(x)
+    out[to_device(rows, x.device)] = grouped
+    return out
 
 
 def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -218,14 +227,16 @@ def solarize(x: torch.Tensor) -> torch.Tensor:
 
 def _apply_to(x: torch.Tensor, on: torch.Tensor, fn) -> torch.Tensor:
     """x with fn(images, selection) applied to the images where ``on`` (N bool, CPU) is set; fn sees
-    only those, in index order, and ``selection`` is their CPU index."""
+    only those, in index order, and ``selection`` is their CPU index. Writes into x, which the
+    augmentation owns (it made it from the uint8 input)."""
     sel = on.nonzero().squeeze(1)
     if sel.numel() == 0:
         return x
     if sel.numel() == x.shape[0]:
         return fn(x, sel)
     dev_sel = to_device(sel, x.device)
-    x = x.clone()
+    if not x.is_contiguous():  # an expanded (all-grayscale) batch cannot be written into
+        x = x.contiguous()
     x[dev_sel] = fn(x[dev_sel], sel)
     return x
 
@@ -237,14 +248,26 @@ CPU_CHUNK_BYTES = 8 << 20
 
 
 def photometric(x: torch.Tensor, u: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-    """Colour jitter, grayscale, blur, solarisation, flip and normalisation of a float batch in
-    [0, 1] (N×3×S×S, any device), with the parameters in u (N×DRAWS uniforms, CPU)."""
+    """Colour jitter, grayscale, blur, solarisation, flip and normalisation of a batch (N×3×S×S,
+    uint8, or float in [0, 1] that this function may overwrite; any device), with the parameters in
+    u (N×DRAWS uniforms, CPU). Returns normalised float N×3×S×S. On the CPU it works through chunks
+    that stay in cache, converting each from uint8 on the way in."""
     n, c, h, w = x.shape
     u = torch.as_tensor(u, dtype=torch.float64)
     chunk = max(1, CPU_CHUNK_BYTES // (4 * c * h * w))
-    if x.device.type == "cpu" and n > chunk:
-        return torch.cat([_photometric(x[i:i + chunk], u[i:i + chunk], p) for i in range(0, n, chunk)])
-    return _photometric(x, u, p)
+    if x.device.type != "cpu" or n <= chunk:
+        return _photometric(_as_float(x), u, p)
+    out = torch.empty((n, c, h, w), dtype=torch.float32)
+    for i in range(0, n, chunk):
+        out[i:i + chunk] = _photometric(_as_float(x[i:i + chunk]), u[i:i + chunk], p)
+    return out
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (any layout) → contiguous float in [0, 1], in one pass; a float batch as it is."""
+    if x.dtype != torch.uint8:
+        return x
+    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
 
 
 def _photometric(x: torch.Tensor, u: torch.Tensor, p: AugmentParams) -> torch.Tensor:
@@ -261,7 +284,7 @@ def _photometric(x: torch.Tensor, u: torch.Tensor, p: AugmentParams) -> torch.Te
         x = _apply_to(x, u[:, _SOLAR] < p.solarize_p, lambda v, sel: solarize(v))
     if p.flip_p > 0:
         x = _apply_to(x, u[:, _FLIP] < p.flip_p, lambda v, sel: v.flip(3))
-    return normalize(x, p)
+    return _normalize_(x, p)
 
 
 def augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
@@ -281,6 +304,15 @@ def _mean_std(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype)
 def normalize(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     mean, std = _mean_std(p.mean, p.std, x.device, x.dtype)  # made once per device: no copy per batch
     return (x - mean) / std
+
+
+def _normalize_(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """``normalize`` in place, for a batch the augmentation owns; an expanded (grayscale) batch is
+    copied first."""
+    if x.stride(1) == 0:
+        x = x.contiguous()
+    mean, std = _mean_std(p.mean, p.std, x.device, x.dtype)
+    return x.sub_(mean).div_(std)
 
 
 def eval_view(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:

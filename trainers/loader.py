@@ -56,10 +56,11 @@ def local_steps(order: torch.Tensor, batch_size: int, drop_last: bool = True) ->
     return [order[i * batch_size:(i + 1) * batch_size][w.rank::w.size] for i in range(steps)]
 
 
-def default_workers() -> int:
+def default_workers(reserve: int = 1) -> int:
     """DataLoader workers per process: the CPUs this process was given (SLURM_CPUS_PER_TASK; else
     SSLGRID_CPUS, which pipeline sets from the stage's resources; else the CPUs it may run on,
-    shared among LOCAL_WORLD_SIZE processes), minus one for the training loop; from 1 to 16."""
+    shared among LOCAL_WORLD_SIZE processes), minus ``reserve`` for the training loop (1 when it
+    drives a GPU; 0 on a CPU, where the workers also do the colour part); from 1 to 16."""
     given = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SSLGRID_CPUS")
     if given:
         cpus = int(float(given))
@@ -69,7 +70,7 @@ def default_workers() -> int:
         except AttributeError:  # not on Linux
             cpus = os.cpu_count() or 1
         cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(cpus - 1, 16))
+    return max(1, min(cpus - reserve, 16))
 
 
 class TensorBatches:
@@ -125,13 +126,13 @@ class CropDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[list[np.ndarray], int, int, int]:
         epoch, i = key
         path = self.files[i]
         try:
             with Image.open(path) as im:
                 w, h = im.size
-                boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, DRAWS)[:, :22], h, w, p.crop_scale,
+                boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, 22), h, w, p.crop_scale,
                                     p.crop_ratio)[0].tolist() for v, p in enumerate(self.views)]
                 # the smallest decode that still gives every box the output resolution in both directions
                 need = max(max(self.size / (b[2] - b[0]), self.size / (b[3] - b[1])) for b in boxes)
@@ -144,7 +145,7 @@ class CropDataset(torch.utils.data.Dataset):
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
         self.decodes += 1
-        return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2), int(self.labels[i]), i
+        return crops, int(self.labels[i]), i, epoch  # one S×S×3 uint8 array per view
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -163,23 +164,49 @@ class _StepSampler(torch.utils.data.Sampler):
         return len(self.steps)
 
 
-def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    crops = torch.stack([c for c, _, _ in items], 1).contiguous()  # V×b×3×S×S
-    return crops, torch.tensor([y for _, y, _ in items]), torch.tensor([i for _, _, i in items])
+def _collate(items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crops → one uint8 V×b×3×S×S tensor, filled once from the H×W×C arrays (channels_last
+    strides, which every operation after it accepts)."""
+    views, size = len(items[0][0]), items[0][0][0].shape[0]
+    batch = torch.empty((views, len(items), size, size, 3), dtype=torch.uint8)
+    arr = batch.numpy()
+    for j, it in enumerate(items):
+        for v in range(views):
+            arr[v, j] = it[0][v]
+    crops = batch.permute(0, 1, 4, 2, 3)  # V×b×3×S×S
+    return crops, torch.tensor([it[1] for it in items]), torch.tensor([it[2] for it in items])
+
+
+class _ColourCollate:
+    """Collation that also runs the photometric part, batched, in the worker (for a CPU device,
+    where the training process has no spare cores to do it): float V×b×3×S×S views."""
+
+    def __init__(self, views: Sequence[AugmentParams], seed: int):
+        self.views, self.seed = list(views), seed
+
+    def __call__(self, items: list[tuple]):
+        crops, y, idx = _collate(items)
+        epoch = items[0][3]
+        out = [photometric(crops[v], torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS)), p)
+               for v, p in enumerate(self.views)]
+        return out, y, idx
 
 
 class StreamingBatches:
-    """Views decoded from files by DataLoader workers; colour on the device."""
+    """Views decoded from files by DataLoader workers. The colour part runs batched on the device
+    when it is a GPU, and in the workers (in the collate function) when it is the CPU."""
 
     def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int,
                  device: torch.device, workers: int | None = None, prefetch: int = 4):
         self.labels, self.views, self.seed, self.device = labels, list(views), seed, device
         self.dataset = CropDataset(files, labels, views, size, seed)
         self.sampler = _StepSampler()
-        workers = default_workers() if workers is None else workers
+        workers = default_workers(reserve=int(device.type == "cuda")) if workers is None else workers
+        self.colour_in_workers = device.type == "cpu" and workers > 0
         kw = dict(persistent_workers=True, prefetch_factor=prefetch) if workers > 0 else {}
+        collate = _ColourCollate(views, seed) if self.colour_in_workers else _collate
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
-                                                  collate_fn=_collate, pin_memory=device.type == "cuda", **kw)
+                                                  collate_fn=collate, pin_memory=device.type == "cuda", **kw)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -187,11 +214,14 @@ class StreamingBatches:
     def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
         self.sampler.set(epoch, steps)
         for crops, y, idx in self.loader:
-            views = []
-            for v, p in enumerate(self.views):
-                u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
-                x = crops[v].to(self.device, non_blocking=True).float().div_(255)
-                views.append(photometric(x, u, p))
+            if self.colour_in_workers:
+                views = list(crops)
+            else:
+                views = []
+                for v, p in enumerate(self.views):
+                    u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
+                    x = crops[v].to(self.device, non_blocking=True).float().div_(255)
+                    views.append(photometric(x, u, p))
             yield views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
 
     def close(self) -> None:

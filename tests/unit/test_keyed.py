@@ -36,7 +36,7 @@ def test_crop_boxes_are_drawn_on_the_original_and_cover_it():
     """Over many draws on a 400×300 original, the boxes reach every part of the image (the old path
     centre-cropped to a square first, so 25% of a 4:3 picture could never appear)."""
     n = 20000
-    u = torch.from_numpy(uniforms(0, 0, np.arange(n), 0, DRAWS))[:, :22]
+    u = torch.from_numpy(uniforms(0, 0, np.arange(n), 0, DRAWS)[:, :22])
     boxes = crop_boxes(u, 300, 400, (0.2, 1.0), (3 / 4, 4 / 3))
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 400).all() and (boxes[:, 3] <= 300).all()
@@ -52,7 +52,7 @@ def test_crop_area_is_the_drawn_fraction_of_the_original():
     """With a fixed scale s (area fraction) every box covers s of the original's area, up to the
     rounding of its sides to whole pixels."""
     n = 2000
-    u = torch.from_numpy(uniforms(1, 0, np.arange(n), 0, DRAWS))[:, :22]
+    u = torch.from_numpy(uniforms(1, 0, np.arange(n), 0, DRAWS)[:, :22])
     for s in (0.05, 0.2, 0.5):
         boxes = crop_boxes(u, 300, 400, (s, s), (3 / 4, 4 / 3))
         frac = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / (300 * 400)
