@@ -5,7 +5,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: install quickstart test test-unit bench clean
+.PHONY: install quickstart test test-unit bench gpu-check clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/detection_step.py
 	$(BIN)/python bench/optimizer_step.py
+	$(BIN)/python bench/data_path.py
+	$(BIN)/python bench/pretrain_step.py
+
+# every GPU figure (bench/gpu_check.py), on a machine with a GPU; runs without the venv too (the GPU
+# machines have their own torch and no network): about 5 minutes on one GPU
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py
 
 clean:
 	rm -rf runs mlruns mlflow.db

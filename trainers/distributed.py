@@ -102,9 +102,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     w = world()
     if w.size == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(x.contiguous())
+    with warnings.catch_warnings():  # deprecated in 2.14 for a private API; the same autograd semantics
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(x.contiguous())
     return torch.stack(parts, 1).reshape(-1, *x.shape[1:])
 
 

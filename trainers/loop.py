@@ -109,9 +109,13 @@ def data_parallel(model: nn.Module, dev: torch.device) -> nn.Module:
     equal on every rank themselves, and BN statistics stay per rank as in moco."""
     if D.world().size == 1 or not any(p.requires_grad for p in model.parameters()):
         return model
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+    with warnings.catch_warnings():  # torch 2.14 renames broadcast_buffers; 2.11 (our GPU machines) knows only it
+        warnings.simplefilter("ignore", FutureWarning)
+        return DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
 
 
 def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_path: Path, sink: Sink,
