@@ -46,12 +46,35 @@ def quickstart_specs(epochs: int | None) -> dict[str, dict]:
 
     over = [f"pretrain.epochs={epochs}", "pretrain.knn_every=0", "linear_probe.epochs=20", "pretrain.K=256",
             "dataset.num_train=512", "dataset.num_val=128"] if epochs else []
+    if torch.cuda.is_available():  # a GPU per stage, so precision auto means bf16, as on a GPU cluster
+        over += ["resources.pretrain.gpus=1", "resources.linear_probe.gpus=1"]
     plan = build_plan(load_grid(REPO / "grids" / "quickstart.yaml", over))
     stages = {}
     for cell, keys in plan.cells.items():
         for kind in ("pretrain", "linear_probe"):
             stages[f"{cell}:{kind}"] = plan.stages[keys[kind]]
     return stages
+
+
+class sync_counter:
+    """Collects torch's warnings for host synchronisations (CUDA only; an empty list elsewhere)."""
+
+    def __enter__(self) -> list:
+        import warnings
+
+        self.caught: list = []
+        if torch.cuda.is_available():
+            self._ctx = warnings.catch_warnings(record=True)
+            self._log = self._ctx.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self.caught
+
+    def __exit__(self, *exc) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(0)
+            self.caught.extend(w for w in self._log if "synchroniz" in str(w.message))
+            self._ctx.__exit__(*exc)
 
 
 def check_quickstart(work: Path, smoke: bool) -> None:
@@ -63,8 +86,14 @@ def check_quickstart(work: Path, smoke: bool) -> None:
         pre = stages[f"{cell}:pretrain"]
         t = time.perf_counter()
         sink = ListSink()
-        up = pretrain(pre.spec, work / pre.key, sink)
+        with sync_counter() as syncs:
+            up = pretrain(pre.spec, work / pre.key, sink)
         t_pre = time.perf_counter() - t
+        if syncs and cell != "random-init":
+            p = pre.spec["pretrain"]
+            steps = p["epochs"] * (pre.spec["dataset"]["num_train"] // p["batch_size"])
+            say(f"quickstart {cell}: {len(syncs)} host synchronisations in {steps} training steps "
+                f"(torch.cuda.set_sync_debug_mode; checkpoints, epoch means and the check every 50 steps included)")
         probe = stages[f"{cell}:linear_probe"]
         t = time.perf_counter()
         res = linear_probe(probe.spec, up, work / probe.key, ListSink())

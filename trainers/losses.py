@@ -68,7 +68,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, T: float) -> tuple[torch.Tensor,
     z = torch.cat([z1, z2], 0)  # 2N×C
     logits = z @ z.T / T  # 2N×2N
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    targets = torch.cat([torch.arange(n, 2 * n, device=z.device), torch.arange(0, n, device=z.device)])
     return F.cross_entropy(logits, targets), logits
 
 

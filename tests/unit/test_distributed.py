@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -101,3 +102,36 @@ def test_two_processes_match_one(tmp_path, method, buffer, bn_splits, epochs, n_
         # weights differ as much between 1 and 2 threads of one process, so the losses are compared
         scale = float(ref.abs().max())
         assert float((two - ref).abs().max()) <= 1e-3 * scale, (two - ref).abs().max()
+
+
+def _probe_worker(rank: int, world: int, port: int, spec: dict, up: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from evaluators.linear_probe import linear_probe
+    from trainers import distributed as D
+
+    D.init_from_env()
+    res = linear_probe(spec, up, Path(out), ListSink())
+    if rank == 0:
+        json.dump(res, open(Path(out) / "res.json", "w"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["cached", "moco"])
+def test_probe_in_two_processes_matches_one(tmp_path, mode):
+    """The probe's features are extracted in shards and gathered; its crops (moco mode) are read per
+    rank; fc trains under DistributedDataParallel: the same top-1 and fc as one process."""
+    from evaluators.linear_probe import linear_probe
+
+    spec = _spec("mocov2", 2, 1, 64, 16)
+    spec["linear_probe"].update(mode=mode, epochs=3, batch_size=16, lr=1.0)
+    torch.set_num_threads(1)
+    up = pretrain(spec, tmp_path / "pre", ListSink())
+    one = linear_probe(spec, up, tmp_path / "one", ListSink())
+    shutil.rmtree(tmp_path / "pre" / "checkpoints" / "features", ignore_errors=True)  # the 2 processes extract their own
+    mp.spawn(_probe_worker, args=(2, _free_port(), spec, up, str(tmp_path / "two")), nprocs=2, join=True)
+    two = json.loads((tmp_path / "two" / "res.json").read_text())
+    assert two["top1"] == pytest.approx(one["top1"], abs=1e-6)
+    a = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"]["weight"]
+    b = checkpoint.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"]["weight"]
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
