@@ -46,8 +46,9 @@ class PILSet(torch.utils.data.Dataset):
         return self.transform(self.pil[i])
 
 
-def reference(images: torch.Tensor, size: int, workers: int, batch: int) -> float:
-    aug_plus = T.Compose([
+def aug_plus(size: int) -> T.Compose:
+    """moco main_moco.py's aug-plus transform, on PIL images."""
+    return T.Compose([
         T.RandomResizedCrop(size, scale=(0.2, 1.0)),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
@@ -56,7 +57,11 @@ def reference(images: torch.Tensor, size: int, workers: int, batch: int) -> floa
         T.ToTensor(),
         T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
     ])
-    loader = torch.utils.data.DataLoader(PILSet(images, TwoViews(aug_plus)), batch_size=batch, num_workers=workers)
+
+
+def reference(images: torch.Tensor, size: int, workers: int, batch: int) -> float:
+    aug_plus_t = aug_plus(size)
+    loader = torch.utils.data.DataLoader(PILSet(images, TwoViews(aug_plus_t)), batch_size=batch, num_workers=workers)
     t0 = time.perf_counter()
     for q, k in loader:
         pass

@@ -23,9 +23,9 @@ import argparse
 import time
 
 import torch
-import torchvision.transforms as T
-from PIL import Image, ImageFilter
 from torchvision.datasets import ImageFolder
+
+from augment import TwoViews, aug_plus  # bench/augment.py: moco's aug-plus and TwoCropsTransform, on PIL
 
 from trainers import distributed as D
 from trainers.augment import AugmentParams
@@ -34,34 +34,8 @@ from trainers.loader import StreamingBatches, epoch_order, local_steps
 from trainers.loop import epoch_generator
 
 
-class PILBlur:
-    """moco/loader.py's GaussianBlur: PIL's filter with σ ~ U[0.1, 2]."""
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(0.1, 2.0))))
-
-
-class TwoCrops:
-    """moco/loader.py's TwoCropsTransform: two independent draws of the same transform."""
-
-    def __init__(self, t):
-        self.t = t
-
-    def __call__(self, img):
-        return [self.t(img), self.t(img)]
-
-
 def reference_loader(root, size: int, batch: int, workers: int, pin: bool) -> torch.utils.data.DataLoader:
-    aug_plus = T.Compose([
-        T.RandomResizedCrop(size, scale=(0.2, 1.0)),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([PILBlur()], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
-    ds = ImageFolder(str(root), TwoCrops(aug_plus))
+    ds = ImageFolder(str(root), TwoViews(aug_plus(size)))  # moco: TwoCropsTransform over aug-plus
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=pin,
                                        drop_last=True, persistent_workers=workers > 0)
 

@@ -68,16 +68,10 @@ CASES = [("mocov2", "queue", 2), ("instdisc", "memory", 2), ("simclr", None, 2),
 @pytest.mark.parametrize("epochs, n_train, K, rel", [(1, 32, 8, 1e-6), (3, 96, 32, 1e-2)],
                          ids=["two-steps", "three-epochs"])
 def test_two_processes_match_one(tmp_path, method, buffer, bn_splits, epochs, n_train, K, rel):
-    if bn_splits == 1 and epochs > 1:
-        pytest.skip("the synchronised-BN cases run the two-step comparison only")
+    if epochs > 1 and (bn_splits == 1 or buffer is None):
+        pytest.skip("weights-only and synchronised-BN cases run the two-step comparison only (CI time)")
     if bn_splits == 1:  # the synchronised variance is E[x²] − mean² in fp32, not torch's Welford: 4e-6 apart
         rel = max(rel, 2e-5)
-    chaotic = method == "simclr" and epochs > 1
-    if chaotic:
-        # after one step SimCLR's weights agree to 2e-7, as supervised training's do; but one process run
-        # with 1 and with 2 threads already differs by 1.3e-5 after two steps (supervised: 1.6e-7): its
-        # training here amplifies rounding fast, and the losses are 1.1% apart by epoch 3
-        rel = 5e-2
     spec = _spec(method, bn_splits, epochs, n_train, K)
     load_split(spec["dataset"], "train")  # the data cache, before the ranks start
     torch.set_num_threads(1)
@@ -96,10 +90,12 @@ def test_two_processes_match_one(tmp_path, method, buffer, bn_splits, epochs, n_
     two = checkpoint.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"][name]
     if buffer:
         assert torch.allclose(two, ref, atol=10 * rel), (two - ref).abs().max()
-    elif epochs == 1:
+    else:
         # weights: within 0.1% of their scale after two steps (summation order; a wrong gradient, e.g.
-        # the heads' BN over each half instead of the whole batch, was off by 3%). After 3 epochs the
-        # weights differ as much between 1 and 2 threads of one process, so the losses are compared
+        # the heads' BN over each half instead of the whole batch, was off by 3%). Longer runs amplify
+        # rounding: one SimCLR process with 1 and with 2 threads already differs by 1.3e-5 after two
+        # steps (supervised: 1.6e-7); after 3 epochs, supervised training's weights in 2 processes and in
+        # 1 were 7% apart while their losses agreed to 1%, so the longer cases compare losses and buffers
         scale = float(ref.abs().max())
         assert float((two - ref).abs().max()) <= 1e-3 * scale, (two - ref).abs().max()
 

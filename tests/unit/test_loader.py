@@ -13,6 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from tests.conftest import tiny_spec
+from tests.unit.test_loop import Crash, CrashingSink
 from trainers import checkpoint
 from trainers import distributed as D
 from trainers.augment import AugmentParams
@@ -73,22 +74,11 @@ def test_each_rank_decodes_only_its_share(monkeypatch):
         assert sorted(seen[0][i] + seen[1][i]) == sorted(order[16 * i:16 * (i + 1)].tolist())
 
 
-def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    D.init_from_env()
-    sink = ListSink()
-    pretrain(spec, Path(out), sink)
-    if rank == 0:
-        json.dump(sink.series("loss"), open(Path(out) / "losses.json", "w"))
-    torch.distributed.destroy_process_group()
-
-
 def test_two_processes_match_one_on_streamed_jpegs(tmp_path):
     """The streamed path keeps W processes equal to one: 2 gloo processes (each reading its half)
     against 1 with the same global batch, one step apart at most by summation order."""
     import torch.multiprocessing as mp
-    from tests.unit.test_distributed import _free_port
+    from tests.unit.test_distributed import _free_port, _worker
 
     spec = jpeg_spec(tmp_path, epochs=1, n_train=32)
     torch.set_num_threads(1)
@@ -100,21 +90,6 @@ def test_two_processes_match_one_on_streamed_jpegs(tmp_path):
     a = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"]["queue"]
     b = checkpoint.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"]["queue"]
     assert torch.allclose(a, b, atol=1e-5)
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashingSink(ListSink):
-    def __init__(self, after: int):
-        super().__init__()
-        self.after = after
-
-    def progress(self, done: int, total: int) -> None:
-        super().progress(done, total)
-        if done == self.after:
-            raise Crash
 
 
 def test_resume_with_dataloader_workers_matches_uninterrupted(tmp_path):

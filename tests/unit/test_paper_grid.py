@@ -73,3 +73,15 @@ def test_processes_must_divide_the_batch_and_the_bn_groups(tmp_path):
     assert "pretrain.batch_size = 12: must be a multiple of the 8 processes resources.pretrain runs" in text
     assert "backbone.bn_splits = 4: must be 1 (BN synchronised over the processes) or a multiple of the 8" in text
     assert str(g) in text
+
+
+def test_gpus_must_split_evenly_among_processes(tmp_path):
+    from pipeline.grid import GridError
+
+    g = tmp_path / "g.yaml"
+    g.write_text("name: g\nresources:\n  pretrain: {gpus: 8, processes: 3}\n")
+    with pytest.raises(GridError, match=r"resources.pretrain.gpus = 8.0: cannot be shared by the 3 processes"):
+        load_grid(g)
+    g.write_text("name: g\ndefaults: {pretrain: {batch_size: 64}, backbone: {bn_splits: 4}}\n"
+                 "resources:\n  pretrain: {gpus: 1, processes: 2}\n")  # two processes on one GPU: half each
+    assert load_grid(g).resources["pretrain"].per_process(1.0) == (2, 0.5, 0.5)
