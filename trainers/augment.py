@@ -318,8 +318,3 @@ def _normalize_(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
 def eval_view(images: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     """No augmentation: the uint8 batch as a normalised float batch."""
     return normalize(images.float().div(255), p)
-
-
-def probe_view(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generator) -> torch.Tensor:
-    """main_lincls's training transform: RandomResizedCrop (scale 0.08–1) + flip, nothing else."""
-    return augment(images, PROBE_VIEW, size, g)

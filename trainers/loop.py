@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,8 +44,11 @@ StepFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor, to
 
 
 class Batches(Protocol):
+    """What ``fit`` reads (trainers/loader.py): the number of samples, each epoch's batches for the
+    steps' index lists, and a close that ends any workers."""
+
     def __len__(self) -> int: ...
-    def epoch(self, epoch: int, steps: list[torch.Tensor]): ...  # -> Iterator[Batch]
+    def epoch(self, epoch: int, steps: list[torch.Tensor]) -> Iterator[Batch]: ...
     def close(self) -> None: ...
 
 
