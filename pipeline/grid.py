@@ -213,8 +213,8 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         if res.gpus and res.processes and res.gpus / res.processes > 1 and not (res.gpus / res.processes).is_integer():
             problems.append(("", Problem(f"resources.{kind}.gpus", res.gpus,
                                          f"cannot be shared by the {res.processes} processes: each gets whole GPUs or "
-                                         f"a fraction of one; set processes to {int(res.gpus)} (one per GPU) or to a "
-                                         f"divisor of {res.gpus:g}")))
+                                         f"a fraction of one; set processes to {int(res.gpus)} (one per GPU), to a "
+                                         f"divisor of {res.gpus:g}, or to a multiple of it")))
     if "pretrain" in resources:
         for cell in cells:
             for p in process_problems(cell.config, resources):

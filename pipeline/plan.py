@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.grid import Grid
-from pipeline.spec import StageConfig, negatives, pretrain_identity, to_dict
+from pipeline.spec import StageConfig, dataset_identity, negatives, pretrain_identity, to_dict
 from trainers.pretrain import base_lr
 
 SCHEMA_VERSION = 1
@@ -60,7 +60,7 @@ def identity_key(kind: str, identity: dict, upstream: tuple[str, ...]) -> str:
 
 def _pretrain_stage(cfg: StageConfig) -> Stage:
     spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "pretrain": to_dict(cfg.pretrain)}
-    ident = {"dataset": to_dict(cfg.dataset, True), "backbone": to_dict(cfg.backbone, True),
+    ident = {"dataset": dataset_identity(cfg.dataset), "backbone": to_dict(cfg.backbone, True),
              "pretrain": pretrain_identity(cfg.pretrain)}
     if cfg.pretrain.method == "none":
         # a random init needs no data: its identity is the backbone and the seed alone
@@ -74,7 +74,7 @@ def _eval_stage(kind: str, cfg: StageConfig, upstream: Stage) -> Stage:
     # has it through the upstream key
     spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "pretrain": to_dict(cfg.pretrain),
             kind: to_dict(section)}
-    ident = {"dataset": to_dict(cfg.dataset, True), kind: to_dict(section, True)}
+    ident = {"dataset": dataset_identity(cfg.dataset), kind: to_dict(section, True)}
     return Stage(kind, identity_key(kind, ident, (upstream.key,)), spec, ident, (upstream.key,))
 
 

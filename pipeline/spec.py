@@ -56,8 +56,11 @@ class DatasetSpec:
     max_train: Optional[int] = _f(None, min=1, doc="subsample the train split")
     max_val: Optional[int] = _f(None, min=1, doc="subsample the val split")
     download: bool = _f(False, identity=False)
-    in_memory: Optional[bool] = _f(None, identity=False, doc="imagefolder: decode all images up front "
-                                   "(default: when they fit in 4 GiB), else a batch at a time")
+    # legacy true: before the streaming path, every ImageFolder was read as the evaluation view (resize and
+    # centre crop) and trained on crops of it, which is what in_memory: true still does
+    in_memory: Optional[bool] = _f(None, legacy=True, doc="imagefolder: true stores the evaluation view (resize + "
+                                   "centre crop) and trains on crops of it; default: streams the files and crops "
+                                   "the originals. The synthetic set: decoded up front unless false (same result)")
     size_hint: Optional[int] = _f(None, min=1, identity=False, doc="training images, for plan's GPU-hour estimate")
     workers: Optional[int] = _f(None, min=0, identity=False, doc="DataLoader workers per process for streamed "
                                 "images (default: the process's CPUs minus one, at most 16)")
@@ -538,6 +541,15 @@ def to_dict(obj: Any, identity_only: bool = False) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_dict(v, identity_only) for v in obj]
     return obj
+
+
+def dataset_identity(ds: DatasetSpec) -> dict:
+    """The dataset's identity fields; ``in_memory`` changes results only for an ImageFolder (the
+    synthetic set gives the same batches either way), so it is left out for the other datasets."""
+    d = to_dict(ds, identity_only=True)
+    if ds.name != "imagefolder":
+        d.pop("in_memory", None)
+    return d
 
 
 def pretrain_identity(p: PretrainSpec) -> dict:

@@ -39,10 +39,10 @@ class LazyImages:
     to hold in memory, such as ImageNet; training reads the same files through trainers/loader.py,
     which crops the originals."""
 
-    def __init__(self, files: list[Path], image_size: int, workers: int | None = None):
+    def __init__(self, files: list[Path], image_size: int, workers: int | None = None, native: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.files, self.image_size = files, image_size
+        self.files, self.image_size, self.native = files, image_size, native
         self.shape = (len(files), 3, image_size, image_size)
         self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
 
@@ -54,14 +54,14 @@ class LazyImages:
             idx = range(*idx.indices(len(self.files)))
         elif isinstance(idx, torch.Tensor):
             idx = idx.tolist()
-        arrays = list(self.pool.map(lambda i: _load_image(self.files[i], self.image_size), idx))
+        arrays = list(self.pool.map(lambda i: _load_image(self.files[i], self.image_size, self.native), idx))
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
     def __getstate__(self) -> dict:  # DataLoader workers get the file list, not the thread pool
-        return {"files": self.files, "image_size": self.image_size, "shape": self.shape}
+        return {"files": self.files, "image_size": self.image_size, "native": self.native}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["files"], state["image_size"], workers=1)
+        self.__init__(state["files"], state["image_size"], workers=1, native=state["native"])
 
 
 IN_MEMORY_BYTES = 4 * 2**30  # decoded size above which an ImageFolder is read lazily
@@ -263,11 +263,12 @@ def open_rgb(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
 
 
-def eval_image(im: Image.Image, image_size: int) -> Image.Image:
-    """The evaluation view of an RGB image: as is when it is already image_size square (CIFAR, STL,
-    the synthetic set, as solo-learn and moco's CIFAR demo evaluate them), else torchvision's
-    Resize(eval_resize(S)) + CenterCrop(S), moco main_lincls's val transform at S = 224."""
-    if im.size == (image_size, image_size):
+def eval_image(im: Image.Image, image_size: int, native: bool = False) -> Image.Image:
+    """The evaluation view of an RGB image: torchvision's Resize(eval_resize(S)) + CenterCrop(S), moco
+    main_lincls's val transform at S = 224, for every image of an ImageFolder; the image as it is for
+    a ``native`` dataset, whose images all are S×S already (the synthetic set; CIFAR and STL are
+    tensors and never come here), as solo-learn and moco's CIFAR demo evaluate CIFAR."""
+    if native and im.size == (image_size, image_size):
         return im
     import torchvision.transforms.functional as TF
 
@@ -275,43 +276,35 @@ def eval_image(im: Image.Image, image_size: int) -> Image.Image:
                           image_size)
 
 
-def _load_image(path: Path, image_size: int) -> np.ndarray:
+def _load_image(path: Path, image_size: int, native: bool = False) -> np.ndarray:
+    """One file in the evaluation view (``eval_image``), H×W×3 uint8; DataError names a bad file."""
     try:
         with Image.open(path) as im:
-            # decode at the smallest JPEG DCT scale that still gives the resize its resolution
+            # a JPEG much larger than the view is decoded at a reduced DCT scale, still >= 2x the resize
             short = min(im.size)
             target = eval_resize(image_size)
-            if short > target:
-                im.draft("RGB", (math.ceil(im.size[0] * target / short), math.ceil(im.size[1] * target / short)))
+            if short > 4 * target:  # DCT scaling to >= 2x the target, so the resize still filters (antialias)
+                im.draft("RGB", (math.ceil(im.size[0] * 2 * target / short), math.ceil(im.size[1] * 2 * target / short)))
             im = im.convert("RGB")
-            return np.asarray(eval_image(im, image_size), dtype=np.uint8)
+            return np.asarray(eval_image(im, image_size, native), dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
 
 
-def _all_native(files: list[Path], image_size: int) -> bool:
-    """Whether every file is already image_size square (PIL reads only the headers)."""
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                if im.size != (image_size, image_size):
-                    return False
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return True  # _load_image reports it, with the file's name
-    return True
-
-
 def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = None,
-                     in_memory: bool | None = None) -> ImageSet:
+                     in_memory: bool | None = None, native: bool = False) -> ImageSet:
     """Read ``split_root/<class>/<image>``.
 
-    In memory (``images`` a uint8 N×3×S×S tensor, decoded once) when ``in_memory``, or by default
-    when every image is already S×S and they take under 4 GiB: training then crops these arrays,
-    which are the originals. Otherwise streamed (``images`` a :class:`LazyImages` in the evaluation
-    view), and training crops the decoded originals in DataLoader workers (trainers/loader.py), as
-    torchvision's RandomResizedCrop does. An explicit ``in_memory: true`` on images of other sizes
-    stores their evaluation view and trains on crops of it (smaller, but the crop cannot reach the
-    border the centre crop cut). Raises DataError naming the folder or file at fault."""
+    A ``native`` dataset (the synthetic set: every image S×S, its own original) is decoded into
+    memory (``images`` a uint8 N×3×S×S tensor) when it takes under 4 GiB, or when ``in_memory``;
+    training crops these arrays, and evaluation takes them as they are.
+
+    Any other ImageFolder (user data, e.g. ImageNet) is streamed by default: ``images`` is a
+    :class:`LazyImages` in the evaluation view (Resize + CenterCrop), and training crops the decoded
+    originals in DataLoader workers (trainers/loader.py), as torchvision's RandomResizedCrop does.
+    ``in_memory: true`` stores the evaluation view instead and trains on crops of it: smaller, but
+    the crop cannot reach the border the centre crop cut (a different result, so the field is part of
+    such a stage's identity). Raises DataError naming the folder or file at fault."""
     split_root = Path(split_root)
     if not split_root.is_dir():
         raise DataError(f"{split_root}: no such folder. An ImageFolder dataset needs <root>/train/<class>/ "
@@ -332,11 +325,10 @@ def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = 
         files = [files[int(i * step)] for i in range(max_items)]
     labels = torch.tensor([c for _, c in files], dtype=torch.int64)
     if in_memory is None:
-        in_memory = (len(files) * 3 * image_size * image_size <= IN_MEMORY_BYTES
-                     and _all_native([f for f, _ in files], image_size))
+        in_memory = native and len(files) * 3 * image_size * image_size <= IN_MEMORY_BYTES
     if not in_memory:
-        return ImageSet(LazyImages([f for f, _ in files], image_size), labels, classes)
-    arr = np.stack([_load_image(f, image_size) for f, _ in files])
+        return ImageSet(LazyImages([f for f, _ in files], image_size, native=native), labels, classes)
+    arr = np.stack([_load_image(f, image_size, native) for f, _ in files])
     images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
     return ImageSet(images, labels, classes)
 
@@ -366,7 +358,7 @@ def load_split(dataset: dict, split: str) -> ImageSet:
     limit = dataset.get(f"max_{split}")
     if name == "synthetic":
         root = ensure_synthetic(dataset["num_train"], dataset["num_val"], size, dataset["seed"])
-        return load_imagefolder(root / split, size)
+        return load_imagefolder(root / split, size, in_memory=dataset.get("in_memory"), native=True)
     if name == "imagefolder":
         return load_imagefolder(Path(dataset["root"]) / split, size, limit, dataset.get("in_memory"))
     if name in ("cifar10", "stl10"):

@@ -22,13 +22,14 @@ class _EvalFiles(torch.utils.data.Dataset):
     """File i in the evaluation view (trainers/data.py ``_load_image``), for DataLoader workers."""
 
     def __init__(self, images: LazyImages, start: int, stop: int):
-        self.files, self.size, self.start, self.stop = images.files, images.image_size, start, stop
+        self.files, self.size, self.native, self.start, self.stop = (images.files, images.image_size, images.native,
+                                                                     start, stop)
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(_load_image(self.files[self.start + i], self.size)).permute(2, 0, 1)
+        return torch.from_numpy(_load_image(self.files[self.start + i], self.size, self.native)).permute(2, 0, 1)
 
 
 def _shard_batches(images, start: int, stop: int, batch: int, dev: torch.device, workers: int | None):

@@ -115,12 +115,19 @@ class InMemoryBatches:
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Item (epoch, i): file i decoded once and cut into one uint8 crop per view, V×3×S×S, each
-    drawn on the original's size (RandomResizedCrop's box) and resized by PIL (bilinear, antialiased,
-    as torchvision's RandomResizedCrop on a PIL image)."""
+    """Item (epoch, i): file i decoded once and cut into one uint8 S×S×3 crop per view, each drawn on
+    the original's size (RandomResizedCrop's box) and resized by PIL as torchvision's
+    RandomResizedCrop does on a PIL image (crop, then bilinear resize with antialiasing). When the
+    smallest box is at least twice the output side, the JPEG is decoded at a reduced DCT scale that
+    still gives every box the output resolution, and the box is resized from there.
 
-    def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int):
+    ``native`` data (every image S×S, its own original) is returned whole instead, so that the
+    crops are cut on the device exactly as for the same data in memory."""
+
+    def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int,
+                 native: bool = False):
         self.files, self.labels, self.views, self.size, self.seed = list(files), labels, list(views), size, seed
+        self.native = native
         self.decodes = 0  # files decoded by this process (a worker's own copy): bench/data_path.py counts them
 
     def __len__(self) -> int:
@@ -131,21 +138,31 @@ class CropDataset(torch.utils.data.Dataset):
         path = self.files[i]
         try:
             with Image.open(path) as im:
-                w, h = im.size
-                boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, 22), h, w, p.crop_scale,
-                                    p.crop_ratio)[0].tolist() for v, p in enumerate(self.views)]
-                # the smallest decode that still gives every box the output resolution in both directions
-                need = max(max(self.size / (b[2] - b[0]), self.size / (b[3] - b[1])) for b in boxes)
-                if need < 1:
-                    im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
-                sx, sy = im.size[0] / w, im.size[1] / h
-                im = im.convert("RGB")
-                crops = [np.asarray(im.resize((self.size, self.size), Image.Resampling.BILINEAR,
-                                              box=(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy))) for b in boxes]
+                if self.native:
+                    crops = [np.asarray(im.convert("RGB"))]
+                else:
+                    crops = self._crops(im, epoch, i)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
         self.decodes += 1
-        return crops, int(self.labels[i]), i, epoch  # one S×S×3 uint8 array per view
+        return crops, int(self.labels[i]), i, epoch
+
+    def _crops(self, im: Image.Image, epoch: int, i: int) -> list[np.ndarray]:
+        w, h = im.size
+        boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, 22), h, w, p.crop_scale, p.crop_ratio)[0].tolist()
+                 for v, p in enumerate(self.views)]
+        # the decode scale that still gives every box the output resolution in both directions
+        need = max(max(self.size / (b[2] - b[0]), self.size / (b[3] - b[1])) for b in boxes)
+        if need <= 0.5:
+            im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
+        im = im.convert("RGB")
+        size = (self.size, self.size)
+        if im.size == (w, h):  # torchvision's F.resized_crop on a PIL image: crop, then resize
+            return [np.asarray(im.crop(tuple(int(v) for v in b)).resize(size, Image.Resampling.BILINEAR))
+                    for b in boxes]
+        sx, sy = im.size[0] / w, im.size[1] / h
+        return [np.asarray(im.resize(size, Image.Resampling.BILINEAR, box=(b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)))
+                for b in boxes]
 
 
 class _StepSampler(torch.utils.data.Sampler):
@@ -197,12 +214,13 @@ class StreamingBatches:
     when it is a GPU, and in the workers (in the collate function) when it is the CPU."""
 
     def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int,
-                 device: torch.device, workers: int | None = None, prefetch: int = 4):
-        self.labels, self.views, self.seed, self.device = labels, list(views), seed, device
-        self.dataset = CropDataset(files, labels, views, size, seed)
+                 device: torch.device, workers: int | None = None, prefetch: int = 4, native: bool = False):
+        self.labels, self.views, self.size, self.seed, self.device = labels, list(views), size, seed, device
+        self.native = native
+        self.dataset = CropDataset(files, labels, views, size, seed, native)
         self.sampler = _StepSampler()
         workers = default_workers(reserve=int(device.type == "cuda")) if workers is None else workers
-        self.colour_in_workers = device.type == "cpu" and workers > 0
+        self.colour_in_workers = device.type == "cpu" and workers > 0 and not native
         kw = dict(persistent_workers=True, prefetch_factor=prefetch) if workers > 0 else {}
         collate = _ColourCollate(views, seed) if self.colour_in_workers else _collate
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
@@ -216,6 +234,12 @@ class StreamingBatches:
         for crops, y, idx in self.loader:
             if self.colour_in_workers:
                 views = list(crops)
+            elif self.native:  # whole images: crop and colour on the device, as for the same data in memory
+                x = crops[0].contiguous().to(self.device, non_blocking=True)
+                views = []
+                for v, p in enumerate(self.views):
+                    u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
+                    views.append(photometric(geometry(x, u, p, self.size), u, p))
             else:
                 views = []
                 for v, p in enumerate(self.views):
@@ -234,7 +258,8 @@ def image_batches(data: ImageSet, views: Sequence[AugmentParams], size: int, see
     """The training batches of ``data``: in memory when its images are a tensor, else streamed from
     its files by DataLoader workers (``workers``: None for :func:`default_workers`)."""
     if isinstance(data.images, LazyImages):
-        return StreamingBatches(data.images.files, data.labels, views, size, seed, device, workers)
+        return StreamingBatches(data.images.files, data.labels, views, size, seed, device, workers,
+                                native=data.images.native)
     return InMemoryBatches(data.images, data.labels, views, size, seed, device)
 
 
