@@ -122,7 +122,8 @@ def test_fields_added_later_keep_old_identities(tmp_path):
 def test_identities_of_the_shipped_grids_are_pinned():
     """Every stage key of the four shipped grids. quickstart, methods and paper-mini are those of
     5a91e3e (before precision, processes and the new data path: their stages run in fp32 on CPUs, the
-    legacy value); paper's changed once, on purpose, when it moved to bf16 and bn_splits 8 on 8 GPUs."""
+    legacy value); paper's changed on purpose: bf16 and bn_splits 8 on 8 GPUs, and its ImageFolder streamed
+    (in_memory null joined the identity of ImageFolder stages, with true as the legacy value)."""
     import json
 
     from pipeline.grid import load_grid
