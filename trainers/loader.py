@@ -73,6 +73,17 @@ def default_workers(reserve: int = 1) -> int:
     return max(1, min(cpus - reserve, 16))
 
 
+def augmented_views(x: torch.Tensor, idx: torch.Tensor, epoch: int, seed: int, views: Sequence[AugmentParams],
+                    size: int) -> list[torch.Tensor]:
+    """Every view of uint8 originals x (b×3×H×W, on the device; idx: their dataset indices, CPU):
+    crop, colour and flip with each sample's keyed draws. Normalised float b×3×size×size each."""
+    out = []
+    for v, p in enumerate(views):
+        u = torch.from_numpy(uniforms(seed, epoch, idx.numpy(), v, DRAWS))
+        out.append(photometric(geometry(x, u, p, size), u, p))
+    return out
+
+
 class TensorBatches:
     """Rows of a tensor (e.g. frozen features, N×C) as one unaugmented input."""
 
@@ -104,10 +115,7 @@ class InMemoryBatches:
     def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
         for idx in steps:
             x = to_device(self.images[idx], self.device)
-            views = []
-            for v, p in enumerate(self.views):
-                u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
-                views.append(photometric(geometry(x, u, p, self.size), u, p))
+            views = augmented_views(x, idx, epoch, self.seed, self.views, self.size)
             yield views, to_device(self.labels[idx], self.device), to_device(idx, self.device)
 
     def close(self) -> None:
@@ -236,10 +244,7 @@ class StreamingBatches:
                 views = list(crops)
             elif self.native:  # whole images: crop and colour on the device, as for the same data in memory
                 x = crops[0].contiguous().to(self.device, non_blocking=True)
-                views = []
-                for v, p in enumerate(self.views):
-                    u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
-                    views.append(photometric(geometry(x, u, p, self.size), u, p))
+                views = augmented_views(x, idx, epoch, self.seed, self.views, self.size)
             else:
                 views = []
                 for v, p in enumerate(self.views):

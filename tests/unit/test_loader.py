@@ -13,7 +13,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from tests.conftest import tiny_spec
-from tests.unit.test_loop import Crash, CrashingSink
+from tests.unit.test_loop import assert_resume_matches_uninterrupted
 from trainers import checkpoint
 from trainers import distributed as D
 from trainers.augment import AugmentParams
@@ -95,18 +95,7 @@ def test_two_processes_match_one_on_streamed_jpegs(tmp_path):
 def test_resume_with_dataloader_workers_matches_uninterrupted(tmp_path):
     """Streamed JPEGs decoded by 2 persistent DataLoader workers: a run killed after epoch 1 resumes
     to the same per-epoch losses and weights as an uninterrupted one."""
-    spec = jpeg_spec(tmp_path, epochs=3, workers=2)
-    full = ListSink()
-    pretrain(spec, tmp_path / "full", full)
-    with pytest.raises(Crash):
-        pretrain(spec, tmp_path / "part", CrashingSink(after=1))
-    resumed = ListSink()
-    pretrain(spec, tmp_path / "part", resumed)
-    assert resumed.series("resumed_from_epoch") == [1.0]
-    assert resumed.series("loss") == full.series("loss")[1:]
-    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "final.pt")["backbone"]
-    b = checkpoint.load(tmp_path / "part" / "checkpoints" / "final.pt")["backbone"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_matches_uninterrupted(jpeg_spec(tmp_path, epochs=3, workers=2), tmp_path)
 
 
 def test_bf16_step_on_cpu_is_close_to_fp32(tmp_path):
