@@ -33,7 +33,7 @@ bench: install
 	$(BIN)/python bench/pretrain_step.py
 
 # every GPU figure (bench/gpu_check.py), on a machine with a GPU; runs without the venv too (the GPU
-# machines have their own torch and no network): about 5 minutes on one GPU
+# machines have their own torch and no network); sized for 8 minutes on one GPU, not yet timed on one
 GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 gpu-check:
 	PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py
