@@ -64,12 +64,16 @@ CASES = [("mocov2", "queue", 2), ("instdisc", "memory", 2), ("simclr", None, 2),
          ("simclr", None, 1), ("supervised", None, 1)]
 
 
-@pytest.mark.parametrize("method, buffer, bn_splits", CASES, ids=[f"{m}-bn{b}" for m, _, b in CASES])
-@pytest.mark.parametrize("epochs, n_train, K, rel", [(1, 32, 8, 1e-6), (3, 96, 32, 1e-2)],
-                         ids=["two-steps", "three-epochs"])
-def test_two_processes_match_one(tmp_path, method, buffer, bn_splits, epochs, n_train, K, rel):
-    if epochs > 1 and (bn_splits == 1 or buffer is None):
-        pytest.skip("weights-only and synchronised-BN cases run the two-step comparison only (CI time)")
+# two steps for every case; three epochs for the queue and the bank, whose buffers show any drift
+# (weights-only cases compare weights after two steps: longer runs amplify rounding, see below)
+RUNS = [(case, (1, 32, 8, 1e-6)) for case in CASES] + \
+       [(case, (3, 96, 32, 1e-2)) for case in CASES if case[1] is not None]
+
+
+@pytest.mark.parametrize("case, run", RUNS, ids=[f"{'two-steps' if r[0] == 1 else 'three-epochs'}-{c[0]}-bn{c[2]}"
+                                                  for c, r in RUNS])
+def test_two_processes_match_one(tmp_path, case, run):
+    (method, buffer, bn_splits), (epochs, n_train, K, rel) = case, run
     if bn_splits == 1:  # the synchronised variance is E[x²] − mean² in fp32, not torch's Welford: 4e-6 apart
         rel = max(rel, 2e-5)
     spec = _spec(method, bn_splits, epochs, n_train, K)
