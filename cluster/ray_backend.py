@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import ray
@@ -46,7 +47,8 @@ class RayBackend:
             kwargs.pop("include_dashboard")
             kwargs["address"] = self.address
         try:
-            ray.init(**kwargs)
+            with _loopback_node(self.address is None):
+                ray.init(**kwargs)
         except (ConnectionError, RuntimeError) as err:
             hint, chain, e = "", [], err
             while e is not None:  # Ray puts the authentication error in the cause
@@ -105,6 +107,29 @@ class RayBackend:
             return False, err.cause if isinstance(err.cause, Exception) else err
         except Exception as err:  # WorkerCrashedError etc.
             return False, err
+
+
+@contextmanager
+def _loopback_node(private: bool) -> Iterator[None]:
+    """While a private cluster starts, make its node address 127.0.0.1, so that GCS, raylet, object
+    manager, agents and every worker listen on loopback only; nobody else can join or call it.
+
+    Ray 2.60 binds its gRPC servers to the wildcard address unless the node address is loopback,
+    and ``ray.init(_node_ip_address="127.0.0.1")`` (like ``ray start --node-ip-address``) turns
+    loopback back into the machine's address (``services.resolve_ip_for_localhost``). The one way
+    in is the switch Ray uses on macOS and Windows: with ``ENABLE_RAY_CLUSTER`` false,
+    ``services.get_node_ip_address`` answers loopback. Scoped to ``ray.init``; joining a cluster
+    (``--ray-address``) leaves it alone. tests/integration/test_private_cluster.py checks the sockets."""
+    from ray._private import ray_constants
+
+    if not private or not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _probe_master() -> tuple[str, int]:

@@ -38,7 +38,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from evaluators.voc import VocItem, load_image, parse_set, read_classes, read_sets, write_synthetic_voc
+from evaluators.voc import VocItem, load_image, read_train_test, write_synthetic_voc
 from trainers import checkpoint
 from trainers.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainers.backbones import build_backbone
@@ -132,11 +132,14 @@ def evaluate(model: FasterRCNN, items: list[VocItem], batch: int = 8) -> dict[st
 
 
 def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
-    """spec: sections ``backbone`` and ``detection``; upstream: the pretrain result."""
+    """spec: sections ``backbone`` and ``detection``; upstream: the pretrain result. Raises VocError
+    (evaluators/voc.py) listing every unreadable file and, unless ``invalid_boxes: drop``, every
+    invalid box of the training and test sets, before any training."""
     p = spec["detection"]
     root = voc_root(p)
-    classes = read_classes(root, tuple(dict.fromkeys(parse_set(e)[0] for e in [*p["train_sets"], p["test_set"]])))
-    train, test = read_sets(root, p["train_sets"], classes), read_sets(root, [p["test_set"]], classes)
+    # every box is checked here, before the model is built: an invalid one raises VocError naming its
+    # file (or, with invalid_boxes: drop, is left out with a warning), not an assertion hours in
+    classes, train, test = read_train_test(root, p["train_sets"], p["test_set"], p.get("invalid_boxes", "error"))
     dev = device()
     torch.manual_seed(p["seed"])  # the RPN and box predictor start from random weights
     model = build_detector(spec["backbone"], upstream["checkpoint"], len(classes), p).to(dev)
@@ -146,8 +149,8 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     ckpt = Path(workdir) / "checkpoints" / "last.pt"
     start = 0
-    if ckpt.exists():
-        state = checkpoint.load(ckpt)
+    state = checkpoint.load_resume(ckpt)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = state["iteration"] + 1
@@ -186,7 +189,7 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
             running = 0.0
         if done % p["ckpt_every"] == 0 or done == p["iterations"]:
             checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it},
-                                   ckpt)
+                                   ckpt, keep_previous=True)
             sink.progress(done, p["iterations"])
     metrics = evaluate(model, test)
     sink.log(metrics, step=p["iterations"])

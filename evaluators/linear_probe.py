@@ -9,6 +9,10 @@ Two protocols, recorded in the result as ``protocol``:
   classifier and schedule are then trained on the stored features. This trades the probe's crop
   augmentation for a cost independent of the backbone; bench/linear_probe.py measures both.
 
+Both train on every image each epoch, as main_lincls does (its DataLoader keeps the last partial
+batch): ``drop_last: false``; ``true`` is what probe stages did before the field existed. Each
+step's loss is the mean over the rows of the global batch, however unevenly the processes hold them.
+
 Validation is on the un-augmented ``val`` split, after every epoch. Like main_lincls's
 ``sanity_check``, the stage fails if any backbone tensor (weights or BN statistics) changed.
 """
@@ -22,6 +26,7 @@ import torch.nn.functional as F
 
 from trainers.augment import PROBE_VIEW, AugmentParams
 from trainers.data import load_split
+from trainers.distributed import global_row_mean
 from trainers.features import frozen_features
 from trainers.loader import TensorBatches, image_batches
 from trainers.loop import LoopConfig, device, fit, prepare, resolve_precision
@@ -76,7 +81,7 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
 
         def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
             with full_precision():
-                return F.cross_entropy(net(inputs[0].float()), y), {}
+                return global_row_mean(F.cross_entropy(net(inputs[0].float()), y, reduction="none")), {}
     elif p["mode"] == "moco":
         data = image_batches(train, (PROBE_VIEW,), size, p["seed"], dev, spec["dataset"].get("workers"))
 
@@ -84,7 +89,7 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
             with torch.no_grad():
                 h = backbone(inputs[0])
             with full_precision():
-                return F.cross_entropy(net(h.float()), y), {}
+                return global_row_mean(F.cross_entropy(net(h.float()), y, reduction="none")), {}
     else:
         raise ValueError(f"unknown probe mode {p['mode']!r}")
 
@@ -97,7 +102,10 @@ def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     cfg = LoopConfig(epochs=p["epochs"], batch_size=min(p["batch_size"], len(train)), lr=p["lr"],
                      weight_decay=p["weight_decay"], momentum=p["momentum"], schedule="step",
                      milestones=tuple(milestones), seed=p["seed"], precision=precision)
-    history = fit(fc, step, data, cfg, Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=evaluate)
+    # every image each epoch, as main_lincls (its DataLoader keeps the last partial batch); legacy
+    # true for specs from before the field, whose stages dropped it
+    history = fit(fc, step, data, cfg, Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=evaluate,
+                  drop_last=p.get("drop_last", True))
     sanity_check(backbone, before)
     top1 = history[-1]["val_top1"]
     best = max(h["val_top1"] for h in history)

@@ -9,7 +9,20 @@ Layout (``root`` is the folder that holds ``VOCdevkit``)::
 The reader turns boxes into 0-based ``x1, y1, x2, y2`` with exclusive ends (VOC's xmin − 1,
 ymin − 1, xmax, ymax, as detectron2's loader does), keeps the ``difficult`` flag per box, and
 accepts images without objects. The class list is read from the data: the sorted names of every
-object in ``Annotations``, so a real VOC tree gives its 20 classes and the synthetic one its 3.
+object in ``Annotations``, so a real VOC tree gives its 20 classes and the synthetic one its 3; a
+tree that has all 20 VOC classes and more names gets the 20, and the other names are invalid.
+
+Every box is checked when a split is read, not when training first draws its image (torchvision's
+FasterRCNN then asserts on coordinates it has flipped, naming no file). A box is invalid when its
+class is missing or unknown, its ``bndbox`` or a coordinate is missing or not a number, it is
+reversed (``xmax < xmin`` or ``ymax < ymin``; equal ends are one pixel wide, VOC's ends being
+inclusive), or it leaves the image (``xmin``/``ymin`` below 1, ``xmax``/``ymax`` beyond the XML's
+``<size>``). ``invalid_boxes: error`` refuses the sets and lists every invalid box (file, object,
+coordinates); ``drop`` leaves them out with a warning that names them, and leaves out an image whose
+every object was invalid (trained on, its unlabelled objects would be taught as background).
+An unreadable XML, a missing image or split file cannot be dropped: they are always errors.
+``voc_problems`` runs the same checks (XML only, no image decoded) for ``sslgrid run`` to refuse a
+grid before anything launches.
 
 ``YEAR/split`` entries (``2007/trainval``) name a split of ``VOCdevkit/VOC<YEAR>``; several are
 concatenated, as MoCo trains on VOC07+12 trainval and tests on VOC07 test.
@@ -21,21 +34,33 @@ exercise the real reader.
 """
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import random
 import shutil
+import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
+# PASCAL VOC's 20 classes (devkit VOCinit.m), in the sorted order read_classes gives them
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+INVALID_BOXES = ("error", "drop")  # detection.invalid_boxes
+LISTED = 20  # problems listed in full; the rest are counted
 
 
 class VocError(Exception):
     """A VOC tree that cannot be read; the message names the file and the fix."""
+
+
+class VocWarning(UserWarning):
+    """Boxes (and images) left out under ``invalid_boxes: drop``; the message names each."""
 
 
 @dataclass
@@ -44,6 +69,18 @@ class VocItem:
     boxes: torch.Tensor  # N×4 float, x1 y1 x2 y2, 0-based
     labels: torch.Tensor  # N int64, indices into classes
     difficult: torch.Tensor  # N bool
+
+
+@dataclass
+class _Scan:
+    """What reading some splits found: the images with their valid boxes, the invalid boxes (which
+    ``drop`` may leave out) and the file problems (which nothing may skip), as messages."""
+
+    items: list[VocItem] = field(default_factory=list)
+    bad_boxes: list[str] = field(default_factory=list)
+    bad_files: list[str] = field(default_factory=list)
+    emptied: list[str] = field(default_factory=list)  # images whose every object is invalid
+    emptied_images: set[Path] = field(default_factory=set)
 
 
 def voc_dir(root: str | Path, year: str = "2007") -> Path:
@@ -56,8 +93,13 @@ def parse_set(entry: str) -> tuple[str, str]:
     return year, split
 
 
+def _name(obj: ET.Element) -> str:
+    return (obj.findtext("name") or "").strip()
+
+
 def read_classes(root: str | Path, years: tuple[str, ...] = ("2007",)) -> list[str]:
-    """The sorted names of every object annotated in the given years' trees."""
+    """The sorted names of every object annotated in the given years' trees; VOC's 20 when they are
+    all there (other names are then typos, which the split readers report as unknown classes)."""
     names = set()
     for year in years:
         ann = voc_dir(root, year) / "Annotations"
@@ -65,43 +107,207 @@ def read_classes(root: str | Path, years: tuple[str, ...] = ("2007",)) -> list[s
             raise VocError(f"{ann}: no such folder; detection.voc_root must hold VOCdevkit/VOC{year}/Annotations, "
                            f"or leave {year} out of detection.train_sets and detection.test_set")
         for f in ann.glob("*.xml"):
-            names.update(o.findtext("name") for o in ET.parse(f).getroot().iter("object"))
-    return sorted(n for n in names if n)
+            try:
+                names.update(_name(o) for o in ET.parse(f).getroot().iter("object"))
+            except (OSError, ET.ParseError):
+                pass  # reported by the split reader when a split lists it, and harmless when none does
+    names.discard("")
+    if names > set(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return sorted(names)
 
 
-def read_sets(root: str | Path, sets: list[str] | tuple[str, ...], classes: list[str]) -> list[VocItem]:
-    """The concatenation of ``YEAR/split`` entries, e.g. MoCo's ``["2007/trainval", "2012/trainval"]``."""
-    items: list[VocItem] = []
-    for entry in sets:
-        year, split = parse_set(entry)
-        items += read_split(root, split, classes, year)
-    return items
+def _size(tree: ET.Element) -> tuple[float, float] | None:
+    """The image's (width, height) from ``<size>``, or None when absent or not positive numbers (then
+    only the 1-based lower bound can be checked: no image is decoded to find the size)."""
+    try:
+        w, h = float(tree.findtext("size/width")), float(tree.findtext("size/height"))
+    except (TypeError, ValueError):
+        return None
+    return (w, h) if w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h) else None
 
 
-def read_split(root: str | Path, split: str, classes: list[str], year: str = "2007") -> list[VocItem]:
+def _box_problems(obj: ET.Element, index: dict[str, int], size: tuple[float, float] | None
+                  ) -> tuple[list[float] | None, list[str]]:
+    """One ``<object>``'s VOC coordinates (xmin, ymin, xmax, ymax, 1-based inclusive) and what is
+    wrong with it (empty when it is a valid box)."""
+    reasons = []
+    name = _name(obj)
+    if not name:
+        reasons.append("it has no <name>")
+    elif name not in index:
+        close = difflib.get_close_matches(name, list(index), n=1)
+        reasons.append(f"class {name!r} is not one of the {len(index)} classes"
+                       + (f" (did you mean {close[0]!r}?)" if close else f" ({', '.join(index)})"))
+    bb = obj.find("bndbox")
+    if bb is None:
+        return None, reasons + ["it has no <bndbox>"]
+    coords = []
+    for k in ("xmin", "ymin", "xmax", "ymax"):
+        text = bb.findtext(k)
+        try:
+            v = float(text)
+            if not math.isfinite(v):
+                raise ValueError
+            coords.append(v)
+        except (TypeError, ValueError):
+            reasons.append(f"<{k}> is missing" if text is None else f"<{k}> is {text.strip()!r}, not a number")
+    if len(coords) < 4:
+        return None, reasons
+    x1, y1, x2, y2 = coords
+    if x2 < x1:
+        reasons.append("xmax < xmin")
+    if y2 < y1:
+        reasons.append("ymax < ymin")
+    if x1 < 1 or y1 < 1:
+        reasons.append("it starts left of or above the image (VOC coordinates start at 1)")
+    if size is not None and (x2 > size[0] or y2 > size[1]):
+        reasons.append(f"it ends beyond the {size[0]:g}x{size[1]:g} image of <size>")
+    return coords, reasons
+
+
+def _describe(obj: ET.Element) -> str:
+    bb = obj.find("bndbox")
+    coords = "no <bndbox>" if bb is None else ", ".join(f"{k} {(bb.findtext(k) or '(missing)').strip()}"
+                                                         for k in ("xmin", "ymin", "xmax", "ymax"))
+    return f"{_name(obj) or '(no name)'!r}, {coords}"
+
+
+def _scan_split(root: str | Path, split: str, classes: list[str], year: str, scan: _Scan) -> None:
+    """Read one split into ``scan``: every image with its valid boxes, and a message per problem."""
     d = voc_dir(root, year)
     ids_file = d / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.exists():
-        raise VocError(f"{ids_file}: no such file; the split must be one of "
-                       f"{sorted(p.stem for p in (d / 'ImageSets' / 'Main').glob('*.txt') if '_' not in p.stem)}")
+        known = sorted(p.stem for p in (d / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
+        scan.bad_files.append(f"{ids_file}: no such file; the split must be one of {known}")
+        return
     index = {c: i for i, c in enumerate(classes)}
-    items = []
     for image_id in ids_file.read_text().split():
         xml = d / "Annotations" / f"{image_id}.xml"
+        image = d / "JPEGImages" / f"{image_id}.jpg"
         try:
             tree = ET.parse(xml).getroot()
         except (OSError, ET.ParseError) as err:
-            raise VocError(f"{xml}: cannot be read as VOC XML ({err}); fix or remove {image_id} from {ids_file}") from None
+            scan.bad_files.append(f"{xml}: cannot be read as VOC XML ({err}); fix it or remove {image_id} "
+                                  f"from {ids_file}")
+            continue
+        if not image.is_file():
+            scan.bad_files.append(f"{image}: no such image for {image_id}, listed in {ids_file}; add it or remove "
+                                  f"{image_id} from the split")
+        size = _size(tree)
+        objects = list(tree.iter("object"))
         boxes, labels, difficult = [], [], []
-        for obj in tree.iter("object"):
-            bb = obj.find("bndbox")
-            x1, y1, x2, y2 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        for i, obj in enumerate(objects, 1):
+            coords, reasons = _box_problems(obj, index, size)
+            if reasons:
+                scan.bad_boxes.append(f"{xml}: object {i} of {len(objects)} ({_describe(obj)}): {'; '.join(reasons)}")
+                continue
+            x1, y1, x2, y2 = coords
             boxes.append([x1 - 1, y1 - 1, x2, y2])
-            labels.append(index[obj.findtext("name")])
+            labels.append(index[_name(obj)])
             difficult.append(obj.findtext("difficult", "0").strip() == "1")
-        items.append(VocItem(d / "JPEGImages" / f"{image_id}.jpg", torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                             torch.tensor(labels, dtype=torch.int64), torch.tensor(difficult, dtype=torch.bool)))
-    return items
+        if objects and not boxes:
+            scan.emptied.append(f"{xml}: every object is invalid, so the image is left out")
+            scan.emptied_images.add(image)
+        scan.items.append(VocItem(image, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                  torch.tensor(labels, dtype=torch.int64), torch.tensor(difficult, dtype=torch.bool)))
+
+
+def _listed(lines: list[str], what: str) -> list[str]:
+    lines = list(dict.fromkeys(lines))  # a split read twice (train and test) reports once
+    return lines[:LISTED] + ([f"... and {len(lines) - LISTED} more {what}"] if len(lines) > LISTED else [])
+
+
+def _messages(scan: _Scan, invalid_boxes: str) -> list[str]:
+    """What refuses the sets: every file problem, and under ``error`` every invalid box, then the fix."""
+    out = _listed(scan.bad_files, "file problems")
+    if invalid_boxes == "error" and scan.bad_boxes:
+        n, files = len(set(scan.bad_boxes)), len({b.split(": object ")[0] for b in scan.bad_boxes})
+        out += _listed(scan.bad_boxes, "invalid boxes")
+        out.append(f"{n} invalid box{'es' if n > 1 else ''} in {files} annotation file{'s' if files > 1 else ''}: "
+                   f"fix {'them' if n > 1 else 'it'}, or set detection.invalid_boxes: drop to leave invalid boxes "
+                   f"out (each is named in a warning when the stage reads the sets)")
+    return out
+
+
+def _check_mode(invalid_boxes: str) -> None:
+    if invalid_boxes not in INVALID_BOXES:
+        raise ValueError(f"invalid_boxes {invalid_boxes!r}: valid values are {', '.join(INVALID_BOXES)}")
+
+
+def _finish(scan: _Scan, invalid_boxes: str) -> list[VocItem]:
+    """The items of ``scan``; raises VocError listing what refuses them, or warns about what it dropped."""
+    _check_mode(invalid_boxes)
+    problems = _messages(scan, invalid_boxes)
+    if problems:
+        raise VocError("\n".join(problems))
+    if scan.bad_boxes:
+        dropped = _listed(scan.bad_boxes, "invalid boxes") + _listed(scan.emptied, "images left out")
+        warnings.warn(f"detection.invalid_boxes: drop left out {len(set(scan.bad_boxes))} invalid boxes and "
+                      f"{len(set(scan.emptied))} images:\n  " + "\n  ".join(dropped), VocWarning, stacklevel=3)
+    return [it for it in scan.items if it.image not in scan.emptied_images]
+
+
+def read_sets(root: str | Path, sets: list[str] | tuple[str, ...], classes: list[str],
+              invalid_boxes: str = "error") -> list[VocItem]:
+    """The concatenation of ``YEAR/split`` entries, e.g. MoCo's ``["2007/trainval", "2012/trainval"]``.
+    Raises VocError listing every file problem, and under ``invalid_boxes: error`` every invalid box
+    (module docstring); under ``drop`` warns (VocWarning) naming the boxes and images it left out."""
+    scan = _Scan()
+    for entry in sets:
+        year, split = parse_set(entry)
+        _scan_split(root, split, classes, year, scan)
+    return _finish(scan, invalid_boxes)
+
+
+def read_split(root: str | Path, split: str, classes: list[str], year: str = "2007",
+               invalid_boxes: str = "error") -> list[VocItem]:
+    """One split of ``VOCdevkit/VOC<year>``; errors and warnings as ``read_sets``."""
+    return read_sets(root, [f"{year}/{split}"], classes, invalid_boxes)
+
+
+def _scan_train_test(root: str | Path, train_sets: list[str] | tuple[str, ...], test_set: str
+                     ) -> tuple[list[str], _Scan, _Scan]:
+    """(classes, the training sets' scan, the test set's scan); raises VocError for a missing year."""
+    years = tuple(dict.fromkeys(parse_set(e)[0] for e in [*train_sets, test_set]))
+    classes = read_classes(root, years)
+    train, test = _Scan(), _Scan()
+    for entry in train_sets:
+        year, split = parse_set(entry)
+        _scan_split(root, split, classes, year, train)
+    year, split = parse_set(test_set)
+    _scan_split(root, split, classes, year, test)
+    return classes, train, test
+
+
+def _joined(a: _Scan, b: _Scan) -> _Scan:
+    return _Scan(a.items + b.items, a.bad_boxes + b.bad_boxes, a.bad_files + b.bad_files, a.emptied + b.emptied,
+                 a.emptied_images | b.emptied_images)
+
+
+def read_train_test(root: str | Path, train_sets: list[str] | tuple[str, ...], test_set: str,
+                    invalid_boxes: str = "error") -> tuple[list[str], list[VocItem], list[VocItem]]:
+    """(classes, training items, test items) of a detection stage. Both are checked together, so one
+    VocError lists the problems of all sets; errors and warnings as ``read_sets``."""
+    _check_mode(invalid_boxes)
+    classes, train, test = _scan_train_test(root, train_sets, test_set)
+    _finish(_joined(train, test), invalid_boxes)  # raises, or warns once for all sets
+    return (classes, [it for it in train.items if it.image not in train.emptied_images],
+            [it for it in test.items if it.image not in test.emptied_images])
+
+
+def voc_problems(root: str | Path, train_sets: list[str] | tuple[str, ...], test_set: str,
+                 invalid_boxes: str = "error") -> list[str]:
+    """What would make a detection stage on ``root`` refuse its sets, one message each (at most
+    LISTED of a kind, then a count; the last names the fix), from the XML files alone (no image is
+    decoded): for ``sslgrid run`` to refuse the grid before any stage launches. Empty when the sets
+    would be read (under ``drop``, invalid boxes are not problems: the stage drops and names them)."""
+    _check_mode(invalid_boxes)
+    try:
+        _, train, test = _scan_train_test(root, train_sets, test_set)
+    except VocError as err:
+        return [str(err)]
+    return _messages(_joined(train, test), invalid_boxes)
 
 
 def load_image(path: Path) -> torch.Tensor:

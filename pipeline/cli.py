@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.grid import Grid, GridError, load_grid
+from pipeline.state import StateError
 from pipeline.plan import Plan, build_plan, describe
 from pipeline.spec import Problem
 
@@ -87,7 +88,10 @@ def _load(args: argparse.Namespace, check_data: bool = True) -> Plan:
 
 
 def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
-    """Checks that need the file system: each ImageFolder root must hold train/ and val/."""
+    """Checks that need the file system, before anything launches: each ImageFolder root holds
+    train/ and val/ with the same class folders (hidden ones are not classes), each with images."""
+    from trainers.data import DataError, imagefolder_classes
+
     problems, seen = [], set()
     for cell in grid.cells:
         ds = cell.config.dataset
@@ -98,6 +102,22 @@ def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
                 problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root,
                                  f"has no {' or '.join(m + '/' for m in missing)} folder; an imagefolder root "
                                  f"holds train/<class>/ and val/<class>/")))
+                continue
+            try:
+                imagefolder_classes(Path(ds.root))
+            except DataError as err:
+                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root, str(err).replace("\n", "\n    "))))
+    from evaluators.voc import voc_problems  # every VOC box, from the XML alone (evaluators/voc.py)
+
+    checked = set()
+    for cell in grid.cells:
+        det = cell.config.detection
+        key = (det.voc_root, det.train_sets, det.test_set, det.invalid_boxes)
+        if det.voc_root is None or not grid.evaluates("detection", cell.name) or key in checked:
+            continue
+        checked.add(key)
+        for message in voc_problems(det.voc_root, det.train_sets, det.test_set, det.invalid_boxes):
+            problems.append((f"cell {cell.name}: ", Problem("detection.voc_root", det.voc_root, message)))
     return problems
 
 
@@ -142,12 +162,9 @@ def _warn_shuffle_bn(plan, console: Console) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from cluster.ray_backend import ConnectError, RayBackend, ResourceError, local_env
-    from pipeline.backends import BackendError, remote_tracking_problem, slurm_backend
-    from pipeline.execute import execute
-    from pipeline.report import write_report
-    from pipeline.snapshot import snapshot
-    from pipeline.tracking import client, prepare_runs
+    from cluster.ray_backend import RayBackend, local_env
+    from pipeline.backends import BackendError, loopback_tracking_warning, remote_tracking_problem, slurm_backend
+    from pipeline.lock import WORKDIR_LOCK, LockBusy, acquire, describe
 
     plan = _load(args)
     _warn_shuffle_bn(plan, console)
@@ -160,6 +177,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         if problem:
             console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
             return EXIT_USAGE
+        warning = loopback_tracking_warning(plan.grid.tracking_uri, "--backend slurm runs stages on other machines")
+        if warning:  # a one-node SLURM reaches loopback, so this is not refused
+            console.print(f"[yellow]warning[/]: {warning}", highlight=False, soft_wrap=True)
         try:
             make_slurm = slurm_backend(plan, local_env())
         except BackendError as err:
@@ -167,70 +187,158 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             return EXIT_USAGE
 
         def backend():
-            return make_slurm(code_dir=code)
+            return make_slurm(code_dir=backend.code)
     else:
         def backend() -> RayBackend:
             return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                              env_vars=local_env(), code_dir=code)
+                              env_vars=local_env(), code_dir=backend.code)
 
     def preflight(b) -> None:
         # a joined Ray cluster that spans machines has the compute-node problem of SLURM
         if backend_name == "ray" and len(b.hosts()) > 1:
-            problem = remote_tracking_problem(plan.grid.tracking_uri,
-                                              f"the Ray cluster at {args.ray_address} spans {len(b.hosts())} machines")
+            where = f"the Ray cluster at {args.ray_address} spans {len(b.hosts())} machines"
+            problem = (remote_tracking_problem(plan.grid.tracking_uri, where)
+                       or loopback_tracking_warning(plan.grid.tracking_uri, where))
             if problem:
                 raise BackendError(problem)
-    # after every refusal above, so a refused run writes nothing: the stages import this copy of
-    # the code, whatever happens to the checkout while they run
+    problem = unwritable(plan.grid)
+    if problem:
+        console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    try:
+        lock = acquire(plan.grid.workdir / WORKDIR_LOCK, f"sslgrid run {args.grid}")
+    except LockBusy as err:
+        console.print(f"[red]{plan.grid.workdir} is in use by another `sslgrid run` ({describe(err.holder)}: "
+                      f"{err.holder.get('command', '?')}).[/] Watch it with `sslgrid status {args.grid}`, and run "
+                      f"this again once it has ended. Nothing was launched.", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    if lock.stale:
+        console.print(f"[yellow]taking over {lock.path}: its holder ({describe(lock.stale)}) is gone[/]",
+                      highlight=False, soft_wrap=True)
+    with lock, _terminate_as_interrupt():
+        return _run_locked(args, plan, backend, preflight, console)
+
+
+def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, console: Console) -> int:
+    """``sslgrid run`` once the work directory is locked. Whatever ends it (the grid finishing, a
+    refusal, Ctrl-C, an exception in the driver or the report), the grid's parent run is closed and
+    no stage run is left RUNNING or SCHEDULED unless something still runs it (``settle``)."""
+    from cluster.ray_backend import ConnectError, ResourceError
+    from pipeline.backends import BackendError
+    from pipeline.execute import execute, settle
+    from pipeline.report import write_report
+    from pipeline.snapshot import snapshot
+    from pipeline.tracking import client, prepare_runs
+
+    # the stages import this copy of the code, whatever happens to the checkout while they run
     code = snapshot(plan.grid.workdir)
+    backend.code = code
     console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
     c = client(plan.grid.tracking_uri)
     c.update_run(parent_id, status="RUNNING")
+    parent_status, reason = "FAILED", "not run: the driver stopped on an error (see its output)"
     try:
-        outcomes = execute(plan, run_ids, backend, console, preflight, code=code.name)
-    except ResourceError as err:
-        c.set_terminated(parent_id, "FAILED")
-        kind = str(err).split()[0]
-        console.print(f"[red]{plan.grid.path}: {err}.[/] Fix: lower {kind}.gpus/cpus in the grid's resources, "
-                      f"or pass --ray-address of a cluster that has them. Nothing was launched.")
-        return EXIT_USAGE
-    except ConnectError as err:
-        c.set_terminated(parent_id, "FAILED")
-        console.print(f"[red]--ray-address: {err}[/] Nothing was launched.", markup=True)
-        return EXIT_USAGE
-    except BackendError as err:
-        c.set_terminated(parent_id, "FAILED")
-        console.print(f"[red]{err}[/] Nothing was launched.", highlight=False, soft_wrap=True)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        c.set_terminated(parent_id, "KILLED")
-        console.print("interrupted: finished stages are kept; rerun the same command to resume")
-        return 130
-    failed = [o for o in outcomes.values() if o.state in ("failed", "upstream_failed")]
-    cached = sum(o.state == "cached" for o in outcomes.values())
-    ran = sum(o.state == "done" for o in outcomes.values())
-    console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
-    for o in failed:
-        console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
-    text, files = write_report(plan, parent_id)
-    c.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
-    console.print(text, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"report: {files[0]}")
-    if plan.grid.tracking_uri.startswith(("http://", "https://")):
-        console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
-    else:
-        console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
-    return EXIT_FAILED if failed else 0
+        try:
+            outcomes = execute(plan, run_ids, backend, console, preflight, code=code.name)
+        except ResourceError as err:
+            reason = f"not run: {err}"
+            kind = str(err).split()[0]
+            console.print(f"[red]{plan.grid.path}: {err}.[/] Fix: lower {kind}.gpus/cpus in the grid's resources, "
+                          f"or pass --ray-address of a cluster that has them. Nothing was launched.")
+            return EXIT_USAGE
+        except ConnectError as err:
+            reason = f"not run: {err}"
+            console.print(f"[red]--ray-address: {err}[/] Nothing was launched.", markup=True)
+            return EXIT_USAGE
+        except BackendError as err:
+            reason = f"not run: {err}"
+            console.print(f"[red]{err}[/] Nothing was launched.", highlight=False, soft_wrap=True)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            parent_status, reason = "KILLED", "interrupted: the driver was stopped (Ctrl-C or SIGTERM)"
+            console.print("interrupted: finished stages are kept; rerun the same command to resume")
+            return 130
+        failed = [o for o in outcomes.values() if o.state in ("failed", "upstream_failed")]
+        cached = sum(o.state == "cached" for o in outcomes.values())
+        ran = sum(o.state == "done" for o in outcomes.values())
+        console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
+        for o in failed:
+            console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
+        text, files = write_report(plan, parent_id)
+        parent_status = "FAILED" if failed else "FINISHED"
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+        console.print(f"report: {files[0]}")
+        if plan.grid.tracking_uri.startswith(("http://", "https://")):
+            console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
+        else:
+            console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+        return EXIT_FAILED if failed else 0
+    finally:
+        killed = settle(plan, run_ids, reason)
+        c.set_terminated(parent_id, parent_status)
+        if killed and parent_status != "FINISHED":
+            console.print(f"{len(killed)} stage runs that were not finished are marked KILLED in MLflow: {reason}",
+                          highlight=False, soft_wrap=True)
+
+
+class _terminate_as_interrupt:
+    """SIGTERM (scancel, kill, a closing terminal's SIGHUP) ends the driver as Ctrl-C does, so its
+    cleanup runs; Python's default for them exits without running ``finally`` blocks."""
+
+    def __enter__(self) -> None:
+        import signal
+
+        self.old = {sig: signal.signal(sig, self._raise) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+    @staticmethod
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def unwritable(grid: Grid) -> str | None:
+    """Why the work directory, or the folder of a SQLite store, cannot be written (naming the path
+    and the fix), or None. Checked before anything is written."""
+    from pipeline.tracking import sqlite_path
+
+    places = [("--workdir", grid.workdir)]
+    db = sqlite_path(grid.tracking_uri)
+    if db is not None:
+        places.append(("--tracking-uri", db.parent))
+    for flag, folder in places:
+        p = Path(folder)
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            p = p.parent
+        if not p.is_dir():
+            return (f"{flag}: {folder} cannot be created: {p} is a file, not a folder. Choose another {flag} "
+                    f"(or move that file).")
+        if not os.access(p, os.W_OK | os.X_OK):
+            return (f"{flag}: {folder} cannot be written: {p} is not writable by this user. Choose another "
+                    f"{flag}, or make {p} writable.")
+    if db is not None and db.exists() and not os.access(db, os.W_OK):
+        return f"--tracking-uri: {db} is not writable by this user. Choose another store, or make it writable."
+    return None
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
     from pipeline.backends import slurm_job
-    from pipeline.execute import stage_state
+    from pipeline.execute import stage_live, stage_state
+    from pipeline.lock import WORKDIR_LOCK, describe, held
     from pipeline.report import stage_runs
 
     plan = _load(args, check_data=False)
+    if _nothing_tracked(plan, args, console):
+        return 0
+    lock_holder = held(plan.grid.workdir / WORKDIR_LOCK)
+    if lock_holder:
+        console.print(f"running: {lock_holder.get('command', 'sslgrid run')} ({describe(lock_holder)})", highlight=False)
     df = stage_runs(plan)
     table = Table(title=f"{plan.grid.name}")
     for col in ("stage", "key", "cells", "state", "slurm job", "mlflow run", "mlflow status", "metrics", "error"):
@@ -244,6 +352,9 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         if s.key in df.index:
             row = df.loc[s.key]
             run_id, status = row["run_id"], row["status"]
+            if status in ("RUNNING", "SCHEDULED") and state != "done" and plan.grid.workdir.exists() \
+                    and not (lock_holder and status == "SCHEDULED") and not stage_live(s, plan.grid.workdir):
+                status += " (nothing runs it)"  # a driver or worker killed outright could not say so
             names = ("top1", "loss") if s.kind == "pretrain" else ("top1",)
             metrics = " ".join(f"{n}={row[f'metrics.{n}']:.3f}" for n in names
                                if f"metrics.{n}" in row and row[f"metrics.{n}"] == row[f"metrics.{n}"])
@@ -254,6 +365,19 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         table.add_row(s.kind, s.key, ", ".join(s.cells), state, job, run_id, status, metrics, str(error))
     console.print(table)
     return 0
+
+
+def _nothing_tracked(plan: Plan, args: argparse.Namespace, console: Console) -> bool:
+    """For read-only commands: say so, and create nothing, when the grid has neither a store nor a
+    work directory yet (asking MLflow would create an empty store where the command was typed)."""
+    from pipeline.tracking import store_exists
+
+    if store_exists(plan.grid.tracking_uri) or plan.grid.workdir.exists():
+        return False
+    console.print(f"{plan.grid.name}: nothing tracked yet: no store at {plan.grid.tracking_uri} and no work "
+                  f"directory {plan.grid.workdir}. `sslgrid run {args.grid}` starts the grid.", highlight=False,
+                  soft_wrap=True)
+    return True
 
 
 def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
@@ -286,10 +410,11 @@ def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
 def cmd_server(args: argparse.Namespace, console: Console) -> int:
     """A real ``mlflow server`` with a SQLite store and proxied artifacts (clients upload through it,
     so compute nodes need only HTTP access, no shared disk)."""
+    from pipeline.backends import advertised_host, http_url
     from pipeline.grid import _absolute_uri
 
     store = _absolute_uri(args.backend_store_uri, Path.cwd())
-    artifacts = str(Path(args.artifacts_destination).resolve())
+    artifacts = str(Path(args.artifacts_destination).expanduser().resolve())
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
            artifacts, "--serve-artifacts", "--host", args.host, "--port", str(args.port), "--workers", "2"]
     if args.host not in ("127.0.0.1", "localhost"):
@@ -297,19 +422,24 @@ def cmd_server(args: argparse.Namespace, console: Console) -> int:
         cmd += ["--allowed-hosts", "*"]
         console.print(f"[yellow]serving on {args.host}:{args.port}: anyone who can reach this port can read and "
                       f"write every run and artifact (no authentication)[/]")
-    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    console.print(f"tracking URI: http://{host}:{args.port}   (store {store}, artifacts {artifacts})\n"
-                  f"use it with: sslgrid run GRID --tracking-uri http://{host}:{args.port}", highlight=False)
+    host = advertised_host(args.host)  # for the wildcard, an address the compute nodes can reach
+    url = http_url(host, args.port)
+    console.print(f"tracking URI: {url}   (store {store}, artifacts {artifacts})\n"
+                  f"use it with: sslgrid run GRID --tracking-uri {url}", markup=False, highlight=False)
+    if host != args.host:  # markup=False: rich would eat an IPv6 URL's [brackets] as a style tag
+        console.print(f"(--host {args.host} serves every address of this machine; nodes that know it by another "
+                      f"address or name than {host} can use that instead.)", markup=False, highlight=False)
     sys.stdout.flush()
     return subprocess.call(cmd)
 
 
 def cmd_export_detectron2(args: argparse.Namespace, console: Console) -> int:
     from evaluators.export import ExportError, to_detectron2
+    from trainers.checkpoint import CheckpointError
 
     try:
-        shapes = to_detectron2(args.checkpoint, args.out)
-    except (ExportError, FileNotFoundError) as err:
+        shapes = to_detectron2(Path(args.checkpoint).expanduser(), Path(args.out).expanduser())
+    except (ExportError, CheckpointError, FileNotFoundError) as err:
         console.print(f"[red]{err}[/] Nothing was written.", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     console.print(f"wrote {args.out}: {len(shapes)} tensors (stem, res2-res5) in detectron2's names")
@@ -320,6 +450,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import write_report
 
     plan = _load(args, check_data=False)
+    if _nothing_tracked(plan, args, console):
+        return 0
     text, files = write_report(plan, compare_paper=args.compare_paper)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"written: {', '.join(map(str, files))}")
@@ -362,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     except GridError as err:
         print(str(err), file=sys.stderr)
         print("nothing was launched.", file=sys.stderr)
+        return EXIT_USAGE
+    except StateError as err:
+        print(str(err), file=sys.stderr)
         return EXIT_USAGE
 
 

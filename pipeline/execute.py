@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass
@@ -22,8 +24,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cluster.slurm_backend import current_job_id
 from pipeline.backends import slurm_job
+from pipeline.lock import STAGE_LOCK, LockBusy, acquire, describe, held
 from pipeline.plan import SCHEMA_VERSION, Plan, Stage
 from pipeline.snapshot import source_root
+from pipeline.state import StateError, read_json, read_json_or, rerun_fix
 from pipeline.stages import ARTIFACTS, STAGES
 from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
 from trainers import distributed as D
@@ -64,10 +68,37 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     d = Path(p["dir"])
     if p.get("cpus"):  # the CPUs this process was given: trainers/loader.py sizes its DataLoader workers by it
         os.environ["SSLGRID_CPUS"] = str(p["cpus"])
-    if D.init_from_env().size > 1 and not D.world().is_main:
-        STAGES[p["kind"]](p["spec"], list(upstream), d, NullSink())
-        return {}
-    d.mkdir(parents=True, exist_ok=True)
+    D.init_from_env()
+    # one process runs a stage at a time, however it was reached (a second driver, a retried task
+    # whose first attempt lives on, a requeued job); rank 0 holds the lock for its gang
+    lock, busy, done = None, None, None
+    if D.world().is_main:
+        try:
+            lock = acquire(d / STAGE_LOCK, f"{p['kind']} {p['key']}")
+            if (d / "DONE").exists():  # finished by another process while this one was queued
+                done = read_json(d / "result.json", rerun_fix(d))
+        except LockBusy as err:
+            busy = f"stage {p['key']} is already running ({describe(err.holder)}); this copy did not run it"
+    busy, done = D.broadcast_object((busy, done))
+    try:
+        if busy:
+            raise StageBusy(busy)
+        if done is not None:
+            return done
+        if not D.world().is_main:
+            STAGES[p["kind"]](p["spec"], list(upstream), d, NullSink())
+            return {}
+        return _run_main(p, d, upstream)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class StageBusy(RuntimeError):
+    """Another process is running this stage; nothing was touched."""
+
+
+def _run_main(p: dict[str, Any], d: Path, upstream: tuple[dict, ...]) -> dict:
     write_json(d / "spec.json", {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
                                  "identity": p["identity"], "upstream": p["upstream"], "code": p.get("code")})
     (d / "status.json").unlink(missing_ok=True)
@@ -124,13 +155,17 @@ def stage_state(stage: Stage, workdir: Path) -> dict[str, Any]:
     """What the work directory says about a stage: done, failed, started (with progress) or pending."""
     d = stage.directory(workdir)
     if (d / "DONE").exists():
-        return {"state": "done", "result": json.loads((d / "result.json").read_text())}
+        try:
+            return {"state": "done", "result": read_json(d / "result.json", rerun_fix(d))}
+        except FileNotFoundError:
+            raise StateError(f"{d / 'DONE'} is there but {d / 'result.json'} is not. {rerun_fix(d)}") from None
     info: dict[str, Any] = {"state": "pending"}
-    if (d / "progress.json").exists():
-        prog = json.loads((d / "progress.json").read_text())
+    prog = read_json_or(d / "progress.json", None)
+    if isinstance(prog, dict) and {"done", "total"} <= set(prog):
         info.update(state="started", done=prog["done"], total=prog["total"])
-    if (d / "status.json").exists():
-        info.update(json.loads((d / "status.json").read_text()))
+    status = read_json_or(d / "status.json", None)
+    if isinstance(status, dict):
+        info.update(status)
     return info
 
 
@@ -211,6 +246,9 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
                 c.set_terminated(run_ids[s.key], "FINISHED")
         else:
             pending.append(s)
+            # queued again: KILLED or FAILED by an earlier driver, or RUNNING for one killed outright
+            if c.get_run(run_ids[s.key]).info.status != "SCHEDULED" and stage_live(s, workdir) is None:
+                c.update_run(run_ids[s.key], status="SCHEDULED")
     if not pending:
         return outcomes
 
@@ -255,10 +293,62 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
         if o.state == "upstream_failed":  # record why it did not run
             c.set_tag(run_ids[s.key], ERROR, o.error)
             c.set_terminated(run_ids[s.key], "KILLED")
+        elif o.state == "failed" and StageBusy.__name__ in (o.error or ""):
+            continue  # another process runs it and owns its run
         elif o.state == "failed" and c.get_run(run_ids[s.key]).info.status != "FAILED":
             c.set_tag(run_ids[s.key], ERROR, o.error[:5000])  # the worker died before it could say so
             c.set_terminated(run_ids[s.key], "FAILED")
     return outcomes
+
+
+LIVE_SLURM = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED", "RESIZING", "COMPLETING")
+
+
+def stage_live(stage: Stage, workdir: Path) -> str | None:
+    """What is running ``stage`` right now, or None: a process holding its lock, or a SLURM job
+    that is queued or running for it."""
+    d = stage.directory(workdir)
+    holder = held(d / STAGE_LOCK)
+    if holder:
+        return describe(holder)
+    job = slurm_job(stage, workdir)
+    if job and "job_id" in job:
+        from cluster.slurm_backend import job_state
+
+        try:
+            state = job_state(job["job_id"])[0].split()[0]
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if state in LIVE_SLURM:
+            return f"SLURM job {job['job_id']} ({state})"
+    return None
+
+
+def settle(plan: Plan, run_ids: dict[str, str], reason: str, wait_s: float = 15.0) -> list[str]:
+    """Make the store tell the truth after the driver stops, however it stops: a stage run left
+    RUNNING or SCHEDULED that nothing runs any more becomes KILLED (FINISHED if its DONE is there),
+    tagged ``sslgrid.error`` = ``reason``. Processes of this machine that still hold a stage's lock
+    (a local Ray worker being torn down) get ``wait_s`` seconds to exit. Returns the keys it killed."""
+    c = client(plan.grid.tracking_uri)
+    host = socket.gethostname()
+    deadline = time.time() + wait_s
+    killed = []
+    for s in plan.ordered():
+        if s.key not in run_ids:
+            continue
+        status = c.get_run(run_ids[s.key]).info.status
+        if status not in ("RUNNING", "SCHEDULED"):
+            continue
+        d = s.directory(plan.grid.workdir)
+        while (h := held(d / STAGE_LOCK)) and h.get("host") == host and time.time() < deadline:
+            time.sleep(0.2)
+        if (d / "DONE").exists():
+            c.set_terminated(run_ids[s.key], "FINISHED")
+        elif stage_live(s, plan.grid.workdir) is None:
+            c.set_tag(run_ids[s.key], ERROR, reason)
+            c.set_terminated(run_ids[s.key], "KILLED")
+            killed.append(s.key)
+    return killed
 
 
 def _failure(plan: Plan, s: Stage, err: BaseException, outcomes: dict[str, Outcome]) -> Outcome:
@@ -266,6 +356,7 @@ def _failure(plan: Plan, s: Stage, err: BaseException, outcomes: dict[str, Outco
         if u in outcomes and outcomes[u].state in ("failed", "upstream_failed"):
             return Outcome(s, "upstream_failed", error=f"not run: upstream {outcomes[u].stage.label} failed")
     status = s.directory(plan.grid.workdir) / "status.json"
-    if status.exists():
-        return Outcome(s, "failed", error=json.loads(status.read_text())["error"])
+    recorded = read_json_or(status, {})
+    if isinstance(recorded, dict) and "error" in recorded:
+        return Outcome(s, "failed", error=recorded["error"])
     return Outcome(s, "failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

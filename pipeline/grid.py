@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.spec import (EVALUATIONS, Problem, Resources, SlurmSpec, StageConfig, build_dataclass,
                            build_stage_config, flatten, process_problems, resolve_precision)
 
@@ -99,11 +97,34 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return out
 
 
+def load_yaml(text: str) -> Any:
+    """YAML 1.2 (ruamel.yaml's safe loader), the version other tools and papers' configs assume.
+
+    PyYAML reads YAML 1.1, whose implicit typing changes what people write: ``1e-4`` is a string,
+    ``on``/``yes``/``no`` are booleans, ``010`` is 8 and ``1:30`` is 90. Under 1.2 numbers are numbers,
+    only ``true``/``false`` are booleans and everything else stays the string it reads as. A key
+    written twice in one mapping is an error, not a silent override. Raises ruamel.yaml's YAMLError."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def _yaml_message(err: Exception) -> str:
+    text = str(err).replace('"<unicode string>", ', "")
+    return text.split("\nTo suppress this check", 1)[0].strip()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise GridError("command line", [("", Problem(f"-o {text}", text, "expected -o dotted.key=value, e.g. -o pretrain.epochs=2"))])
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    from ruamel.yaml import YAMLError
+
+    try:
+        return key.strip(), load_yaml(value)
+    except YAMLError as err:
+        raise GridError("command line", [("", Problem(f"-o {text}", value, f"not a valid YAML value: "
+                                                      f"{_yaml_message(err)}; quote it"))]) from None
 
 
 def _absolute_uri(uri: str, base: Path) -> str:
@@ -111,7 +132,7 @@ def _absolute_uri(uri: str, base: Path) -> str:
     start elsewhere) write to the same store."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str((base / uri[len(prefix):]).resolve())
+        return prefix + str((base / Path(uri[len(prefix):]).expanduser()).resolve())
     return uri
 
 
@@ -119,12 +140,17 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
               tracking_uri: str | None = None, only_studies: list[str] = ()) -> Grid:
     path = Path(path)
     source = str(path)
+    from ruamel.yaml import YAMLError
+
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
     except FileNotFoundError:
         raise GridError(source, [("", Problem("<file>", str(path), "no such file; pass the path of a grid YAML file"))]) from None
-    except yaml.YAMLError as err:
-        raise GridError(source, [("", Problem("<yaml>", None, f"not valid YAML: {err}"))]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise GridError(source, [("", Problem("<file>", str(path), f"cannot be read ({err}); pass the path of a "
+                                                                  f"grid YAML file"))]) from None
+    except YAMLError as err:
+        raise GridError(source, [("", Problem("<yaml>", None, f"not valid YAML: {_yaml_message(err)}"))]) from None
     if not isinstance(doc, dict):
         raise GridError(source, [("", Problem("<top>", doc, "a grid file is a mapping with keys " + ", ".join(TOP_KEYS)))])
 
@@ -227,7 +253,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     if problems:
         raise GridError(source, problems)
     base = Path.cwd()
-    wd = Path(workdir or doc.get("workdir") or Path("runs") / name)
+    wd = Path(workdir or doc.get("workdir") or Path("runs") / name).expanduser()
     uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),

@@ -9,23 +9,30 @@ import pandas as pd
 from pipeline.plan import Plan
 from pipeline.spec import negatives
 from pipeline.stages import REPORTED
-from pipeline.tracking import GRID, KEY, ROLE, client, find_runs
+from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, store_exists
 
 PENDING = "pending"
 
 
 def stage_runs(plan: Plan) -> pd.DataFrame:
-    """One row per stage run of this grid, indexed by stage key (empty if nothing was tracked yet)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(plan.grid.tracking_uri)
-    exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
+    """One row per stage run of this grid, indexed by stage key (empty if nothing was tracked yet),
+    in ``mlflow.search_runs``'s columns (run_id, status, metrics.*, params.*, tags.*). Read through
+    a client for this grid's URI: ``mlflow.search_runs`` needs ``mlflow.set_tracking_uri``, which
+    exports MLFLOW_TRACKING_URI to everything the process loads afterwards."""
+    uri = plan.grid.tracking_uri
+    if not store_exists(uri):  # asking MLflow would create an empty store
+        return pd.DataFrame()
+    exp = client(uri).get_experiment_by_name(plan.grid.name)
     if exp is None:
         return pd.DataFrame()
-    df = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{GRID}` = '{plan.grid.name}' and "
-                                                               f"tags.`{ROLE}` = 'stage'", max_results=50000)
-    if df.empty:
-        return df
+    runs = _search(uri, exp.experiment_id, f"tags.`{GRID}` = '{plan.grid.name}' and tags.`{ROLE}` = 'stage'")
+    rows = [{"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time,
+             **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+             **{f"params.{k}": v for k, v in r.data.params.items()},
+             **{f"tags.{k}": v for k, v in r.data.tags.items()}} for r in runs]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows).sort_values("start_time", ascending=False, kind="stable")
     return df.drop_duplicates(f"tags.{KEY}").set_index(f"tags.{KEY}")
 
 

@@ -6,6 +6,7 @@ A field's metadata may carry:
 - ``choices``: the allowed values;
 - ``min`` / ``max``: an inclusive range for numbers;
 - ``doc``: one line shown in error messages;
+- ``path``: a file or folder; ``~`` is expanded when the spec is built;
 - ``legacy``: for a field added after stages existed, the value that reproduces what they ran. The
   field is left out of the identity while it holds that value, so adding it changes no existing
   identity. The value is fixed for good; it is not the default, which may change.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -48,7 +50,7 @@ def _precision() -> Any:
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str = _f("synthetic", choices=("synthetic", "imagefolder", "cifar10", "stl10"))
-    root: Optional[str] = _f(None, doc="folder with train/ and val/ (imagefolder) or the torchvision root")
+    root: Optional[str] = _f(None, path=True, doc="folder with train/ and val/ (imagefolder) or the torchvision root")
     image_size: int = _f(32, min=8, max=1024)
     num_train: int = _f(4000, min=1, doc="synthetic only")
     num_val: int = _f(1000, min=1, doc="synthetic only")
@@ -203,6 +205,9 @@ class ProbeSpec:
     momentum: float = _f(0.9, min=0.0, max=1.0)
     weight_decay: float = _f(0.0, min=0.0)
     milestones: Optional[tuple[int, ...]] = _f(None, min=0, doc="default: 60% and 80% of epochs")
+    # legacy true: probes before the field dropped each epoch's last partial batch (256 of 300 images)
+    drop_last: bool = _f(False, legacy=True, doc="false trains on every image each epoch, as main_lincls; true "
+                         "drops the last partial batch, as probe stages did before this field")
     seed: int = _f(0)
     precision: str = _precision()
 
@@ -241,10 +246,16 @@ class DetectionSpec:
     (moco/detection/configs/pascal_voc_R_50_C4_24k_moco.yaml): 24k iterations, steps 18k/22k, base
     lr 0.02, batch 16, SyncBN (here ``train``)."""
 
-    voc_root: Optional[str] = _f(None, doc="folder holding VOCdevkit/VOC2007; null: the synthetic set")
+    voc_root: Optional[str] = _f(None, path=True, doc="folder holding VOCdevkit/VOC2007; null: the synthetic set")
     train_sets: tuple[str, ...] = _f(("2007/trainval", "2012/trainval"), pattern=r"\d{4}/\w+", example="2007/trainval",
                                      doc="YEAR/split under VOCdevkit/VOC<YEAR>, concatenated (MoCo: VOC07+12 trainval)")
     test_set: str = _f("2007/test", pattern=r"\d{4}/\w+", example="2007/test")
+    # legacy error: before the field, a set with an invalid box could only fail, so no finished stage
+    # trained without one; drop changes which boxes train and score, hence part of the identity
+    invalid_boxes: str = _f("error", choices=("error", "drop"), legacy="error",
+                            doc="a box that is reversed, leaves the image, lacks a coordinate or has an unknown "
+                                "class: error refuses the sets, naming each; drop leaves it out with a warning "
+                                "(evaluators/voc.py)")
     synthetic: SyntheticVocSpec = SyntheticVocSpec()
     iterations: int = _f(24000, min=1)
     batch_size: int = _f(16, min=1)
@@ -377,6 +388,8 @@ def _check_scalar(tp: Any, value: Any, path: str, meta: dict, problems: list[Pro
         return None
     if tp is float:
         value = float(value)
+    if meta.get("path"):  # ~ and ~user, as torchvision's datasets do (os.path.expanduser on root)
+        value = os.path.expanduser(value)
     if "pattern" in meta and not re.fullmatch(meta["pattern"], value):
         problems.append(Problem(path, value, f"must look like {meta['example']!r}"))
     if "choices" in meta and value not in meta["choices"]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.plan import Plan, Stage
 from pipeline.spec import flatten
+from pipeline.state import read_json, rerun_fix
 
 ROLE, GRID, KEY, STAGE = "sslgrid.role", "sslgrid.grid", "sslgrid.key", "sslgrid.stage"
 ERROR = "sslgrid.error"
@@ -24,6 +25,37 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def store_exists(uri: str) -> bool:
+    """Whether the tracking store at ``uri`` exists, asked without creating it (MLflow creates a
+    SQLite or file store on first contact). A server's store is taken to exist."""
+    db = sqlite_path(uri)
+    if db is not None:
+        return db.exists()
+    if uri.startswith("file:") or "://" not in uri:
+        from urllib.parse import urlparse
+
+        return Path(urlparse(uri).path if uri.startswith("file:") else uri).exists()
+    return True
+
+
+def open_store(uri: str) -> None:
+    """Create (and migrate) the store at ``uri`` if needed, one process at a time: two processes
+    creating one SQLite store at once fail inside alembic's migrations. Waits for a process that is
+    creating it."""
+    from pipeline.lock import acquire
+
+    db = sqlite_path(uri)
+    if db is None or db.exists() and db.stat().st_size > 0:
+        return
+    with acquire(db.with_name(db.name + ".lock"), "creating the MLflow store", wait=True):
+        client(uri).search_experiments(max_results=1)  # creates and migrates the database
 
 
 def ensure_experiment(uri: str, name: str) -> str:
@@ -84,6 +116,7 @@ def prepare_runs(plan: Plan) -> tuple[str, str, dict[str, str]]:
 
     g = plan.grid
     uri = g.tracking_uri
+    open_store(uri)
     c = client(uri)
     exp_id = ensure_experiment(uri, g.name)
     parent, existing = find_runs(uri, exp_id, g.name)
@@ -102,7 +135,7 @@ def prepare_runs(plan: Plan) -> tuple[str, str, dict[str, str]]:
             c.update_run(run.info.run_id, status="SCHEDULED")
             done = stage.directory(g.workdir) / "DONE"
             if done.exists():  # work from before the store existed: bring its final metrics back
-                result = json.loads((stage.directory(g.workdir) / "result.json").read_text())
+                result = read_json(stage.directory(g.workdir) / "result.json", rerun_fix(stage.directory(g.workdir)))
                 now = int(time.time() * 1000)
                 c.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numeric(result).items()],
                             tags=[RunTag("sslgrid.restored", "true")])

@@ -1,8 +1,15 @@
-"""Crash-safe checkpoints: write to a temporary file in the same folder, fsync, rename into place."""
+"""Crash-safe checkpoints: write to a temporary file in the same folder, fsync, rename into place.
+
+A resumable checkpoint (``last.pt``) keeps the one before it (``last.prev.pt``), so a file damaged
+after it was written (a full disk during a copy, a filesystem that lost its tail) costs one
+checkpoint interval, not the stage: ``load_resume`` falls back to it with a warning."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +17,19 @@ import numpy as np
 import torch
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be read; the text names the file and what to do."""
+
+
+def previous(path: Path) -> Path:
+    """Where ``atomic_save(..., keep_previous=True)`` keeps the checkpoint before ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
+    """``torch.save`` to ``path`` through a fsynced temporary file and a rename; with
+    ``keep_previous`` the file it replaces is kept as ``previous(path)``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -18,11 +37,50 @@ def atomic_save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous and path.exists():
+        os.replace(path, previous(path))
     os.replace(tmp, path)
 
 
-def load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=False)
+_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError)
+
+
+def load(path: Path, fix: str | None = None) -> Any:
+    """``torch.load`` on the CPU. Raises CheckpointError naming ``path`` and ``fix`` when the file is
+    truncated or corrupt (torch's own message names neither), FileNotFoundError when it is absent."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except _UNREADABLE as err:
+        fix = fix or (f"Delete it and the DONE file beside the stage's result.json (in {path.parent.parent}) "
+                      f"so that `sslgrid run` writes it again")
+        raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {str(err).splitlines()[0]}); the file "
+                              f"is truncated or corrupt. {fix}.") from err
+
+
+def load_resume(path: Path) -> Any | None:
+    """The state to resume from: ``path``, else the checkpoint kept before it (with a warning on
+    stderr naming both), else None when neither exists. Raises CheckpointError naming both files and
+    the fix when neither can be read."""
+    path = Path(path)
+    tried = []
+    for candidate in (path, previous(path)):
+        if not candidate.exists():
+            continue
+        try:
+            state = load(candidate)
+        except CheckpointError as err:
+            tried.append(str(err))
+            continue
+        if tried:
+            print(f"warning: {tried[0]} Resuming from the checkpoint before it, {candidate}.", file=sys.stderr)
+        return state
+    if tried:
+        raise CheckpointError(" ".join(t.split(". Delete")[0] + "." for t in tried)
+                              + f" Delete {path} and {previous(path)} to restart this stage from its beginning.")
+    return None
 
 
 def rng_state() -> dict[str, Any]:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,12 +254,39 @@ def eval_resize(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
+def to_rgb(im: Image.Image, path: Path | str = "") -> Image.Image:
+    """An opened image of any PIL mode as 8-bit RGB, its values on the 0–255 scale it was stored on.
+
+    PIL's ``convert("RGB")`` (torchvision's default loader) clips 16-bit pixels at 255: a 16-bit
+    greyscale PNG at mid-grey (32768) becomes white. So 16-bit modes (``I;16*``) are scaled by
+    255/65535 first; LAB goes through a colour transform (ImageCms; ``convert`` copies channels);
+    every other mode PIL can read (1, L, LA, P, PA, RGB, RGBA, RGBX, CMYK, YCbCr, HSV) converts
+    as torchvision does. Raises DataError naming the file for 32-bit integer (``I``) and float (``F``)
+    pixels, whose range no file states."""
+    mode = im.mode
+    if mode.startswith("I;16"):
+        grey = (np.asarray(im).astype(np.uint32) * 255 + 32767) // 65535  # round(v · 255/65535)
+        return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F"):
+        raise DataError(f"{path}: {'32-bit integer' if mode == 'I' else 'floating-point'} pixels (PIL mode {mode}) "
+                        f"have no stated 0–255 range. Convert this file to 8- or 16-bit (e.g. PNG), or remove it.")
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        lab_to_srgb = ImageCms.buildTransformFromOpenProfiles(ImageCms.createProfile("LAB"),
+                                                              ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(im, lab_to_srgb)
+    if mode in ("La", "RGBa"):  # premultiplied alpha: PIL converts these only to their straight forms
+        im = im.convert("LA" if mode == "La" else "RGBA")
+    return im.convert("RGB")
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """An image file as PIL RGB, or a DataError that names the file."""
+    """An image file as PIL RGB (``to_rgb``), or a DataError that names the file."""
     try:
-        im = Image.open(path)
-        im.load()
-        return im.convert("RGB")
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im, path)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
 
@@ -285,15 +313,86 @@ def _load_image(path: Path, image_size: int, native: bool = False) -> np.ndarray
             target = eval_resize(image_size)
             if short > 4 * target:  # DCT scaling to >= 2x the target, so the resize still filters (antialias)
                 im.draft("RGB", (math.ceil(im.size[0] * 2 * target / short), math.ceil(im.size[1] * 2 * target / short)))
-            im = im.convert("RGB")
-            return np.asarray(eval_image(im, image_size, native), dtype=np.uint8)
+            return np.asarray(eval_image(to_rgb(im, path), image_size, native), dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
 
 
+def _hidden(name: str) -> bool:
+    """Dot entries (``.ipynb_checkpoints``, ``.DS_Store``, macOS's ``._x.jpg``) are never classes or images."""
+    return name.startswith(".")
+
+
+def class_folders(split_root: Path) -> tuple[str, ...]:
+    """The class folders of one split, sorted: every sub-folder except hidden (dot) ones."""
+    return tuple(sorted(d.name for d in Path(split_root).iterdir() if d.is_dir() and not _hidden(d.name)))
+
+
+def image_files(folder: Path, first: bool = False) -> list[Path]:
+    """The image files under a class folder, sorted, walked recursively (following links) as
+    torchvision's ``ImageFolder`` does, without hidden files or folders; only the first with ``first``."""
+    found: list[Path] = []
+    for here, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(names):
+            if not _hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(Path(here) / name)
+                if first:
+                    return found
+    return found
+
+
+def imagefolder_classes(root: Path, splits: Sequence[str] = ("train", "val")) -> tuple[str, ...]:
+    """The one class list of an ImageFolder root, read from ``train/`` and shared by every split, so a
+    label means the same class in each. Cheap: one directory listing per class and split, stopping
+    at the first image.
+
+    Raises DataError naming the folders when a split is missing, has no class folders, has classes
+    that differ from train's, or has a class folder with no images."""
+    root = Path(root)
+    found: dict[str, tuple[str, ...]] = {}
+    problems = []
+    for split in splits:
+        if not (root / split).is_dir():
+            problems.append(f"{root / split}: no such folder. An ImageFolder dataset needs <root>/train/<class>/ "
+                            f"and <root>/val/<class>/ (set dataset.root).")
+            continue
+        found[split] = class_folders(root / split)
+        if not found[split]:
+            problems.append(f"{root / split}: no class folders inside. Expected {root / split}/<class>/<image files>.")
+    reference = found.get(splits[0], ())
+    for split, classes in found.items():
+        if split == splits[0] or not classes or not reference:
+            continue
+        missing, extra = sorted(set(reference) - set(classes)), sorted(set(classes) - set(reference))
+        if missing or extra:
+            text = [f"{root / split} has different classes from {root / splits[0]}"]
+            if missing:
+                text.append(f"missing from {split}/: {_names(missing)}")
+            if extra:
+                text.append(f"not in {splits[0]}/: {_names(extra)}")
+            problems.append("; ".join(text) + ". Every split needs the same class folders, or labels would "
+                            "name different classes; add or remove folders so they match.")
+    for split, classes in found.items():
+        empty = [c for c in classes if not image_files(root / split / c, first=True)]
+        if empty:
+            problems.append(f"{root / split}: class folders with no image files ({', '.join(IMAGE_EXTENSIONS)}): "
+                            f"{_names(empty)}. Add images or remove these folders from every split.")
+    if problems:
+        raise DataError("\n".join(problems))
+    return reference
+
+
+def _names(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(f"{n}/" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = None,
-                     in_memory: bool | None = None, native: bool = False) -> ImageSet:
-    """Read ``split_root/<class>/<image>``.
+                     in_memory: bool | None = None, native: bool = False,
+                     classes: Sequence[str] | None = None) -> ImageSet:
+    """Read ``split_root/<class>/**/<image>``; labels index ``classes`` (default: this split's own
+    class folders; ``load_split`` passes train's, shared by every split, from ``imagefolder_classes``).
 
     A ``native`` dataset (the synthetic set: every image S×S, its own original) is decoded into
     memory (``images`` a uint8 N×3×S×S tensor) when it takes under 4 GiB, or when ``in_memory``;
@@ -309,16 +408,22 @@ def load_imagefolder(split_root: Path, image_size: int, max_items: int | None = 
     if not split_root.is_dir():
         raise DataError(f"{split_root}: no such folder. An ImageFolder dataset needs <root>/train/<class>/ "
                         f"and <root>/val/<class>/ (set dataset.root).")
-    classes = tuple(sorted(d.name for d in split_root.iterdir() if d.is_dir()))
+    own = class_folders(split_root)
+    if classes is None:
+        classes = own
+    elif tuple(classes) != own:
+        raise DataError(f"{split_root}: its class folders {_names(list(own))} differ from train's {_names(list(classes))}."
+                        f" Every split needs the same class folders.")
+    classes = tuple(classes)
     if not classes:
         raise DataError(f"{split_root}: no class folders inside. Expected {split_root}/<class>/<image files>.")
     files: list[tuple[Path, int]] = []
     for ci, cls in enumerate(classes):
-        for f in sorted((split_root / cls).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((f, ci))
-    if not files:
-        raise DataError(f"{split_root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class folders.")
+        found = image_files(split_root / cls)
+        if not found:
+            raise DataError(f"{split_root / cls}: no image files ({', '.join(IMAGE_EXTENSIONS)}). Add images or "
+                            f"remove this class folder from every split.")
+        files += [(f, ci) for f in found]
     if max_items is not None and len(files) > max_items:
         # keep the class balance when subsampling: take every n-th file
         step = len(files) / max_items
@@ -358,9 +463,11 @@ def load_split(dataset: dict, split: str) -> ImageSet:
     limit = dataset.get(f"max_{split}")
     if name == "synthetic":
         root = ensure_synthetic(dataset["num_train"], dataset["num_val"], size, dataset["seed"])
-        return load_imagefolder(root / split, size, in_memory=dataset.get("in_memory"), native=True)
+        return load_imagefolder(root / split, size, in_memory=dataset.get("in_memory"), native=True,
+                                classes=imagefolder_classes(root))
     if name == "imagefolder":
-        return load_imagefolder(Path(dataset["root"]) / split, size, limit, dataset.get("in_memory"))
+        root = Path(dataset["root"]).expanduser()
+        return load_imagefolder(root / split, size, limit, dataset.get("in_memory"), classes=imagefolder_classes(root))
     if name in ("cifar10", "stl10"):
         data = _from_torchvision(name, Path(dataset["root"]), split == "train", dataset.get("download", False))
         if limit is not None and len(data) > limit:

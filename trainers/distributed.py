@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -96,6 +97,20 @@ def all_mean(t: torch.Tensor) -> torch.Tensor:
     return t / w.size
 
 
+def global_row_mean(losses: torch.Tensor) -> torch.Tensor:
+    """This rank's per-row losses (N, possibly empty) → the scalar to backpropagate so that DDP's
+    mean of the ranks' gradients is the gradient of the mean over every row of the global batch:
+    sum × W / (rows of all ranks). A plain per-rank mean would weight rows unequally when ranks hold
+    different counts (the last partial batch), and is NaN on a rank with none; that rank must still
+    backpropagate, or the others wait for it in DDP's gradient all-reduce. One all-reduce of a scalar."""
+    w = world()
+    if w.size == 1:
+        return losses.mean()
+    rows = torch.tensor(float(losses.shape[0]), device=losses.device)
+    dist.all_reduce(rows)
+    return losses.sum() * (w.size / rows)
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """``gather`` through which gradients flow back to every rank's rows (torch.distributed.nn's
     all_gather, whose backward sums each slot's gradient over ranks): SimCLR's global negatives."""
@@ -124,6 +139,15 @@ def gather_shards(x: torch.Tensor, n: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(w.size)]
     dist.all_gather(parts, padded)
     return torch.cat(parts)[:n]
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable; a no-op for one process)."""
+    if world().size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

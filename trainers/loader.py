@@ -35,7 +35,7 @@ from PIL import Image
 
 from trainers import distributed as D
 from trainers.augment import DRAWS, AugmentParams, crop_boxes, geometry, photometric, to_device
-from trainers.data import DataError, ImageSet, LazyImages
+from trainers.data import DataError, ImageSet, LazyImages, to_rgb
 from trainers.keyed import uniforms
 
 # inputs (one tensor per view, on the device), labels, dataset indices: this rank's rows of a step
@@ -147,15 +147,15 @@ class CropDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as im:
                 if self.native:
-                    crops = [np.asarray(im.convert("RGB"))]
+                    crops = [np.asarray(to_rgb(im, path))]
                 else:
-                    crops = self._crops(im, epoch, i)
+                    crops = self._crops(im, epoch, i, path)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"{path}: cannot be read as an image ({err}). Remove or replace this file.") from err
         self.decodes += 1
         return crops, int(self.labels[i]), i, epoch
 
-    def _crops(self, im: Image.Image, epoch: int, i: int) -> list[np.ndarray]:
+    def _crops(self, im: Image.Image, epoch: int, i: int, path: Path) -> list[np.ndarray]:
         w, h = im.size
         boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, 22), h, w, p.crop_scale, p.crop_ratio)[0].tolist()
                  for v, p in enumerate(self.views)]
@@ -163,7 +163,7 @@ class CropDataset(torch.utils.data.Dataset):
         need = max(max(self.size / (b[2] - b[0]), self.size / (b[3] - b[1])) for b in boxes)
         if need <= 0.5:
             im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
-        im = im.convert("RGB")
+        im = to_rgb(im, path)
         size = (self.size, self.size)
         if im.size == (w, h):  # torchvision's F.resized_crop on a PIL image: crop, then resize
             return [np.asarray(im.crop(tuple(int(v) for v in b)).resize(size, Image.Resampling.BILINEAR))
@@ -238,8 +238,18 @@ class StreamingBatches:
         return int(self.labels.shape[0])
 
     def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
-        self.sampler.set(epoch, steps)
-        for crops, y, idx in self.loader:
+        # a step may give this rank no rows (a last partial batch smaller than the processes, kept by
+        # the probe): no worker can collate nothing, so such a step gets an empty batch here, in its
+        # place, and the rank still takes the step with the others
+        self.sampler.set(epoch, [s for s in steps if len(s)])
+        batches = iter(self.loader)
+        for s in steps:
+            if not len(s):
+                yield ([torch.empty((0, 3, self.size, self.size), device=self.device) for _ in self.views],
+                       torch.empty(0, dtype=torch.int64, device=self.device),
+                       torch.empty(0, dtype=torch.int64, device=self.device))
+                continue
+            crops, y, idx = next(batches)
             if self.colour_in_workers:
                 views = list(crops)
             elif self.native:  # whole images: crop and colour on the device, as for the same data in memory
@@ -252,6 +262,7 @@ class StreamingBatches:
                     x = crops[v].to(self.device, non_blocking=True).float().div_(255)
                     views.append(photometric(x, u, p))
             yield views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+        next(batches, None)  # run the loader's iterator to its end, as a for loop over it would
 
     def close(self) -> None:
         # persistent workers end with the loader's iterator; drop it so they exit now

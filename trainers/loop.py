@@ -128,8 +128,11 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     ``ckpt_path`` if it exists. Returns the per-epoch history (mean loss, lr, images/s, ...).
 
     ``drop_last``: drop each epoch's last partial global batch (pretraining) or train on it too
-    (the probe). Raises ValueError when the batch is larger than the data, and FloatingPointError,
-    naming the epoch and step range, when the loss stops being finite."""
+    (the probe). Kept, it may give a rank fewer rows than the others, or none (fewer rows than
+    processes): ``step_fn`` must then weight rows, not ranks, and return a loss to backpropagate
+    even for no rows (trainers/distributed.py ``global_row_mean``). Raises ValueError when the
+    batch is larger than the data, and FloatingPointError, naming the epoch and step range, when
+    the loss stops being finite."""
     w = D.world()
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -141,8 +144,8 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({n} images)")
     start_epoch, step, history = 0, 0, []
-    if Path(ckpt_path).exists():
-        state = checkpoint.load(ckpt_path)
+    state = checkpoint.load_resume(ckpt_path)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if "scaler" in state:
@@ -188,7 +191,8 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
             names = sorted(totals)
             means = D.all_mean(torch.stack([torch.as_tensor(totals[k], device=dev) for k in names]) / steps_per_epoch)
             record = dict(zip(names, means.tolist()))
-            record.update(lr=lr, epoch_seconds=seconds, images_per_second=steps_per_epoch * cfg.batch_size / seconds)
+            images = steps_per_epoch * cfg.batch_size if drop_last else n
+            record.update(lr=lr, epoch_seconds=seconds, images_per_second=images / seconds)
             if on_epoch_end is not None:
                 record.update(on_epoch_end(epoch))
             history.append(record)
@@ -196,7 +200,8 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
                 sink.log(record, step=epoch)
                 checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                                        "history": history, "rng": checkpoint.rng_state()}, ckpt_path)
+                                        "history": history, "rng": checkpoint.rng_state()}, ckpt_path,
+                                       keep_previous=True)
                 sink.progress(epoch + 1, cfg.epochs)
             D.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     finally:

@@ -181,6 +181,11 @@ def test_gpus_the_cluster_lacks_exit_2_before_launch(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "resources.pretrain asks for 1 GPUs but the Ray cluster has 0" in out.stdout
     assert not (tmp_path / "runs" / "pretrain").exists()
+    # the runs it had prepared say why they never ran, instead of staying SCHEDULED
+    states = {r.data.tags.get("sslgrid.role"): r.info.status for r in all_runs(tmp_path)}
+    assert states == {"grid": "FAILED", "stage": "KILLED"}, states
+    assert {r.data.tags.get("sslgrid.error") for r in stage_runs(tmp_path)} == {
+        "not run: resources.pretrain asks for 1 GPUs but the Ray cluster has 0"}
 
 
 def test_gpu_scheduling_with_logical_gpus(tmp_path):

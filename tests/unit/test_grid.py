@@ -173,3 +173,54 @@ def test_unknown_optimizer_and_bad_view_probability(tmp_path):
     msg = error(tmp_path, BASE + "cells:\n  - {name: a, pretrain.optimizer: lamb, pretrain.augment.view2_blur_p: 2}\n")
     assert "cells[0] (a): pretrain.optimizer = 'lamb': valid values: sgd, lars" in msg
     assert "cells[0] (a): pretrain.augment.view2_blur_p = 2.0: must be <= 1.0" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid files as people write them (issue 11, section 2)
+
+
+@pytest.mark.parametrize("text,expected", [("1e-4", 1e-4), ("3E-2", 0.03), ("1.5e+3", 1500.0), ("5e-05", 5e-5)])
+def test_numbers_written_as_papers_write_them_are_numbers(tmp_path, text, expected):
+    g = load_grid(write(tmp_path, BASE.replace("epochs: 1,", f"epochs: 1, lr: {text},")))
+    assert g.cells[0].config.pretrain.lr == expected
+    g = load_grid(write(tmp_path, BASE), [f"pretrain.lr={text}", f"linear_probe.weight_decay={text}"])
+    assert g.cells[0].config.pretrain.lr == expected and g.cells[0].config.linear_probe.weight_decay == expected
+
+
+def test_yaml_1_1_implicit_types_do_not_change_what_was_written(tmp_path):
+    # YAML 1.1 reads `on`/`no` as booleans, 010 as 8 and 1:30 as 90; under 1.2 they stay what they say
+    g = load_grid(write(tmp_path, BASE + "cells:\n  - {name: no, pretrain.epochs: 010}\n  - {name: on}\n"))
+    assert [c.name for c in g.cells] == ["no", "on"] and g.cells[0].config.pretrain.epochs == 10
+    msg = error(tmp_path, BASE.replace("epochs: 1,", "epochs: 1:30,"))
+    assert "pretrain.epochs = '1:30': must be an integer" in msg
+    msg = error(tmp_path, BASE.replace("epochs: 1,", "epochs: 1, T: yes,"))
+    assert "pretrain.T = 'yes': must be a number" in msg
+
+
+def test_a_key_written_twice_is_an_error_not_a_silent_override(tmp_path):
+    msg = error(tmp_path, BASE + "axes:\n  pretrain.T: [0.1]\n  pretrain.T: [0.2]\n")
+    assert 'duplicate key "pretrain.T"' in msg and "line 8" in msg
+
+
+def test_home_is_expanded_in_every_path_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "data" / split / "a").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / split / "a" / "0.png")
+    g = load_grid(write(tmp_path, """
+name: g
+workdir: ~/wd
+tracking_uri: sqlite:///~/store/mlflow.db
+defaults:
+  dataset: {name: imagefolder, root: ~/data}
+  detection: {voc_root: ~/voc}
+"""))
+    cfg = g.cells[0].config
+    assert cfg.dataset.root == str(tmp_path / "data") and cfg.detection.voc_root == str(tmp_path / "voc")
+    assert g.workdir == tmp_path / "wd" and g.tracking_uri == f"sqlite:///{tmp_path}/store/mlflow.db"
+    assert load_grid(write(tmp_path, BASE), workdir="~/other").workdir == tmp_path / "other"
+    from pipeline.cli import data_problems
+
+    assert data_problems(g) == []  # it was "has no train/ or val/ folder"

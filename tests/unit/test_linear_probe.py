@@ -34,3 +34,46 @@ def test_sanity_check_catches_a_moved_bn_statistic():
     net(torch.randn(4, 3, 8, 8))  # BN in train mode moves running stats without any gradient
     with pytest.raises(BackboneChanged, match="running_mean"):
         sanity_check(net, before)
+
+
+def _probe_counting_rows(spec: dict, tmp_path, monkeypatch) -> list[torch.Tensor]:
+    """Run the probe on ``spec``; return the dataset indices of every step's rows, in order."""
+    import evaluators.linear_probe as lp
+
+    up = pretrain(spec, tmp_path / "pre", ListSink())
+    seen: list[torch.Tensor] = []
+    real_fit = lp.fit
+
+    def counting_fit(model, step_fn, *args, **kwargs):
+        def step(net, inputs, y, idx, g):
+            seen.append(idx.cpu())
+            return step_fn(net, inputs, y, idx, g)
+        return real_fit(model, step, *args, **kwargs)
+
+    monkeypatch.setattr(lp, "fit", counting_fit)
+    lp.linear_probe(spec, up, tmp_path / "probe", ListSink())
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["cached", "moco"])
+def test_probe_trains_on_every_image_each_epoch(tmp_path, monkeypatch, mode):
+    """Issue 11: 300 images at batch 256 used 256 per epoch; main_lincls keeps the last partial batch."""
+    spec = tiny_spec(method="none")
+    spec["dataset"]["num_train"] = 300
+    spec["linear_probe"].update(mode=mode, epochs=2, batch_size=256)
+    seen = _probe_counting_rows(spec, tmp_path, monkeypatch)
+    assert [len(s) for s in seen] == [256, 44, 256, 44]
+    for epoch in (seen[:2], seen[2:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(300))
+
+
+def test_probe_with_legacy_drop_last_keeps_old_behaviour(tmp_path, monkeypatch):
+    """``drop_last: true`` (the legacy value, which keeps old stages' identities) still drops the rest."""
+    spec = tiny_spec(method="none")
+    spec["dataset"]["num_train"] = 300
+    spec["linear_probe"].update(epochs=1, batch_size=256, drop_last=True)
+    assert [len(s) for s in _probe_counting_rows(spec, tmp_path, monkeypatch)] == [256]
+    from pipeline.spec import ProbeSpec, to_dict
+
+    assert "drop_last" not in to_dict(ProbeSpec(drop_last=True), identity_only=True)  # an old stage's key
+    assert to_dict(ProbeSpec(), identity_only=True)["drop_last"] is False  # new stages: a new identity

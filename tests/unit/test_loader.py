@@ -74,6 +74,29 @@ def test_each_rank_decodes_only_its_share(monkeypatch):
         assert sorted(seen[0][i] + seen[1][i]) == sorted(order[16 * i:16 * (i + 1)].tolist())
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_rank_without_rows_gets_an_empty_batch_from_the_stream(monkeypatch, workers):
+    """The probe keeps the last partial batch: 49 images at batch 16 in 2 processes leave rank 1 no
+    row of the last step. The streamed path must still give it that step, empty, in its place, and
+    the next epoch must read normally (the persistent workers were not left mid-epoch)."""
+    root = ensure_jpeg_tree(49, 12, size=(80, 60))
+    data = load_imagefolder(root / "train", 32)
+    monkeypatch.setattr(D, "world", lambda: D.World(1, 2))
+    batches = StreamingBatches(data.images.files, data.labels, (AugmentParams(),), 32, 0, torch.device("cpu"),
+                               workers=workers)
+    try:
+        for epoch in range(2):
+            steps = local_steps(epoch_order(49, epoch_generator(0, epoch)), 16, drop_last=False)
+            out = list(batches.epoch(epoch, steps))
+            assert [len(idx) for _, _, idx in out] == [8, 8, 8, 0]
+            assert [idx.tolist() for _, _, idx in out] == [s.tolist() for s in steps]
+            views, y, idx = out[-1]
+            assert views[0].shape == (0, 3, 32, 32) and views[0].dtype == torch.float32
+            assert y.dtype == idx.dtype == torch.int64
+    finally:
+        batches.close()
+
+
 def test_two_processes_match_one_on_streamed_jpegs(tmp_path):
     """The streamed path keeps W processes equal to one: 2 gloo processes (each reading its half)
     against 1 with the same global batch, one step apart at most by summation order."""

@@ -48,3 +48,41 @@ def assert_resume_matches_uninterrupted(spec: dict, tmp_path) -> None:
 
 def test_resume_matches_uninterrupted(tmp_path):
     assert_resume_matches_uninterrupted(tiny_spec(epochs=3), tmp_path)
+
+
+def test_a_truncated_last_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    """Issue 11 §4: a truncated last.pt failed every rerun with torch's "file is corrupted", naming no
+    file. Now the stage resumes from the checkpoint before it, warns naming both, and still ends
+    bit-equal to an uninterrupted run."""
+    spec = tiny_spec(epochs=3)
+    full = ListSink()
+    pretrain(spec, tmp_path / "full", full)
+    with pytest.raises(Crash):
+        pretrain(spec, tmp_path / "part", CrashingSink(after=2))
+    last = tmp_path / "part" / "checkpoints" / "last.pt"
+    assert checkpoint.load(checkpoint.previous(last))["epoch"] == 0
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # truncated
+    resumed = ListSink()
+    pretrain(spec, tmp_path / "part", resumed)
+    err = capsys.readouterr().err
+    assert f"{last}: cannot be read" in err and f"Resuming from the checkpoint before it, {checkpoint.previous(last)}" in err
+    assert resumed.series("resumed_from_epoch") == [1.0]
+    assert resumed.series("loss") == full.series("loss")[1:]
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "final.pt")["backbone"]
+    b = checkpoint.load(tmp_path / "part" / "checkpoints" / "final.pt")["backbone"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unreadable_checkpoints_are_named_with_the_fix(tmp_path):
+    last = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.atomic_save({"epoch": 0}, last)
+    checkpoint.atomic_save({"epoch": 1}, last, keep_previous=True)
+    for f in (last, checkpoint.previous(last)):
+        f.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_resume(last)
+    assert f"{last}: cannot be read" in str(err.value) and f"{checkpoint.previous(last)}: cannot be read" in str(err.value)
+    assert f"Delete {last} and {checkpoint.previous(last)} to restart this stage" in str(err.value)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{last}: cannot be read .* Delete it and the DONE file"):
+        checkpoint.load(last)  # e.g. an upstream final.pt read by a probe
+    assert checkpoint.load_resume(tmp_path / "none.pt") is None

@@ -123,7 +123,9 @@ def test_identities_of_the_shipped_grids_are_pinned():
     """Every stage key of the four shipped grids. quickstart, methods and paper-mini are those of
     5a91e3e (before precision, processes and the new data path: their stages run in fp32 on CPUs, the
     legacy value); paper's changed on purpose: bf16 and bn_splits 8 on 8 GPUs, and its ImageFolder streamed
-    (in_memory null joined the identity of ImageFolder stages, with true as the legacy value)."""
+    (in_memory null joined the identity of ImageFolder stages, with true as the legacy value). Every
+    linear_probe key changed on purpose (issue 11): the probe trains on every image (drop_last false;
+    true, the legacy value, gives back the old keys, see test_probe_drop_last_...)."""
     import json
 
     from pipeline.grid import load_grid
@@ -134,3 +136,16 @@ def test_identities_of_the_shipped_grids_are_pinned():
     for name, keys in pinned.items():
         plan = build_plan(load_grid(grids / f"{name}.yaml"))
         assert sorted(f"{s.kind}/{s.key}" for s in plan.ordered()) == keys, name
+
+
+def test_probe_drop_last_true_gives_back_the_probe_keys_from_before_the_field():
+    """Probes dropped each epoch's last partial batch until issue 11; those stages keep their keys
+    (and meaning) under ``linear_probe.drop_last: true``, while the default (false) is a new stage."""
+    grid = Path(__file__).resolve().parents[2] / "grids" / "quickstart.yaml"
+    before = {"056084249809", "1f7409491977", "78e79913eb0b"}  # quickstart's probe keys before the field
+    legacy = build_plan(load_grid(grid, ["linear_probe.drop_last=true"]))
+    assert {s.key for s in legacy.ordered() if s.kind == "linear_probe"} == before
+    new = build_plan(load_grid(grid))
+    assert not before & {s.key for s in new.ordered() if s.kind == "linear_probe"}
+    assert {s.key for s in new.ordered() if s.kind != "linear_probe"} == \
+        {s.key for s in legacy.ordered() if s.kind != "linear_probe"}
