@@ -276,8 +276,14 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
             console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
         return EXIT_FAILED if failed else 0
     finally:
-        killed = settle(plan, run_ids, reason)
-        c.set_terminated(parent_id, parent_status)
+        import signal
+
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+        try:
+            killed = settle(plan, run_ids, reason)
+            c.set_terminated(parent_id, parent_status)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         if killed and parent_status != "FINISHED":
             console.print(f"{len(killed)} stage runs that were not finished are marked KILLED in MLflow: {reason}",
                           highlight=False, soft_wrap=True)
