@@ -6,10 +6,13 @@ Exit codes: 0 all stages done; 1 some stage failed (the rest of the grid finishe
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -228,8 +231,12 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
     from pipeline.execute import execute, settle
     from pipeline.report import write_report
     from pipeline.snapshot import snapshot
-    from pipeline.tracking import client, prepare_runs
+    from pipeline.lock import WORKDIR_LOCK
+    from pipeline.tracking import DRIVER, client, prepare_runs
 
+    refusal = _other_driver(plan, console)
+    if refusal:
+        return refusal
     # the stages import this copy of the code, whatever happens to the checkout while they run
     code = snapshot(plan.grid.workdir)
     backend.code = code
@@ -238,6 +245,9 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
     exp_id, parent_id, run_ids = prepare_runs(plan)
     c = client(plan.grid.tracking_uri)
     c.update_run(parent_id, status="RUNNING")
+    c.set_tag(parent_id, DRIVER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                                              "workdir": str(plan.grid.workdir),
+                                              "lock": str(plan.grid.workdir / WORKDIR_LOCK)}))
     parent_status, reason = "FAILED", "not run: the driver stopped on an error (see its output)"
     try:
         try:
@@ -289,6 +299,31 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
                           highlight=False, soft_wrap=True)
 
 
+def _other_driver(plan: Plan, console: Console) -> int | None:
+    """Exit 2 when another driver runs this grid's MLflow runs from another work directory (the same
+    grid and store, another --workdir): both would log to the same runs. Warn when that driver's
+    lock is on a disk this machine cannot see."""
+    from pipeline.lock import WORKDIR_LOCK, describe, held
+    from pipeline.tracking import running_driver
+
+    other = running_driver(plan.grid.tracking_uri, plan.grid.name)
+    if not other or other.get("lock") == str(plan.grid.workdir / WORKDIR_LOCK):
+        return None
+    lock = Path(other.get("lock", ""))
+    where = f"{describe(other)}, work directory {other.get('workdir', '?')}"
+    if lock.parent.is_dir():
+        if held(lock):
+            console.print(f"[red]grid {plan.grid.name} is already running in {plan.grid.tracking_uri} ({where}).[/] "
+                          f"Two drivers would log to the same MLflow runs. Watch it with `sslgrid status`, or give "
+                          f"this grid another name or --tracking-uri. Nothing was launched.", highlight=False,
+                          soft_wrap=True)
+            return EXIT_USAGE
+        return None  # it ended without closing its run
+    console.print(f"[yellow]warning[/]: the grid's MLflow run says it is being run ({where}), from a disk this "
+                  f"machine cannot see; if it is, both drivers log to the same runs.", highlight=False, soft_wrap=True)
+    return None
+
+
 class _terminate_as_interrupt:
     """SIGTERM (scancel, kill, a closing terminal's SIGHUP) ends the driver as Ctrl-C does, so its
     cleanup runs; Python's default for them exits without running ``finally`` blocks."""
@@ -318,6 +353,11 @@ def unwritable(grid: Grid) -> str | None:
     db = sqlite_path(grid.tracking_uri)
     if db is not None:
         places.append(("--tracking-uri", db.parent))
+    if any(c.config.dataset.name == "synthetic" or grid.evaluates("detection", c.name) and
+           c.config.detection.voc_root is None for c in grid.cells):
+        from trainers.data import cache_dir
+
+        places.append(("$SSLGRID_CACHE", cache_dir()))  # where the synthetic sets are written
     for flag, folder in places:
         p = Path(folder)
         while not p.exists() and not p.is_symlink() and p != p.parent:
@@ -376,13 +416,14 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 def _nothing_tracked(plan: Plan, args: argparse.Namespace, console: Console) -> bool:
     """For read-only commands: say so, and create nothing, when the grid has neither a store nor a
     work directory yet (asking MLflow would create an empty store where the command was typed)."""
-    from pipeline.tracking import store_exists
+    from pipeline.tracking import client, store_exists
 
-    if store_exists(plan.grid.tracking_uri) or plan.grid.workdir.exists():
+    uri = plan.grid.tracking_uri
+    if plan.grid.workdir.exists() or store_exists(uri) and client(uri).get_experiment_by_name(plan.grid.name):
         return False
-    console.print(f"{plan.grid.name}: nothing tracked yet: no store at {plan.grid.tracking_uri} and no work "
-                  f"directory {plan.grid.workdir}. `sslgrid run {args.grid}` starts the grid.", highlight=False,
-                  soft_wrap=True)
+    where = f"no experiment {plan.grid.name!r} in {uri}" if store_exists(uri) else f"no store at {uri}"
+    console.print(f"{plan.grid.name}: nothing tracked yet: {where} and no work directory {plan.grid.workdir}. "
+                  f"`sslgrid run {args.grid}` starts the grid.", highlight=False, soft_wrap=True)
     return True
 
 
@@ -466,7 +507,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_ui(args: argparse.Namespace, console: Console) -> int:
     from pipeline.grid import DEFAULT_TRACKING_URI, _absolute_uri
-    from pipeline.tracking import client
+    from pipeline.tracking import client, store_exists
 
     uri, experiment = args.tracking_uri, None
     if args.grid:
@@ -474,6 +515,10 @@ def cmd_ui(args: argparse.Namespace, console: Console) -> int:
         uri, experiment = grid.tracking_uri, grid.name
     uri = uri or _absolute_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI), Path.cwd())
     url = f"http://{args.host}:{args.port}/"
+    if not store_exists(uri):  # mlflow ui would create an empty store where this was typed
+        console.print(f"nothing tracked yet: no store at {uri}. `sslgrid run GRID` creates it (or pass "
+                      f"--tracking-uri of an existing one).", highlight=False, soft_wrap=True)
+        return 0
     if experiment:
         exp = client(uri).get_experiment_by_name(experiment)
         if exp is not None:

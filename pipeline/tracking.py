@@ -18,6 +18,7 @@ from pipeline.state import read_json, rerun_fix
 
 ROLE, GRID, KEY, STAGE = "sslgrid.role", "sslgrid.grid", "sslgrid.key", "sslgrid.stage"
 ERROR = "sslgrid.error"
+DRIVER = "sslgrid.driver"  # on the parent run: JSON {pid, host, time, workdir, lock} of the driver running it
 MAX_ARTIFACT_BYTES = 50 * 2**20  # larger checkpoints are referenced by path, not copied
 
 
@@ -97,6 +98,24 @@ def find_runs(uri: str, experiment_id: str, grid: str) -> tuple[Any | None, dict
         elif role == "stage":
             stages.setdefault(run.data.tags[KEY], run)
     return parent, stages
+
+
+def running_driver(uri: str, grid: str) -> dict[str, Any] | None:
+    """The driver recorded on the grid's parent run while that run is RUNNING, else None. Creates
+    nothing (no store, no experiment)."""
+    if not store_exists(uri):
+        return None
+    exp = client(uri).get_experiment_by_name(grid)
+    if exp is None:
+        return None
+    parent, _ = find_runs(uri, exp.experiment_id, grid)
+    if parent is None or parent.info.status != "RUNNING":
+        return None
+    try:
+        driver = json.loads(parent.data.tags.get(DRIVER, "") or "{}")
+    except ValueError:
+        return None
+    return driver if isinstance(driver, dict) and driver else None
 
 
 def _stage_tags(grid: str, parent_id: str, stage: Stage) -> dict[str, str]:

@@ -261,10 +261,11 @@ def to_rgb(im: Image.Image, path: Path | str = "") -> Image.Image:
     greyscale PNG at mid-grey (32768) becomes white. So 16-bit modes (``I;16*``) are scaled by
     255/65535 first; LAB goes through a colour transform (ImageCms; ``convert`` copies channels);
     every other mode PIL can read (1, L, LA, P, PA, RGB, RGBA, RGBX, CMYK, YCbCr, HSV) converts
-    as torchvision does. Raises DataError naming the file for 32-bit integer (``I``) and float (``F``)
-    pixels, whose range no file states."""
+    as torchvision does. Raises DataError naming the file for 32-bit integer (``I``, except from a
+    PNG, whose 16-bit greyscale older PIL versions read as ``I``) and float (``F``) pixels, whose
+    range no file states."""
     mode = im.mode
-    if mode.startswith("I;16"):
+    if mode.startswith("I;16") or mode == "I" and im.format == "PNG":  # PNG holds at most 16 bits; older PIL reads them as I
         grey = (np.asarray(im).astype(np.uint32) * 255 + 32767) // 65535  # round(v · 255/65535)
         return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
     if mode in ("I", "F"):

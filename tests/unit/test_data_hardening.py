@@ -154,3 +154,14 @@ def test_pixels_without_a_range_are_refused_naming_the_file(tmp_path, mode):
                  lambda: CropDataset([tmp_path / "x.tiff"], np.zeros(1, np.int64), [AugmentParams()], 8, 0)[(0, 0)]):
         with pytest.raises(DataError, match=rf"{tmp_path / 'x.tiff'}: .*PIL mode {mode}.*Convert this file"):
             read()
+
+
+def test_16_bit_png_read_as_mode_I_by_older_pil_is_scaled_too():
+    from trainers.data import to_rgb
+
+    im = Image.fromarray(np.full((4, 4), 32896, np.int32))  # mode I, as PIL < 10 opened 16-bit PNGs
+    im.format = "PNG"
+    assert (np.asarray(to_rgb(im, "x.png")) == 128).all()
+    im.format = "TIFF"
+    with pytest.raises(DataError, match="x.tiff: 32-bit integer pixels"):
+        to_rgb(im, "x.tiff")

@@ -79,7 +79,7 @@ def test_a_second_driver_refuses_with_exit_2_naming_the_holder(tmp_path, monkeyp
     assert not (tmp_path / "mlflow.db").exists()  # refused before the store was touched
 
 
-@pytest.mark.parametrize("case", ["under_a_file", "read_only"])
+@pytest.mark.parametrize("case", ["under_a_file", "read_only", "cache_under_a_file"])
 def test_an_unwritable_workdir_or_store_exits_2_before_anything(tmp_path, monkeypatch, capsys, case):
     grid = _grid(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -87,6 +87,11 @@ def test_an_unwritable_workdir_or_store_exits_2_before_anything(tmp_path, monkey
         (tmp_path / "afile").write_text("")
         args = ["--workdir", str(tmp_path / "afile" / "wd")]
         expected = f"--workdir: {tmp_path / 'afile' / 'wd'} cannot be created: {tmp_path / 'afile'} is a file"
+    elif case == "cache_under_a_file":  # the synthetic set is written there
+        (tmp_path / "afile").write_text("")
+        monkeypatch.setenv("SSLGRID_CACHE", str(tmp_path / "afile" / "cache"))
+        args = []
+        expected = f"$SSLGRID_CACHE: {tmp_path / 'afile' / 'cache'} cannot be created: {tmp_path / 'afile'} is a file"
     else:
         if os.geteuid() == 0:
             pytest.skip("root writes to read-only folders")
@@ -98,14 +103,23 @@ def test_an_unwritable_workdir_or_store_exits_2_before_anything(tmp_path, monkey
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-@pytest.mark.parametrize("command", ["status", "report"])
-def test_read_only_commands_on_a_grid_that_never_ran_create_nothing(tmp_path, monkeypatch, capsys, command):
+@pytest.mark.parametrize("store", ["none", "other_grids"])
+@pytest.mark.parametrize("command", ["status", "report", "ui"])
+def test_read_only_commands_on_a_grid_that_never_ran_create_nothing(tmp_path, monkeypatch, capsys, command, store):
     grid = _grid(tmp_path)
     monkeypatch.chdir(tmp_path)
-    before = sorted(tmp_path.rglob("*"))
+    if store == "other_grids":  # a store shared with grids that did run
+        from pipeline.tracking import client
+
+        client(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("another-grid")
+        if command == "ui":
+            pytest.skip("the UI serves an existing store")
+    before = {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*")}
     assert main([command, str(grid)]) == 0
-    assert sorted(tmp_path.rglob("*")) == before  # no mlflow.db, no runs/g/report/
-    assert "g: nothing tracked yet" in capsys.readouterr().out
+    assert {f: f.stat().st_mtime_ns for f in tmp_path.rglob("*")} == before  # no mlflow.db, no runs/g/report/
+    out = capsys.readouterr().out.replace("\n", "")
+    assert "nothing tracked yet" in out
+    assert ("no experiment 'g' in" if store == "other_grids" else f"no store at sqlite:///{tmp_path / 'mlflow.db'}") in out
 
 
 def _store(tmp_path: Path):
@@ -190,3 +204,29 @@ def test_an_exception_in_the_driver_closes_every_run(tmp_path, monkeypatch):
     runs = c.search_runs([c.get_experiment_by_name("g").experiment_id])
     assert {r.data.tags["sslgrid.role"]: r.info.status for r in runs} == {"grid": "FAILED", "stage": "KILLED"}
     assert L.held(tmp_path / "runs" / "g" / L.WORKDIR_LOCK) is None  # and the work directory is free again
+
+
+def test_the_same_grid_from_another_workdir_is_refused_while_it_runs(tmp_path, monkeypatch, capsys):
+    """A double submit with another --workdir but the same store would log to the same MLflow runs."""
+    import socket as S
+
+    from pipeline.tracking import DRIVER, client
+
+    plan, run_ids, c = _store(tmp_path)  # the grid's runs, as a first driver made them
+    parent = c.search_runs([c.get_experiment_by_name("g").experiment_id], "tags.`sslgrid.role` = 'grid'")[0]
+    first_lock = tmp_path / "wd" / L.WORKDIR_LOCK
+    c.set_tag(parent.info.run_id, DRIVER, json.dumps({"pid": 1, "host": S.gethostname(), "time": time.time(),
+                                                      "workdir": str(tmp_path / "wd"), "lock": str(first_lock)}))
+    monkeypatch.chdir(tmp_path)
+    args = ["run", str(tmp_path / "g.yaml"), "--workdir", str(tmp_path / "other"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    proc = _holder(first_lock)
+    try:
+        assert main(args) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    out = capsys.readouterr().out.replace("\n", "")
+    assert f"grid g is already running in sqlite:///{tmp_path / 'mlflow.db'}" in out
+    assert f"work directory {tmp_path / 'wd'}" in out and "Nothing was launched." in out
+    assert {r.info.status for r in c.search_runs([parent.info.experiment_id])} == {"RUNNING", "SCHEDULED"}
