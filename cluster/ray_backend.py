@@ -47,7 +47,7 @@ class RayBackend:
             kwargs.pop("include_dashboard")
             kwargs["address"] = self.address
         try:
-            with _loopback_node(self.address is None):
+            with _loopback_node(self.address is None), _keep_signal_handlers():
                 ray.init(**kwargs)
         except (ConnectionError, RuntimeError) as err:
             hint, chain, e = "", [], err
@@ -107,6 +107,26 @@ class RayBackend:
             return False, err.cause if isinstance(err.cause, Exception) else err
         except Exception as err:  # WorkerCrashedError etc.
             return False, err
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """The caller's SIGTERM, SIGHUP and SIGINT handlers, put back after ``ray.init``. Ray's core
+    worker installs its own (absl's failure handler logs "SIGTERM received" and aborts), so a
+    driver stopped by ``timeout``, ``scancel`` or ``kill`` would die without running its cleanup."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ every ``ckpt_every`` iterations, so a killed stage resumes where it was.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
-from evaluators.voc import VocItem, load_image, read_train_test, write_synthetic_voc
+from evaluators.voc import VocItem, VocWarning, load_image, read_train_test, write_synthetic_voc
 from trainers import checkpoint
 from trainers.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainers.backbones import build_backbone
@@ -139,7 +140,14 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     root = voc_root(p)
     # every box is checked here, before the model is built: an invalid one raises VocError naming its
     # file (or, with invalid_boxes: drop, is left out with a warning), not an assertion hours in
-    classes, train, test = read_train_test(root, p["train_sets"], p["test_set"], p.get("invalid_boxes", "error"))
+    with warnings.catch_warnings(record=True) as caught:  # the dropped boxes, for the stage's sink
+        warnings.simplefilter("always", VocWarning)
+        classes, train, test = read_train_test(root, p["train_sets"], p["test_set"], p.get("invalid_boxes", "error"))
+    for w in caught:
+        if issubclass(w.category, VocWarning):
+            sink.warn(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     dev = device()
     torch.manual_seed(p["seed"])  # the RPN and box predictor start from random weights
     model = build_detector(spec["backbone"], upstream["checkpoint"], len(classes), p).to(dev)
@@ -149,7 +157,7 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     ckpt = Path(workdir) / "checkpoints" / "last.pt"
     start = 0
-    state = checkpoint.load_resume(ckpt)
+    state = checkpoint.load_resume(ckpt, sink.warn)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -38,9 +38,11 @@ import difflib
 import math
 import os
 import random
+import re
 import shutil
 import warnings
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +101,9 @@ def _name(obj: ET.Element) -> str:
 
 def read_classes(root: str | Path, years: tuple[str, ...] = ("2007",)) -> list[str]:
     """The sorted names of every object annotated in the given years' trees; VOC's 20 when they are
-    all there (other names are then typos, which the split readers report as unknown classes)."""
-    names = set()
+    all there (other names are then typos, which the split readers report as unknown classes), and
+    one name per class written several ways (case, spaces, ``_`` or ``-``): its most frequent."""
+    counts: Counter[str] = Counter()
     for year in years:
         ann = voc_dir(root, year) / "Annotations"
         if not ann.is_dir():
@@ -108,13 +111,18 @@ def read_classes(root: str | Path, years: tuple[str, ...] = ("2007",)) -> list[s
                            f"or leave {year} out of detection.train_sets and detection.test_set")
         for f in ann.glob("*.xml"):
             try:
-                names.update(_name(o) for o in ET.parse(f).getroot().iter("object"))
+                counts.update(_name(o) for o in ET.parse(f).getroot().iter("object"))
             except (OSError, ET.ParseError):
                 pass  # reported by the split reader when a split lists it, and harmless when none does
-    names.discard("")
-    if names > set(VOC_CLASSES):
+    counts.pop("", None)
+    if set(counts) > set(VOC_CLASSES):
         return list(VOC_CLASSES)
-    return sorted(names)
+    # one class written two ways ("Dog" and "dog", "potted plant" and "pottedplant"): the most
+    # frequent spelling is the class, the others are invalid names that the split readers report
+    spellings: dict[str, list[str]] = {}
+    for name in counts:
+        spellings.setdefault(re.sub(r"[\s_-]+", "", name.lower()), []).append(name)
+    return sorted(max(group, key=lambda n: (counts[n], n)) for group in spellings.values())
 
 
 def _size(tree: ET.Element) -> tuple[float, float] | None:

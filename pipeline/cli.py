@@ -208,6 +208,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if problem:
         console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    refusal = _other_driver(plan, console)  # before the lock, which would create the work directory
+    if refusal:
+        return refusal
     try:
         lock = acquire(plan.grid.workdir / WORKDIR_LOCK, f"sslgrid run {args.grid}")
     except LockBusy as err:
@@ -234,9 +237,6 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
     from pipeline.lock import WORKDIR_LOCK
     from pipeline.tracking import DRIVER, client, prepare_runs
 
-    refusal = _other_driver(plan, console)
-    if refusal:
-        return refusal
     # the stages import this copy of the code, whatever happens to the checkout while they run
     code = snapshot(plan.grid.workdir)
     backend.code = code
@@ -368,8 +368,36 @@ def unwritable(grid: Grid) -> str | None:
         if not os.access(p, os.W_OK | os.X_OK):
             return (f"{flag}: {folder} cannot be written: {p} is not writable by this user. Choose another "
                     f"{flag}, or make {p} writable.")
+    problem = store_problem(grid.tracking_uri)
+    if problem:
+        return problem
     if db is not None and db.exists() and not os.access(db, os.W_OK):
         return f"--tracking-uri: {db} is not writable by this user. Choose another store, or make it writable."
+    if db is not None and (db.parent / "mlruns").exists() and not os.access(db.parent / "mlruns", os.W_OK | os.X_OK):
+        return (f"--tracking-uri: {db.parent / 'mlruns'}, where the store keeps artifacts, is not writable by this "
+                f"user. Make it writable, or choose another store.")
+    return None
+
+
+def store_problem(uri: str) -> str | None:
+    """What makes ``uri`` unusable as a SQLite store before MLflow is asked (its errors are
+    SQLAlchemy tracebacks): a folder, or a file that is not an SQLite database."""
+    from pipeline.tracking import sqlite_path
+
+    db = sqlite_path(uri)
+    if db is None:
+        return None
+    if db.is_dir():
+        return f"--tracking-uri: {db} is a folder, not a database file. Pass sqlite:///<folder>/mlflow.db."
+    if db.is_file() and db.stat().st_size > 0:
+        try:
+            with open(db, "rb") as f:
+                header = f.read(16)
+        except OSError as err:
+            return f"--tracking-uri: {db} cannot be read ({err}). Choose another store."
+        if header != b"SQLite format 3\0":
+            return (f"--tracking-uri: {db} is not an SQLite database (it holds something else). Pass the path of "
+                    f"an MLflow store, or of a file that does not exist yet.")
     return None
 
 
@@ -405,25 +433,35 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             metrics = " ".join(f"{n}={row[f'metrics.{n}']:.3f}" for n in names
                                if f"metrics.{n}" in row and row[f"metrics.{n}"] == row[f"metrics.{n}"])
         error = info.get("error", "")
-        if not error and s.key in df.index and "tags.sslgrid.error" in df.columns:
-            error = df.at[s.key, "tags.sslgrid.error"] or ""
+        if not error and s.key in df.index and "tags.sslgrid.error" in df.columns and state != "done":
+            error = df.at[s.key, "tags.sslgrid.error"]
+            error = error if isinstance(error, str) else ""  # NaN: a run without the tag
         job = (slurm_job(s, plan.grid.workdir) or {}).get("job_id", "")
         table.add_row(s.kind, s.key, ", ".join(s.cells), state, job, run_id, status, metrics, str(error))
     console.print(table)
     return 0
 
 
-def _nothing_tracked(plan: Plan, args: argparse.Namespace, console: Console) -> bool:
+def _nothing_tracked(plan: Plan, args: argparse.Namespace, console: Console, need_store: bool = False) -> bool:
     """For read-only commands: say so, and create nothing, when the grid has neither a store nor a
-    work directory yet (asking MLflow would create an empty store where the command was typed)."""
+    work directory yet (asking MLflow would create an empty store where the command was typed);
+    with ``need_store`` (the report, made from MLflow), when the store lacks the grid."""
     from pipeline.tracking import client, store_exists
 
     uri = plan.grid.tracking_uri
-    if plan.grid.workdir.exists() or store_exists(uri) and client(uri).get_experiment_by_name(plan.grid.name):
+    problem = store_problem(uri)
+    if problem:
+        raise StateError(problem)
+    tracked = store_exists(uri) and client(uri).get_experiment_by_name(plan.grid.name) is not None
+    if tracked or plan.grid.workdir.exists() and not need_store:
         return False
     where = f"no experiment {plan.grid.name!r} in {uri}" if store_exists(uri) else f"no store at {uri}"
-    console.print(f"{plan.grid.name}: nothing tracked yet: {where} and no work directory {plan.grid.workdir}. "
-                  f"`sslgrid run {args.grid}` starts the grid.", highlight=False, soft_wrap=True)
+    if plan.grid.workdir.exists():
+        console.print(f"{plan.grid.name}: nothing tracked yet: {where}, though {plan.grid.workdir} exists; is "
+                      f"--tracking-uri the store the grid ran with? Nothing was written.", highlight=False, soft_wrap=True)
+    else:
+        console.print(f"{plan.grid.name}: nothing tracked yet: {where} and no work directory {plan.grid.workdir}. "
+                      f"`sslgrid run {args.grid}` starts the grid.", highlight=False, soft_wrap=True)
     return True
 
 
@@ -497,7 +535,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import write_report
 
     plan = _load(args, check_data=False)
-    if _nothing_tracked(plan, args, console):
+    if _nothing_tracked(plan, args, console, need_store=True):
         return 0
     text, files = write_report(plan, compare_paper=args.compare_paper)
     console.print(text, markup=False, highlight=False, soft_wrap=True)

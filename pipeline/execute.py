@@ -29,7 +29,7 @@ from pipeline.plan import SCHEMA_VERSION, Plan, Stage
 from pipeline.snapshot import source_root
 from pipeline.state import StateError, read_json, read_json_or, rerun_fix
 from pipeline.stages import ARTIFACTS, STAGES
-from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
+from pipeline.tracking import ERROR, WARNINGS, MlflowSink, client, numeric, write_json
 from trainers import distributed as D
 from trainers.sink import NullSink
 
@@ -285,6 +285,11 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
                         _failure(plan, s, value, outcomes)
                     outcomes[s.key] = o
                     display.finish(o)
+                    warned = s.directory(plan.grid.workdir) / WARNINGS
+                    if warned.exists():  # stage output goes to Ray's worker logs; this must be seen
+                        for line in warned.read_text().splitlines():
+                            console.print(f"[yellow]warning[/]: {s.kind}:{s.cells[0]} {s.key}: {line}",
+                                          highlight=False, soft_wrap=True)
     for s in pending:
         o = outcomes[s.key]
         job = slurm_job(s, workdir)

@@ -131,6 +131,8 @@ def _absolute_uri(uri: str, base: Path) -> str:
     """A relative sqlite path is resolved against the driver's directory, so Ray workers (which may
     start elsewhere) write to the same store."""
     prefix = "sqlite:///"
+    if ":" not in uri.split("/", 1)[0]:  # a plain path: MLflow's file store
+        return str((base / Path(uri).expanduser()).resolve())
     if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
         return prefix + str((base / Path(uri[len(prefix):]).expanduser()).resolve())
     return uri
@@ -351,7 +353,10 @@ def _expand(section: dict, study: str, problems: list[tuple[str, Problem]]
             problems.append(("", Problem(f"{at}cells[{i}]", entry, "must be a mapping of dotted keys to values")))
             continue
         entry = dict(entry)
-        label = str(entry.pop("name", f"cell{i}"))
+        label = entry.pop("name", f"cell{i}")
+        if not isinstance(label, str):  # 010 → 10, 1e-4 → 0.0001, ~ → None: not the name written
+            problems.append(("", Problem(f"{at}cells[{i}].name", label, "must be a string; quote it, e.g. name: '010'")))
+            label = str(label)
         values = flatten(entry)
         out.append((prefix + label, study, {**base, **values},
                     {**base_where, **{k: f"{at}cells[{i}] ({label}): " for k in values}}))

@@ -77,15 +77,21 @@ def acquire(path: Path, what: str = "", wait: bool = False) -> Lock:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        holder = _read(fd)
-        os.close(fd)
-        raise LockBusy(path, holder) from None
-    except OSError:
-        os.close(fd)
-        raise
+    deadline = time.monotonic() + PROBE_GRACE_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            break
+        except BlockingIOError:
+            holder = _read(fd)
+            if _probe(holder) and time.monotonic() < deadline:  # held() probing for a moment
+                time.sleep(0.01)
+                continue
+            os.close(fd)
+            raise LockBusy(path, holder) from None
+        except OSError:
+            os.close(fd)
+            raise
     stale = _read(fd) or None
     me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "what": what,
           "command": " ".join(sys.argv)}
@@ -113,7 +119,8 @@ def held(path: Path) -> dict[str, Any] | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _read(fd) or {"pid": "?", "host": "?"}
+        holder = _read(fd)
+        return None if _probe(holder) else holder
     except OSError:
         return None
     finally:
@@ -121,5 +128,22 @@ def held(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _probe(holder: dict[str, Any]) -> bool:
+    """Whether a lock that is held names no live holder: then ``held`` (another process asking) has it
+    for a moment, or the holder has not written itself yet. A holder on another host counts as live."""
+    if not holder:
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return False
+    return False
+
+
 WORKDIR_LOCK = ".sslgrid.lock"
+PROBE_GRACE_S = 1.0  # a lock that is held but names no holder is a held() probe (microseconds) or a holder writing
 STAGE_LOCK = ".running.lock"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import types
@@ -388,6 +389,9 @@ def _check_scalar(tp: Any, value: Any, path: str, meta: dict, problems: list[Pro
         return None
     if tp is float:
         value = float(value)
+        if not math.isfinite(value):  # YAML's .nan and .inf are numbers, but no setting of ours
+            problems.append(Problem(path, value, "must be a finite number"))
+            return None
     if meta.get("path"):  # ~ and ~user, as torchvision's datasets do (os.path.expanduser on root)
         value = os.path.expanduser(value)
     if "pattern" in meta and not re.fullmatch(meta["pattern"], value):

@@ -18,6 +18,7 @@ from pipeline.state import read_json, rerun_fix
 
 ROLE, GRID, KEY, STAGE = "sslgrid.role", "sslgrid.grid", "sslgrid.key", "sslgrid.stage"
 ERROR = "sslgrid.error"
+WARNINGS, WARNINGS_TAG = "warnings.log", "sslgrid.warnings"
 DRIVER = "sslgrid.driver"  # on the parent run: JSON {pid, host, time, workdir, lock} of the driver running it
 MAX_ARTIFACT_BYTES = 50 * 2**20  # larger checkpoints are referenced by path, not copied
 
@@ -196,6 +197,16 @@ class MlflowSink:
 
     def progress(self, done: int, total: int) -> None:
         write_json(self.stage_dir / "progress.json", {"done": done, "total": total, "time": time.time()})
+
+    def warn(self, message: str) -> None:
+        """Appended to ``warnings.log`` in the stage folder (the driver prints it when the stage ends)
+        and to the run's ``sslgrid.warnings`` tag; also on stderr, for the worker's log."""
+        import sys
+
+        print(f"warning: {message}", file=sys.stderr)
+        with open(self.stage_dir / WARNINGS, "a") as f:
+            f.write(message.replace("\n", " ") + "\n")
+        self.c.set_tag(self.run_id, WARNINGS_TAG, (self.stage_dir / WARNINGS).read_text()[-5000:])
 
 
 def write_json(path: Path, obj: Any) -> None:

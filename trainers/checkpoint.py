@@ -11,7 +11,7 @@ import random
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -60,10 +60,10 @@ def load(path: Path, fix: str | None = None) -> Any:
                               f"is truncated or corrupt. {fix}.") from err
 
 
-def load_resume(path: Path) -> Any | None:
-    """The state to resume from: ``path``, else the checkpoint kept before it (with a warning on
-    stderr naming both), else None when neither exists. Raises CheckpointError naming both files and
-    the fix when neither can be read."""
+def load_resume(path: Path, warn: Callable[[str], None] | None = None) -> Any | None:
+    """The state to resume from: ``path``, else the checkpoint kept before it (with a warning naming
+    both, to ``warn``, e.g. a stage's ``sink.warn``, or stderr), else None when neither exists.
+    Raises CheckpointError naming both files and the fix when neither can be read."""
     path = Path(path)
     tried = []
     for candidate in (path, previous(path)):
@@ -75,7 +75,8 @@ def load_resume(path: Path) -> Any | None:
             tried.append(str(err))
             continue
         if tried:
-            print(f"warning: {tried[0]} Resuming from the checkpoint before it, {candidate}.", file=sys.stderr)
+            message = f"{tried[0].split(' Delete it')[0]} Resumed from the checkpoint before it, {candidate}."
+            (warn or (lambda m: print(f"warning: {m}", file=sys.stderr)))(message)
         return state
     if tried:
         raise CheckpointError(" ".join(t.split(". Delete")[0] + "." for t in tried)

@@ -144,7 +144,7 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({n} images)")
     start_epoch, step, history = 0, 0, []
-    state = checkpoint.load_resume(ckpt_path)
+    state = checkpoint.load_resume(ckpt_path, sink.warn if w.is_main else None)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

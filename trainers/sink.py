@@ -10,6 +10,7 @@ class Sink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def artifact(self, path: Path) -> None: ...
     def progress(self, done: int, total: int) -> None: ...
+    def warn(self, message: str) -> None: ...  # something the user must hear of, though the stage goes on
 
 
 class ListSink:
@@ -19,6 +20,10 @@ class ListSink:
         self.metrics: list[tuple[int, dict[str, float]]] = []
         self.artifacts: list[Path] = []
         self.progress_calls: list[tuple[int, int]] = []
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.metrics.append((step, dict(metrics)))
@@ -43,4 +48,7 @@ class NullSink:
         pass
 
     def progress(self, done: int, total: int) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
         pass

@@ -96,3 +96,24 @@ def test_two_drivers_on_one_fresh_store(tmp_path):
     if codes == [0, 2]:
         refused = next(r for r in (results[0], results[2]) if r[2] == 2)
         assert "is in use by another `sslgrid run`" in refused[0]
+
+
+@pytest.mark.parametrize("group", [True, False], ids=["process-group", "driver-only"])
+def test_sigterm_ends_the_driver_as_ctrl_c_does(tmp_path, group):
+    """timeout, scancel and kill send SIGTERM. Ray's core worker installs its own handler (it logged
+    "SIGTERM received" and aborted, leaving every run RUNNING or SCHEDULED); sslgrid's comes back."""
+    grid = write_grid(tmp_path, SLOW)
+    first = _start(grid, tmp_path)
+    try:
+        _wait_for_epoch(tmp_path, 1)
+        (os.killpg if group else os.kill)(first.pid, signal.SIGTERM)
+        out, err = first.communicate(timeout=90)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, out + err
+    runs = all_runs(tmp_path)
+    assert {r.data.tags.get("sslgrid.stage", "grid"): r.info.status for r in runs} == {
+        "grid": "KILLED", "pretrain": "KILLED", "linear_probe": "KILLED"}, out + err
+    assert {r.data.tags.get("sslgrid.error") for r in runs if r.data.tags.get("sslgrid.role") == "stage"} == {
+        "interrupted: the driver was stopped (Ctrl-C or SIGTERM)"}

@@ -230,3 +230,35 @@ def test_the_same_grid_from_another_workdir_is_refused_while_it_runs(tmp_path, m
     assert f"grid g is already running in sqlite:///{tmp_path / 'mlflow.db'}" in out
     assert f"work directory {tmp_path / 'wd'}" in out and "Nothing was launched." in out
     assert {r.info.status for r in c.search_runs([parent.info.experiment_id])} == {"RUNNING", "SCHEDULED"}
+
+
+def test_report_with_the_wrong_store_writes_nothing(tmp_path, monkeypatch, capsys):
+    """A work directory with results, and a --tracking-uri that is not the grid's store: the report
+    would have overwritten report.csv with 'pending' rows and created the store."""
+    grid = _grid(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "runs" / "g" / "report" / "report.csv"
+    report.parent.mkdir(parents=True)
+    report.write_text("the good report")
+    assert main(["report", str(grid), "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"]) == 0
+    assert report.read_text() == "the good report" and not (tmp_path / "other.db").exists()
+    out = capsys.readouterr().out.replace("\n", "")
+    assert f"no store at sqlite:///{tmp_path / 'other.db'}, though {tmp_path / 'runs' / 'g'} exists" in out
+
+
+@pytest.mark.parametrize("command", ["run", "status", "report"])
+@pytest.mark.parametrize("case", ["folder", "not_sqlite"])
+def test_a_store_that_is_not_a_database_exits_2_naming_it(tmp_path, monkeypatch, capsys, command, case):
+    grid = _grid(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "store"
+    if case == "folder":
+        store.mkdir()
+        expected = f"--tracking-uri: {store} is a folder, not a database file"
+    else:
+        store.write_text("name,top1\n")
+        expected = f"--tracking-uri: {store} is not an SQLite database"
+    assert main([command, str(grid), "--tracking-uri", f"sqlite:///{store}"]) == 2
+    captured = capsys.readouterr()
+    assert expected in (captured.out + captured.err).replace("\n", "")
+    assert not (tmp_path / "runs").exists()

@@ -224,3 +224,11 @@ defaults:
     from pipeline.cli import data_problems
 
     assert data_problems(g) == []  # it was "has no train/ or val/ folder"
+
+
+def test_cell_names_and_numbers_are_what_was_written(tmp_path):
+    msg = error(tmp_path, BASE + "cells:\n  - {name: 010}\n  - {name: ~}\n")
+    assert "cells[0].name = 10: must be a string; quote it" in msg and "cells[1].name = None: must be a string" in msg
+    for text in (".nan", ".inf", "-.inf"):
+        assert "pretrain.lr" in error(tmp_path, BASE.replace("epochs: 1,", f"epochs: 1, lr: {text},")) and \
+            "must be a finite number" in error(tmp_path, BASE.replace("epochs: 1,", f"epochs: 1, lr: {text},"))

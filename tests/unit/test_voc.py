@@ -190,3 +190,13 @@ def test_detection_stage_refuses_invalid_boxes_before_training(tmp_path):
     with pytest.raises(VocError, match=r"000001\.xml: object 1 of 1 \('dog', xmin 50, ymin 20, xmax 10, ymax 60\): "
                                        r"xmax < xmin"):
         detection(spec, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", None)
+
+
+def test_a_class_written_two_ways_is_one_class_and_the_rare_spelling_is_refused(tmp_path):
+    box = ("1", "1", "10", "10")
+    root = _tree(tmp_path, {"000001": (("dog", *box), ("dog", *box), ("cat", *box)), "000002": (("Dog", *box),),
+                            "000003": (("potted_plant", *box), ("potted plant", *box), ("potted plant", *box))})
+    assert read_classes(root) == ["cat", "dog", "potted plant"]
+    lines = voc_problems(root, ["2007/trainval"], "2007/trainval")
+    assert any("000002.xml: object 1 of 1 ('Dog'" in line and "did you mean 'dog'" in line for line in lines)
+    assert any("000003.xml: object 1 of 3 ('potted_plant'" in line for line in lines)
