@@ -39,4 +39,4 @@ gpu-check:
 	PYTHONUNBUFFERED=1 $(GPU_PY) bench/gpu_check.py
 
 clean:
-	rm -rf runs mlruns mlflow.db
+	rm -rf runs mlruns mlflow.db mlflow.db.lock

@@ -121,6 +121,9 @@ class _KillAfter:
     def artifact(self, path):
         self.inner.artifact(path)
 
+    def warn(self, message):
+        self.inner.warn(message)
+
     def progress(self, done, total):
         self.inner.progress(done, total)
         if done == self.at:

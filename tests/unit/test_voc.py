@@ -200,3 +200,20 @@ def test_a_class_written_two_ways_is_one_class_and_the_rare_spelling_is_refused(
     lines = voc_problems(root, ["2007/trainval"], "2007/trainval")
     assert any("000002.xml: object 1 of 1 ('Dog'" in line and "did you mean 'dog'" in line for line in lines)
     assert any("000003.xml: object 1 of 3 ('potted_plant'" in line for line in lines)
+
+
+def test_boxes_dropped_by_the_stage_are_told_through_its_sink(tmp_path):
+    """Stage output goes to Ray's worker logs, which nobody reads; the warning must reach the sink
+    (MLflow's sslgrid.warnings tag and the driver's terminal)."""
+    from evaluators.detection import detection
+    from pipeline.spec import DetectionSpec, StageConfig, to_dict
+    from trainers.sink import ListSink
+
+    root = _tree(tmp_path / "voc", {"000001": (("dog", "50", "20", "10", "60"), ("dog", *GOOD[0][1:]))})
+    (voc_dir(root) / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
+    spec = {"backbone": to_dict(StageConfig())["backbone"], "detection": to_dict(DetectionSpec()) | {
+        "voc_root": str(root), "train_sets": ["2007/trainval"], "test_set": "2007/test", "invalid_boxes": "drop"}}
+    sink = ListSink()
+    with pytest.raises(FileNotFoundError):  # no checkpoint: it stops when building the model, after the sets
+        detection(spec, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", sink)
+    assert len(sink.warnings) == 1 and "000001.xml: object 1 of 2 ('dog', xmin 50" in sink.warnings[0]
