@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
+from pipeline.spec import DatasetSpec
 from trainers.augment import AugmentParams, augment
 from trainers.data import load_split
 
@@ -88,7 +89,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     args = ap.parse_args()
-    base = load_split({"name": "synthetic", "num_train": 4000, "num_val": 1000, "image_size": 32, "seed": 0}, "train")
+    base = load_split(DatasetSpec(name="synthetic", num_train=4000, num_val=1000, image_size=32, seed=0), "train")
     print(f"torch threads {torch.get_num_threads()}, reference DataLoader workers {args.workers}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, {args.n} images, two views each")
     for size in args.sizes:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from evaluators.detection import _target, build_detector, voc_root
 from evaluators.voc import load_image, read_classes, read_sets
-from pipeline.spec import DetectionSpec, to_dict
+from pipeline.spec import BackboneSpec, DetectionSpec
 from trainers import checkpoint
 from trainers.backbones import build_backbone
 
@@ -29,15 +30,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    backbone = {"name": "tiny_resnet", "bn_splits": 1, "cifar_stem": False}
+    backbone = BackboneSpec(name="tiny_resnet")
     tmp = Path(tempfile.mkdtemp(prefix="bench-det-"))
     checkpoint.atomic_save({"backbone": build_backbone(backbone).state_dict()}, tmp / "final.pt")
-    base = to_dict(DetectionSpec()) | {"min_size": [args.size], "max_size": args.size, "anchor_sizes": [8, 16, 32],
-                                       "proposals_train": 200, "proposals_test": 100}
-    base["synthetic"]["size"] = args.size
+    d = DetectionSpec()
+    base = replace(d, min_size=(args.size,), max_size=args.size, anchor_sizes=(8, 16, 32), proposals_train=200,
+                   proposals_test=100, synthetic=replace(d.synthetic, size=args.size))
     root = voc_root(base)
     classes = read_classes(root, ("2007", "2012"))
-    train = read_sets(root, base["train_sets"], classes)[:args.batch]
+    train = read_sets(root, base.train_sets, classes)[:args.batch]
     images = [load_image(it.image).float() / 255 for it in train]
     targets = [_target(it, keep_difficult=False) for it in train]
     print(f"torch threads: {args.threads}, batch {args.batch}, {args.size} px, tiny_resnet C4, "
@@ -47,7 +48,7 @@ def main() -> None:
     ref = None
     for roi, rois, label in heads:
         torch.manual_seed(0)
-        model = build_detector(backbone, tmp / "final.pt", len(classes), base | {"roi_size": roi, "rois_per_image": rois})
+        model = build_detector(backbone, tmp / "final.pt", len(classes), replace(base, roi_size=roi, rois_per_image=rois))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=0.0)

@@ -87,7 +87,7 @@ def check_quickstart(work: Path, smoke: bool) -> None:
         t = time.perf_counter()
         sink = ListSink()
         with sync_counter() as syncs:
-            up = pretrain(pre.spec, work / pre.key, sink)
+            up = pretrain(pre.config, work / pre.key, sink)
         t_pre = time.perf_counter() - t
         if syncs and cell != "random-init":
             p = pre.spec["pretrain"]
@@ -96,7 +96,7 @@ def check_quickstart(work: Path, smoke: bool) -> None:
                 f"(torch.cuda.set_sync_debug_mode; checkpoints, epoch means and the check every 50 steps included)")
         probe = stages[f"{cell}:linear_probe"]
         t = time.perf_counter()
-        res = linear_probe(probe.spec, up, work / probe.key, ListSink())
+        res = linear_probe(probe.config, up, work / probe.key, ListSink())
         ips = sink.series("images_per_second")
         say(f"quickstart {cell}: pretraining {t_pre:.1f} s ({pre.spec['pretrain']['precision']}"
             + (f", {ips[-1]:.0f} img/s in the last epoch" if ips else "") + f"), probe top-1 {res['top1']:.1f} "
@@ -111,14 +111,19 @@ def run_bench(args: list[str]) -> None:
 
 
 def jpeg_spec(root: Path, size: int, backbone: str, batch: int, epochs: int, in_memory: bool | None,
-              bn_splits: int, workers: int | None) -> dict:
-    from pipeline.spec import StageConfig, to_dict
+              bn_splits: int, workers: int | None):
+    """MoCo v2 on the JPEG tree at ``root``, as the frozen StageConfig a stage receives."""
+    from pipeline.spec import Problem, build_stage_config
 
-    spec = to_dict(StageConfig())
-    spec["dataset"].update(name="imagefolder", root=str(root), image_size=size, in_memory=in_memory, workers=workers)
-    spec["backbone"].update(name=backbone, bn_splits=bn_splits)
-    spec["pretrain"].update(epochs=epochs, batch_size=batch, K=min(1024, batch * 2), precision="auto")
-    return spec
+    problems: list[Problem] = []
+    cfg = build_stage_config({"dataset": {"name": "imagefolder", "root": str(root), "image_size": size,
+                                          "in_memory": in_memory, "workers": workers},
+                              "backbone": {"name": backbone, "bn_splits": bn_splits},
+                              "pretrain": {"epochs": epochs, "batch_size": batch, "K": min(1024, batch * 2),
+                                           "precision": "auto"}}, problems)
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
+    return cfg
 
 
 def check_end_to_end(work: Path, smoke: bool) -> None:
@@ -138,7 +143,7 @@ def check_end_to_end(work: Path, smoke: bool) -> None:
         f"img/s, in memory {rates['in memory']:.0f} img/s: {rates['streamed JPEGs'] / rates['in memory']:.0%}")
 
 
-def _rank(rank: int, port: int, spec: dict, out: str) -> None:
+def _rank(rank: int, port: int, spec, out: str) -> None:
     from trainers import distributed as D
     from trainers.pretrain import pretrain
 
@@ -160,8 +165,10 @@ def check_two_processes(work: Path, smoke: bool) -> None:
     from trainers.pretrain import pretrain
 
     stages = quickstart_specs(1 if smoke else 2)
-    spec = stages["table1/head.kind=mlp:pretrain"].spec
-    spec = dict(spec, pretrain=dict(spec["pretrain"], precision="fp32"))
+    import dataclasses
+
+    spec = stages["table1/head.kind=mlp:pretrain"].config
+    spec = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain, precision="fp32"))
     one = ListSink()
     pretrain(spec, work / "dp-one", one)
     with socket.socket() as s:

@@ -14,13 +14,13 @@ import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from evaluators.linear_probe import linear_probe
 from pipeline.grid import load_grid
-from pipeline.spec import to_dict
 from trainers.pretrain import pretrain
 from trainers.sink import ListSink
 
@@ -41,15 +41,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--checkpoint", type=Path)
     args = ap.parse_args()
-    cfg = next(c.config for c in load_grid(REPO / "grids" / "quickstart.yaml").cells
-               if c.config.pretrain.method == "mocov2")
-    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "linear_probe": to_dict(cfg.linear_probe)}
-    spec["linear_probe"]["epochs"] = args.epochs
+    cells = load_grid(REPO / "grids" / "quickstart.yaml").cells
+    cfg = next(c.config for c in cells if c.config.pretrain.method == "mocov2")
     tmp = Path(tempfile.mkdtemp(prefix="bench-probe-"))
     ckpt = args.checkpoint or quickstart_checkpoint()
     if ckpt is None:
-        spec["pretrain"] = dict(to_dict(cfg.pretrain), method="none")
-        ckpt = Path(pretrain(spec, tmp / "pre", ListSink())["checkpoint"])
+        random_init = next(c.config for c in cells if c.config.pretrain.method == "none")
+        ckpt = Path(pretrain(random_init, tmp / "pre", ListSink())["checkpoint"])
         print("backbone: random init (run `make quickstart` first to probe a MoCo v2 backbone)")
     else:
         print(f"backbone: {ckpt}")
@@ -60,9 +58,9 @@ def main() -> None:
           f"epochs: {args.epochs}, train images: {cfg.dataset.num_train}")
     results = {}
     for mode in ("cached", "moco"):
-        spec["linear_probe"]["mode"] = mode
+        probe = replace(cfg, linear_probe=replace(cfg.linear_probe, epochs=args.epochs, mode=mode))
         t0 = time.perf_counter()
-        r = linear_probe(spec, {"checkpoint": str(ckpt)}, tmp / mode, ListSink())
+        r = linear_probe(probe, {"checkpoint": str(ckpt)}, tmp / mode, ListSink())
         results[mode] = (time.perf_counter() - t0, r["top1"])
         print(f"{mode:>7}: {results[mode][0]:8.1f} s   top-1 {r['top1']:.2f}")
     (tc, ac), (tm, am) = results["cached"], results["moco"]

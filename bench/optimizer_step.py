@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from pipeline.spec import BackboneSpec
 from trainers.backbones import build_backbone
 from trainers.optim import build_optimizer, is_bias_or_norm
 
@@ -60,7 +61,7 @@ def main() -> None:
 
     def params():
         torch.manual_seed(0)
-        ps = [p for p in build_backbone({"name": args.backbone, "bn_splits": 1, "cifar_stem": False}).to(dev).parameters()]
+        ps = [p for p in build_backbone(BackboneSpec(name=args.backbone)).to(dev).parameters()]
         for p in ps:
             p.grad = torch.randn_like(p) * 1e-2
         return ps

@@ -36,7 +36,7 @@ def main() -> None:
     plan = build_plan(load_grid(grid))
     t0 = time.perf_counter()
     for stage in plan.ordered():
-        pretrain(stage.spec, tmp / "direct" / stage.key, ListSink())
+        pretrain(stage.config, tmp / "direct" / stage.key, ListSink())
     direct = time.perf_counter() - t0
 
     env = dict(os.environ, PYTHONPATH=str(REPO))

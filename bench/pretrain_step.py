@@ -17,11 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.spec import BackboneSpec
 from trainers.augment import AugmentParams, augment
 from trainers.backbones import build_backbone
 from trainers.heads import build_head
 from trainers.loop import autocast, prepare, resolve_precision
-from trainers.moco import Encoder, MoCo
+from trainers.heads import Encoder
+from trainers.moco import MoCo
 
 
 class Algorithm1(nn.Module):
@@ -95,7 +97,7 @@ def main() -> None:
 
     def encoder() -> tuple[Encoder, int]:
         torch.manual_seed(0)
-        backbone = build_backbone({"name": args.backbone, "bn_splits": 1, "cifar_stem": args.size <= 64})
+        backbone = build_backbone(BackboneSpec(name=args.backbone, cifar_stem=args.size <= 64))
         head, dim = build_head("mlp", backbone.feat_dim, None, 128)
         return Encoder(backbone, head), dim
 

@@ -2,7 +2,8 @@
 
 Plain ``@ray.remote`` functions that pass ObjectRefs build the DAG: Ray Workflows were removed
 after Ray 2.47 and ``.bind()`` DAGs are deprecated in 2.60. A task whose argument is the ObjectRef
-of a failed task is not run; Ray fails it with the upstream error.
+of a failed task is not run; Ray fails it with the upstream error. ``RayBackend`` implements the
+``Backend`` protocol (cluster/backend.py); cluster/slurm_backend.py runs its DAG through one.
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ from typing import Any
 
 import ray
 
-
-class ResourceError(Exception):
-    """A task asks for more than the cluster has; it would wait forever."""
+from cluster.backend import check_fits
 
 
 class ConnectError(Exception):
@@ -24,6 +23,9 @@ class ConnectError(Exception):
 
 
 class RayBackend:
+    """Tasks on a private local Ray cluster (``address`` None: started on enter, stopped on exit) or
+    on the running cluster at ``address`` (joined, then left running)."""
+
     def __init__(self, address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
                  env_vars: dict[str, str] | None = None, code_dir: str | os.PathLike | None = None):
         """``code_dir``: a folder whose packages the workers import instead of the driver's (Ray's
@@ -72,11 +74,8 @@ class RayBackend:
         return {n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")}
 
     def check_fits(self, label: str, cpus: float, gpus: float) -> None:
-        total = self.resources()
-        for name, want in (("CPU", cpus), ("GPU", gpus)):
-            have = total.get(name, 0.0)
-            if want > have:
-                raise ResourceError(f"{label} asks for {want:g} {name}s but the Ray cluster has {have:g}")
+        """Raises ResourceError when the whole cluster has fewer CPUs or GPUs than one task asks for."""
+        check_fits(label, cpus, gpus, self.resources(), "the Ray cluster")
 
     def submit(self, fn: Callable, args: Sequence[Any], *, name: str, cpus: float, gpus: float,
                retries: int = 0, processes: int = 1) -> ray.ObjectRef:

@@ -28,8 +28,10 @@ every ``ckpt_every`` iterations, so a killed stage resumes where it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -44,8 +46,12 @@ from trainers import checkpoint
 from trainers.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainers.backbones import build_backbone
 from trainers.data import cache_dir
+from trainers.files import StageDir
 from trainers.loop import autocast, device, resolve_precision
 from trainers.sink import Sink
+
+if TYPE_CHECKING:
+    from pipeline.spec import BackboneSpec, DetectionSpec, StageConfig
 
 
 class _Trunk(nn.Module):
@@ -81,28 +87,33 @@ def freeze_bn(module: nn.Module) -> nn.Module:
     return module
 
 
-def build_detector(backbone_spec: dict, ckpt: str | Path, num_classes: int, p: dict) -> FasterRCNN:
-    bb = build_backbone({**backbone_spec, "bn_splits": 1})  # split BN only emulates shuffle-BN in pretraining
-    bb.load_state_dict(checkpoint.load(ckpt)["backbone"])
-    body, res5, c4, c5 = bb.c4_split()
-    if p["norm"] == "frozen":
+def build_detector(bb: BackboneSpec, ckpt: str | Path, num_classes: int, det: DetectionSpec) -> FasterRCNN:
+    """The C4 Faster R-CNN (module docstring) for ``num_classes`` foreground classes, its res2–res5
+    loaded from the pretraining checkpoint ``ckpt``; it takes a list of 3×H×W float images in
+    [0, 1]. Raises FileNotFoundError for a missing checkpoint."""
+    # split BN only emulates shuffle-BN in pretraining
+    backbone = build_backbone(dataclasses.replace(bb, bn_splits=1))
+    backbone.load_state_dict(checkpoint.load(ckpt)["backbone"])
+    body, res5, c4, c5 = backbone.c4_split()
+    if det.norm == "frozen":
         body, res5 = freeze_bn(body), freeze_bn(res5)
-    anchors = AnchorGenerator(sizes=(tuple(p["anchor_sizes"]),), aspect_ratios=((0.5, 1.0, 2.0),))
+    anchors = AnchorGenerator(sizes=(tuple(det.anchor_sizes),), aspect_ratios=((0.5, 1.0, 2.0),))
     return FasterRCNN(_Trunk(body, c4), rpn_anchor_generator=anchors,
-                      box_roi_pool=MultiScaleRoIAlign(["0"], output_size=p["roi_size"], sampling_ratio=0),
+                      box_roi_pool=MultiScaleRoIAlign(["0"], output_size=det.roi_size, sampling_ratio=0),
                       box_head=_Res5Head(res5), box_predictor=FastRCNNPredictor(c5, num_classes + 1),
-                      min_size=p["min_size"], max_size=p["max_size"], image_mean=list(IMAGENET_MEAN),
-                      image_std=list(IMAGENET_STD), box_batch_size_per_image=p["rois_per_image"],
-                      rpn_pre_nms_top_n_train=p["proposals_train"], rpn_post_nms_top_n_train=p["proposals_train"],
-                      rpn_pre_nms_top_n_test=p["proposals_test"], rpn_post_nms_top_n_test=p["proposals_test"])
+                      min_size=det.min_size, max_size=det.max_size, image_mean=list(IMAGENET_MEAN),
+                      image_std=list(IMAGENET_STD), box_batch_size_per_image=det.rois_per_image,
+                      rpn_pre_nms_top_n_train=det.proposals_train, rpn_post_nms_top_n_train=det.proposals_train,
+                      rpn_pre_nms_top_n_test=det.proposals_test, rpn_post_nms_top_n_test=det.proposals_test)
 
 
-def voc_root(p: dict) -> Path:
-    if p["voc_root"]:
-        return Path(p["voc_root"])
-    s = p["synthetic"]
-    root = cache_dir() / f"synthetic-voc0712-{s['trainval']}-{s['test']}-{s['size']}-{s['seed']}"
-    return write_synthetic_voc(root, s["trainval"], s["test"], s["size"], s["seed"])
+def voc_root(det: DetectionSpec) -> Path:
+    """``voc_root`` when set; else the synthetic set, written once into the cache (evaluators/voc.py)."""
+    if det.voc_root:
+        return Path(det.voc_root)
+    s = det.synthetic
+    root = cache_dir() / f"synthetic-voc0712-{s.trainval}-{s.test}-{s.size}-{s.seed}"
+    return write_synthetic_voc(root, s.trainval, s.test, s.size, s.seed)
 
 
 def _target(item: VocItem, keep_difficult: bool) -> dict[str, torch.Tensor]:
@@ -110,9 +121,11 @@ def _target(item: VocItem, keep_difficult: bool) -> dict[str, torch.Tensor]:
     return {"boxes": item.boxes[keep], "labels": item.labels[keep] + 1}  # 0 is background
 
 
-def lr_at(it: int, p: dict) -> float:
-    warm = min(1.0, (it + 1) / p["warmup_iters"]) if p["warmup_iters"] else 1.0
-    return p["lr"] * warm * 0.1 ** sum(it >= s for s in p["steps"])
+def lr_at(it: int, det: DetectionSpec) -> float:
+    """The learning rate of iteration ``it`` (0-based): linear warm-up over ``warmup_iters``, then
+    ×0.1 at each of ``steps``."""
+    warm = min(1.0, (it + 1) / det.warmup_iters) if det.warmup_iters else 1.0
+    return det.lr * warm * 0.1 ** sum(it >= s for s in det.steps)
 
 
 @torch.no_grad()
@@ -132,30 +145,32 @@ def evaluate(model: FasterRCNN, items: list[VocItem], batch: int = 8) -> dict[st
             "det_AP75": 100 * float(out["map_75"])}
 
 
-def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
-    """spec: sections ``backbone`` and ``detection``; upstream: the pretrain result. Raises VocError
-    (evaluators/voc.py) listing every unreadable file and, unless ``invalid_boxes: drop``, every
-    invalid box of the training and test sets, before any training."""
-    p = spec["detection"]
+def detection(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+    """Reads ``cfg.backbone`` and ``cfg.detection``; ``upstream``: the pretraining stage's result
+    (its ``checkpoint``). Returns ``det_AP``, ``det_AP50``, ``det_AP75`` (percent), ``iterations``,
+    ``classes`` and ``test_images``. Raises VocError (evaluators/voc.py) listing every unreadable file
+    and, unless ``invalid_boxes: drop``, every invalid box of the training and test sets, before any
+    training; FloatingPointError for a loss that is not finite."""
+    p = cfg.detection
     root = voc_root(p)
     # every box is checked here, before the model is built: an invalid one raises VocError naming its
     # file (or, with invalid_boxes: drop, is left out with a warning), not an assertion hours in
     with warnings.catch_warnings(record=True) as caught:  # the dropped boxes, for the stage's sink
         warnings.simplefilter("always", VocWarning)
-        classes, train, test = read_train_test(root, p["train_sets"], p["test_set"], p.get("invalid_boxes", "error"))
+        classes, train, test = read_train_test(root, p.train_sets, p.test_set, p.invalid_boxes)
     for w in caught:
         if issubclass(w.category, VocWarning):
             sink.warn(str(w.message))
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     dev = device()
-    torch.manual_seed(p["seed"])  # the RPN and box predictor start from random weights
-    model = build_detector(spec["backbone"], upstream["checkpoint"], len(classes), p).to(dev)
+    torch.manual_seed(p.seed)  # the RPN and box predictor start from random weights
+    model = build_detector(cfg.backbone, upstream["checkpoint"], len(classes), p).to(dev)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.SGD(params, lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"])
-    precision = resolve_precision(p.get("precision", "fp32"))
+    opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+    precision = resolve_precision(p.precision)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
-    ckpt = Path(workdir) / "checkpoints" / "last.pt"
+    ckpt = StageDir(workdir).last
     start = 0
     state = checkpoint.load_resume(ckpt, sink.warn)
     if state is not None:
@@ -163,15 +178,15 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
         opt.load_state_dict(state["optimizer"])
         start = state["iteration"] + 1
         sink.log({"resumed_from_iteration": float(start)}, step=start)
-    sink.progress(start, p["iterations"])
+    sink.progress(start, p.iterations)
     model.train()
     running = 0.0
-    for it in range(start, p["iterations"]):
-        torch.manual_seed(p["seed"] * 1_000_003 + it)  # batch, flips, RPN and RoI sampling
+    for it in range(start, p.iterations):
+        torch.manual_seed(p.seed * 1_000_003 + it)  # batch, flips, RPN and RoI sampling
         for group in opt.param_groups:
             group["lr"] = lr_at(it, p)
         images, targets = [], []
-        for j in torch.randint(len(train), (p["batch_size"],)).tolist():
+        for j in torch.randint(len(train), (p.batch_size,)).tolist():
             img, tgt = load_image(train[j].image).float().div_(255), _target(train[j], keep_difficult=False)
             if torch.rand(()) < 0.5:
                 img = img.flip(-1)
@@ -191,14 +206,14 @@ def detection(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
         scaler.update()
         running += float(loss.detach())
         done = it + 1
-        if done % p["log_every"] == 0 or done == p["iterations"]:
-            sink.log({"det_loss": running / (done - start if done - start < p["log_every"] else p["log_every"]),
+        if done % p.log_every == 0 or done == p.iterations:
+            sink.log({"det_loss": running / (done - start if done - start < p.log_every else p.log_every),
                       "det_lr": lr_at(it, p), **{f"det_{k}": float(v.detach()) for k, v in losses.items()}}, step=done)
             running = 0.0
-        if done % p["ckpt_every"] == 0 or done == p["iterations"]:
+        if done % p.ckpt_every == 0 or done == p.iterations:
             checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iteration": it},
                                    ckpt, keep_previous=True)
-            sink.progress(done, p["iterations"])
+            sink.progress(done, p.iterations)
     metrics = evaluate(model, test)
-    sink.log(metrics, step=p["iterations"])
-    return {**metrics, "iterations": p["iterations"], "classes": len(classes), "test_images": len(test)}
+    sink.log(metrics, step=p.iterations)
+    return {**metrics, "iterations": p.iterations, "classes": len(classes), "test_images": len(test)}

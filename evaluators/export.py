@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from trainers import checkpoint
+from trainers.files import atomic_write
 
 TORCHVISION_RESNETS = ("resnet18", "resnet50")
 
@@ -41,10 +42,6 @@ def to_detectron2(ckpt: str | Path, out: str | Path) -> dict[str, tuple[int, ...
                           f"{', '.join(TORCHVISION_RESNETS)} (backbone.name)")
     model = {detectron2_name(k.removeprefix("net.")): v.detach().cpu().numpy()
              for k, v in weights.items() if not k.endswith("num_batches_tracked")}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(out) as tmp, open(tmp, "wb") as f:
         pickle.dump({"model": model, "__author__": "sslgrid", "matching_heuristics": True}, f)
-    tmp.replace(out)
     return {k: tuple(v.shape) for k, v in model.items()}

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainers.augment import AugmentParams, augment
-from trainers.knn import extract
+from trainers.features import extract
 
 
 def alignment(a: torch.Tensor, b: torch.Tensor, alpha: float = 2.0) -> float:

@@ -14,6 +14,7 @@ cells. Metrics: the feature loss at the first and last iteration, per target.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -21,9 +22,13 @@ import torch.nn.functional as F
 
 from trainers.augment import AugmentParams, normalize
 from trainers.data import load_split
+from trainers.files import atomic_write
 from trainers.loop import device
 from trainers.pretrain import load_backbone, load_head
 from trainers.sink import Sink
+
+if TYPE_CHECKING:
+    from pipeline.spec import StageConfig
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -80,22 +85,27 @@ def invert(encoder: nn.Module, target: torch.Tensor, size: int, iterations: int,
         return net(z)[0].cpu(), losses
 
 
-def inversion(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
-    """spec: sections ``dataset``, ``backbone``, ``pretrain`` and ``inversion``; upstream: the pretrain result."""
+def inversion(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+    """Reads ``cfg.dataset``, ``cfg.backbone``, ``cfg.inversion`` and, through
+    trainers/pretrain.py's ``load_head``, what the pretraining's head was; ``upstream``: the
+    pretraining stage's result (its ``checkpoint``). Writes ``inversion.png`` and ``inversion.pt``
+    (``originals`` and one entry per target, each images×3×S×S in [0, 1]); returns ``images``,
+    ``targets`` (["h"] or ["h", "z"]) and ``inv_loss_<target>_first`` / ``_last`` (mean squared
+    feature error, averaged over the images). Raises DataError (trainers/data.py) for unreadable data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = spec["inversion"]
+    p = cfg.inversion
     dev = device()
-    backbone = load_backbone(spec, upstream["checkpoint"]).to(dev).requires_grad_(False)
-    head = load_head(spec, upstream["checkpoint"])
+    backbone = load_backbone(cfg, upstream["checkpoint"]).to(dev).requires_grad_(False)
+    head = load_head(cfg, upstream["checkpoint"])
     encoders = {"h": backbone}
     if head is not None:
         encoders["z"] = nn.Sequential(backbone, head.to(dev).requires_grad_(False))
-    val = load_split(spec["dataset"], "val")
-    pick = torch.randperm(len(val.labels), generator=torch.Generator().manual_seed(p["seed"]))[:p["images"]]
+    val = load_split(cfg.dataset, "val")
+    pick = torch.randperm(len(val.labels), generator=torch.Generator().manual_seed(p.seed))[:p.images]
     originals = val.images[pick].float().div(255)
     size = originals.shape[-1]
     recon: dict[str, list[torch.Tensor]] = {name: [] for name in encoders}
@@ -105,7 +115,7 @@ def inversion(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
         for i, x in enumerate(originals):
             with torch.no_grad():
                 target = enc(normalize(x[None].to(dev), AugmentParams()))
-            img, losses = invert(enc, target, size, p["iterations"], p["lr"], p["seed"] + i)
+            img, losses = invert(enc, target, size, p.iterations, p.lr, p.seed + i)
             recon[name].append(img)
             first.append(losses[0])
             last.append(losses[-1])
@@ -116,7 +126,7 @@ def inversion(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"originals": originals, **{k: torch.stack(v) for k, v in recon.items()}}, out / "inversion.pt")
     cols = ["original"] + [f"R(Z) for {k}" for k in encoders]
-    fig, axes = plt.subplots(len(pick), len(cols), figsize=(1.5 * len(cols), 1.5 * len(pick)), dpi=p["dpi"],
+    fig, axes = plt.subplots(len(pick), len(cols), figsize=(1.5 * len(cols), 1.5 * len(pick)), dpi=p.dpi,
                              squeeze=False)
     for r in range(len(pick)):
         for c, img in enumerate([originals[r]] + [recon[k][r] for k in encoders]):
@@ -125,9 +135,8 @@ def inversion(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
             if r == 0:
                 axes[r][c].set_title(cols[c], fontsize=7)
     fig.tight_layout()
-    tmp = out / "inversion.tmp.png"
-    fig.savefig(tmp)
+    with atomic_write(out / "inversion.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(out / "inversion.png")
     sink.log({k: v for k, v in result.items() if k.startswith("inv_loss")}, step=0)
     return result

@@ -19,6 +19,7 @@ Validation is on the un-augmented ``val`` split, after every epoch. Like main_li
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -28,11 +29,15 @@ from trainers.augment import PROBE_VIEW, AugmentParams
 from trainers.data import load_split
 from trainers.distributed import global_row_mean
 from trainers.features import frozen_features
+from trainers.files import StageDir
 from trainers.loader import TensorBatches, image_batches
 from trainers.loop import LoopConfig, device, fit, prepare, resolve_precision
 from trainers.losses import full_precision
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
+
+if TYPE_CHECKING:
+    from pipeline.spec import StageConfig
 
 PROTOCOLS = ("cached", "moco")
 
@@ -49,65 +54,67 @@ def sanity_check(backbone: nn.Module, before: dict[str, torch.Tensor]) -> None:
             raise BackboneChanged(f"backbone tensor {name} changed during the linear probe")
 
 
-def linear_probe(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
-    """spec: sections ``dataset``, ``backbone`` and ``linear_probe``; upstream: the pretrain result.
-    Every rank of a torch.distributed job calls this: features are extracted in shards, and the
-    ``moco`` protocol's crops are read per rank (trainers/loader.py), with fc under
-    DistributedDataParallel. Raises BackboneChanged if a backbone tensor moved."""
-    p = spec["linear_probe"]
+def linear_probe(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+    """Reads ``cfg.dataset``, ``cfg.backbone`` and ``cfg.linear_probe``; ``upstream``: the
+    pretraining stage's result (its ``checkpoint``). Returns ``top1`` and ``best_top1`` (percent, on
+    the val split), ``protocol`` and ``epochs``. Every rank of a torch.distributed job calls this:
+    features are extracted in shards, and the ``moco`` protocol's crops are read per rank
+    (trainers/loader.py), with fc under DistributedDataParallel. Raises BackboneChanged if a
+    backbone tensor moved, ValueError for an unknown mode, DataError (trainers/data.py) for
+    unreadable data."""
+    p = cfg.linear_probe
     dev = device()
-    precision = resolve_precision(p.get("precision", "fp32"))
-    backbone = prepare(load_backbone(spec, upstream["checkpoint"]), dev)
+    precision = resolve_precision(p.precision)
+    backbone = prepare(load_backbone(cfg, upstream["checkpoint"]), dev)
     backbone.requires_grad_(False)
     before = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    train, val = load_split(spec["dataset"], "train"), load_split(spec["dataset"], "val")
+    train, val = load_split(cfg.dataset, "train"), load_split(cfg.dataset, "val")
     aug = AugmentParams()
-    size = spec["dataset"]["image_size"]
 
-    def features(split: str, images) -> torch.Tensor:
-        return frozen_features(backbone, images, upstream["checkpoint"], spec["dataset"], split, aug, precision)
+    def features(split: str, images) -> torch.Tensor:  # N×C, float32, CPU
+        return frozen_features(backbone, images, upstream["checkpoint"], cfg.dataset, split, aug, precision)
 
     val_feats = features("val", val.images)
     num_classes = len(train.classes)
 
-    torch.manual_seed(p["seed"])
+    torch.manual_seed(p.seed)
     fc = nn.Linear(val_feats.shape[1], num_classes)
     fc.weight.data.normal_(mean=0.0, std=0.01)  # main_lincls init
     fc.bias.data.zero_()
     fc.to(dev)
 
-    if p["mode"] == "cached":
+    if p.mode == "cached":
         data = TensorBatches(features("train", train.images), train.labels, dev)
 
-        def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator, at):
             with full_precision():
                 return global_row_mean(F.cross_entropy(net(inputs[0].float()), y, reduction="none")), {}
-    elif p["mode"] == "moco":
-        data = image_batches(train, (PROBE_VIEW,), size, p["seed"], dev, spec["dataset"].get("workers"))
+    elif p.mode == "moco":
+        data = image_batches(train, (PROBE_VIEW,), cfg.dataset.image_size, p.seed, dev, cfg.dataset.workers)
 
-        def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator):
+        def step(net: nn.Module, inputs: list[torch.Tensor], y: torch.Tensor, idx: torch.Tensor, g: torch.Generator, at):
             with torch.no_grad():
-                h = backbone(inputs[0])
+                h = backbone(inputs[0])  # b×C
             with full_precision():
                 return global_row_mean(F.cross_entropy(net(h.float()), y, reduction="none")), {}
     else:
-        raise ValueError(f"unknown probe mode {p['mode']!r}")
+        raise ValueError(f"unknown probe mode {p.mode!r}: valid modes are {', '.join(PROTOCOLS)}")
 
     @torch.no_grad()
     def evaluate(epoch: int) -> dict[str, float]:
-        logits = fc(val_feats.to(dev))
+        logits = fc(val_feats.to(dev))  # N×classes
         return {"val_top1": 100.0 * float((logits.argmax(1).cpu() == val.labels).float().mean())}
 
-    milestones = p["milestones"] if p["milestones"] is not None else [int(0.6 * p["epochs"]), int(0.8 * p["epochs"])]
-    cfg = LoopConfig(epochs=p["epochs"], batch_size=min(p["batch_size"], len(train)), lr=p["lr"],
-                     weight_decay=p["weight_decay"], momentum=p["momentum"], schedule="step",
-                     milestones=tuple(milestones), seed=p["seed"], precision=precision)
-    # every image each epoch, as main_lincls (its DataLoader keeps the last partial batch); legacy
-    # true for specs from before the field, whose stages dropped it
-    history = fit(fc, step, data, cfg, Path(workdir) / "checkpoints" / "last.pt", sink, on_epoch_end=evaluate,
-                  drop_last=p.get("drop_last", True))
+    milestones = p.milestones if p.milestones is not None else (int(0.6 * p.epochs), int(0.8 * p.epochs))
+    loop = LoopConfig(epochs=p.epochs, batch_size=min(p.batch_size, len(train)), lr=p.lr,
+                      weight_decay=p.weight_decay, momentum=p.momentum, schedule="step",
+                      milestones=tuple(milestones), seed=p.seed, precision=precision)
+    # drop_last false: every image each epoch, as main_lincls (its DataLoader keeps the last partial
+    # batch); true: what probe stages did before the field, which its legacy value keeps
+    history = fit(fc, step, data, loop, StageDir(workdir).last, sink, on_epoch_end=evaluate,
+                  drop_last=p.drop_last)
     sanity_check(backbone, before)
     top1 = history[-1]["val_top1"]
     best = max(h["val_top1"] for h in history)
-    sink.log({"top1": top1, "best_top1": best}, step=p["epochs"])
-    return {"top1": top1, "best_top1": best, "protocol": p["mode"], "epochs": p["epochs"]}
+    sink.log({"top1": top1, "best_top1": best}, step=p.epochs)
+    return {"top1": top1, "best_top1": best, "protocol": p.mode, "epochs": p.epochs}

@@ -15,15 +15,20 @@ condition: ``silhouette_none``, ``silhouette_weak``, ``silhouette_strong``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from trainers.augment import AugmentParams, augment, eval_view
 from trainers.data import load_split
+from trainers.files import atomic_write
 from trainers.loop import device
 from trainers.pretrain import load_backbone
 from trainers.sink import Sink
+
+if TYPE_CHECKING:
+    from pipeline.spec import StageConfig
 
 CONDITIONS = {
     "none": None,
@@ -35,14 +40,19 @@ CONDITIONS = {
 @torch.no_grad()
 def features(backbone: torch.nn.Module, images: torch.Tensor, aug: AugmentParams | None, size: int,
              g: torch.Generator) -> torch.Tensor:
+    """L2-normalised features (N×C, float32, CPU) of uint8 images (N×3×H×W) in the view ``aug``
+    draws at ``size`` pixels with ``g``; the evaluation view when ``aug`` is None."""
     dev = next(backbone.parameters()).device
     x = images.to(dev)
     view = eval_view(x, AugmentParams()) if aug is None else augment(x, aug, size, g)
     return F.normalize(backbone(view).float(), dim=1).cpu()
 
 
-def tsne(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
-    """spec: sections ``dataset``, ``backbone`` and ``tsne``; upstream: the pretrain result."""
+def tsne(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+    """Reads ``cfg.dataset``, ``cfg.backbone`` and ``cfg.tsne``; ``upstream``: the pretraining
+    stage's result (its ``checkpoint``). Writes ``tsne.png`` (one panel per condition, 4×4 inches at
+    ``dpi``) and returns ``samples`` and ``silhouette_<condition>`` (in [-1, 1]). Raises DataError
+    (trainers/data.py) for unreadable data."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -50,30 +60,29 @@ def tsne(spec: dict, upstream: dict, workdir: Path, sink: Sink) -> dict:
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
-    p = spec["tsne"]
-    backbone = load_backbone(spec, upstream["checkpoint"]).to(device())
-    val = load_split(spec["dataset"], "val")
-    g = torch.Generator().manual_seed(p["seed"])
-    pick = torch.randperm(len(val.labels), generator=g)[:p["samples"]]
+    p = cfg.tsne
+    backbone = load_backbone(cfg, upstream["checkpoint"]).to(device())
+    val = load_split(cfg.dataset, "val")
+    g = torch.Generator().manual_seed(p.seed)
+    pick = torch.randperm(len(val.labels), generator=g)[:p.samples]
     images, labels = val.images[pick], val.labels[pick]
-    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(4 * len(CONDITIONS), 4), dpi=p["dpi"])
+    fig, axes = plt.subplots(1, len(CONDITIONS), figsize=(4 * len(CONDITIONS), 4), dpi=p.dpi)
     result: dict = {"samples": int(len(labels))}
     for ax, (name, aug) in zip(axes, CONDITIONS.items()):
-        feats = features(backbone, images, aug, spec["dataset"]["image_size"], g)
+        feats = features(backbone, images, aug, cfg.dataset.image_size, g)  # N×C
         sil = float(silhouette_score(feats.numpy(), labels.numpy(), metric="cosine"))
         result[f"silhouette_{name}"] = sil
-        emb = TSNE(n_components=2, perplexity=min(p["perplexity"], (len(labels) - 1) / 3), init="pca",
-                   random_state=p["seed"]).fit_transform(feats.numpy())
+        emb = TSNE(n_components=2, perplexity=min(p.perplexity, (len(labels) - 1) / 3), init="pca",
+                   random_state=p.seed).fit_transform(feats.numpy())
         ax.scatter(emb[:, 0], emb[:, 1], c=labels.numpy(), cmap="tab10", s=6)
         ax.set_title(f"{name} augmentation · silhouette {sil:.2f}", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()
     out = Path(workdir) / "tsne.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("tsne.tmp.png")
-    fig.savefig(tmp)
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(out)
     sink.log({k: v for k, v in result.items() if k.startswith("silhouette")}, step=0)
     sink.progress(1, 1)
     return result

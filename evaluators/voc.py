@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import random
 import re
-import shutil
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -48,6 +46,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+
+from trainers.files import atomic_write
 
 SHAPES = ("circle", "square", "triangle")
 # PASCAL VOC's 20 classes (devkit VOCinit.m), in the sorted order read_classes gives them
@@ -365,8 +365,12 @@ def write_synthetic_voc(root: Path, n_trainval: int, n_test: int, size: int, see
     root = Path(root)
     if (voc_dir(root, "2012") / "ImageSets" / "Main" / "trainval.txt").exists():
         return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(root, folder=True) as tmp:  # another process may publish the identical set first
+        _write_synthetic_voc(tmp, n_trainval, n_test, size, seed)
+    return root
+
+
+def _write_synthetic_voc(tmp: Path, n_trainval: int, n_test: int, size: int, seed: int) -> None:
     for year in ("2007", "2012"):
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
             (voc_dir(tmp, year) / sub).mkdir(parents=True)
@@ -386,8 +390,3 @@ def write_synthetic_voc(root: Path, n_trainval: int, n_test: int, size: int, see
         splits[(year, "train")], splits[(year, "val")] = splits[(year, "trainval")][:half], splits[(year, "trainval")][half:]
     for (year, name), ids in splits.items():
         (voc_dir(tmp, year) / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root

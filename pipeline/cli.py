@@ -19,10 +19,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.grid import Grid, GridError, load_grid
+from pipeline.grid import Grid, GridError, data_problems, load_grid
 from pipeline.state import StateError
 from pipeline.plan import Plan, build_plan, describe
-from pipeline.spec import Problem
+from pipeline.stages import ROOT, STAGE_KINDS, gpu_hours
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
@@ -90,40 +90,6 @@ def _load(args: argparse.Namespace, check_data: bool = True) -> Plan:
     return plan
 
 
-def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
-    """Checks that need the file system, before anything launches: each ImageFolder root holds
-    train/ and val/ with the same class folders (hidden ones are not classes), each with images."""
-    from trainers.data import DataError, imagefolder_classes
-
-    problems, seen = [], set()
-    for cell in grid.cells:
-        ds = cell.config.dataset
-        if ds.name == "imagefolder" and ds.root not in seen:
-            seen.add(ds.root)
-            missing = [split for split in ("train", "val") if not (Path(ds.root) / split).is_dir()]
-            if missing:
-                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root,
-                                 f"has no {' or '.join(m + '/' for m in missing)} folder; an imagefolder root "
-                                 f"holds train/<class>/ and val/<class>/")))
-                continue
-            try:
-                imagefolder_classes(Path(ds.root))
-            except DataError as err:
-                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root, str(err).replace("\n", "\n    "))))
-    from evaluators.voc import voc_problems  # every VOC box, from the XML alone (evaluators/voc.py)
-
-    checked = set()
-    for cell in grid.cells:
-        det = cell.config.detection
-        key = (det.voc_root, det.train_sets, det.test_set, det.invalid_boxes)
-        if det.voc_root is None or not grid.evaluates("detection", cell.name) or key in checked:
-            continue
-        checked.add(key)
-        for message in voc_problems(det.voc_root, det.train_sets, det.test_set, det.invalid_boxes):
-            problems.append((f"cell {cell.name}: ", Problem("detection.voc_root", det.voc_root, message)))
-    return problems
-
-
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     plan = _load(args, check_data=False)
     table = Table(title=f"{plan.grid.name}: {len(plan.grid.cells)} cells")
@@ -137,12 +103,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
     done = sum(stage_state(s, plan.grid.workdir)["state"] == "done" for s in plan.ordered())
     console.print(f"stages: {plan.naive_count} naive, {len(plan.stages)} after dedup, {done} already done")
-    from pipeline.cost import gpu_hours
-
-    hours = {s.key: gpu_hours(s) for s in plan.ordered()}
+    hours = {s.key: gpu_hours(s.kind, s.config) for s in plan.ordered()}
     unknown = Counter(plan.stages[k].kind for k, h in hours.items() if h is None)
     naive = sum(hours[k] or 0.0 for c in plan.cells.values() for k in c.values())
-    not_counted = ", ".join(f"{n} {kind}" + (" (no model)" if kind == "inversion" else " (set dataset.size_hint)")
+    not_counted = ", ".join(f"{n} {kind}" + (" (no model)" if STAGE_KINDS[kind].cost is None else " (set dataset.size_hint)")
                             for kind, n in unknown.items())
     console.print(f"estimated GPU-hours (V100-class, see pipeline/cost.py): "
                   f"{sum(h for h in hours.values() if h is not None):.4g} after dedup, {naive:.4g} without"
@@ -156,7 +120,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
 
 def _warn_shuffle_bn(plan, console: Console) -> None:
     """One warning per MoCo cell whose key encoder's BN sees the whole batch (pipeline/spec.py)."""
-    from pipeline.spec import shuffle_bn_warning
+    from pipeline.stages import shuffle_bn_warning
 
     cells = [c.name for c in plan.grid.cells if shuffle_bn_warning(c.config, plan.grid.resources)]
     if cells:
@@ -164,37 +128,57 @@ def _warn_shuffle_bn(plan, console: Console) -> None:
         console.print(f"[yellow]warning[/]: {plan.grid.path}: {text}. Cells: {', '.join(cells)}")
 
 
-def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from cluster.ray_backend import RayBackend, local_env
-    from pipeline.backends import BackendError, loopback_tracking_warning, remote_tracking_problem, slurm_backend
-    from pipeline.lock import WORKDIR_LOCK, LockBusy, acquire, describe
+class _Refused(Exception):
+    """``sslgrid run`` refuses before launching anything: the message (rich markup) says why and
+    how to fix it; the command exits 2."""
 
+
+def cmd_run(args: argparse.Namespace, console: Console) -> int:
+    """Validate, refuse what cannot run (exit 2, nothing launched), lock the work directory, run."""
     plan = _load(args)
     _warn_shuffle_bn(plan, console)
+    try:
+        factory, preflight = _backend(args, plan, console)
+        problem = unwritable(plan.grid)
+        if problem:
+            raise _Refused(f"[red]{problem}[/] Nothing was launched.")
+        refusal = _other_driver(plan, console)  # before the lock, which would create the work directory
+        if refusal:
+            return refusal
+        lock = _lock_workdir(args, plan, console)
+    except _Refused as err:
+        console.print(str(err), highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    with lock, _terminate_as_interrupt():
+        return _run_locked(args, plan, factory, preflight, console)
+
+
+def _backend(args: argparse.Namespace, plan: Plan, console: Console):
+    """(factory(code_dir) → the backend, preflight(backend) check) for ``--backend``; raises
+    _Refused for a backend that cannot run this grid (the stages could not reach its store)."""
+    from cluster.ray_backend import RayBackend, local_env
+    from pipeline.backends import BackendError, loopback_tracking_warning, remote_tracking_problem
+    from pipeline.slurm import slurm_backend
+
     backend_name = args.backend or ("ray" if args.ray_address else "local")
     if backend_name == "ray" and not args.ray_address:
-        console.print("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")
-        return EXIT_USAGE
+        raise _Refused("[red]--backend ray needs --ray-address HOST:PORT of a running cluster.[/] Nothing was launched.")
     if backend_name == "slurm":
-        problem = remote_tracking_problem(plan.grid.tracking_uri, "--backend slurm runs stages on other machines")
+        where = "--backend slurm runs stages on other machines"
+        problem = remote_tracking_problem(plan.grid.tracking_uri, where)
         if problem:
-            console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
-            return EXIT_USAGE
-        warning = loopback_tracking_warning(plan.grid.tracking_uri, "--backend slurm runs stages on other machines")
+            raise _Refused(f"[red]{problem}[/] Nothing was launched.")
+        warning = loopback_tracking_warning(plan.grid.tracking_uri, where)
         if warning:  # a one-node SLURM reaches loopback, so this is not refused
             console.print(f"[yellow]warning[/]: {warning}", highlight=False, soft_wrap=True)
         try:
-            make_slurm = slurm_backend(plan, local_env())
+            factory = slurm_backend(plan, local_env())
         except BackendError as err:
-            console.print(f"[red]{err}[/]", highlight=False, soft_wrap=True)
-            return EXIT_USAGE
-
-        def backend():
-            return make_slurm(code_dir=backend.code)
+            raise _Refused(f"[red]{err}[/]") from None
     else:
-        def backend() -> RayBackend:
+        def factory(code_dir: Path | None = None) -> RayBackend:
             return RayBackend(args.ray_address, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                              env_vars=local_env(), code_dir=backend.code)
+                              env_vars=local_env(), code_dir=code_dir)
 
     def preflight(b) -> None:
         # a joined Ray cluster that spans machines has the compute-node problem of SLURM
@@ -204,42 +188,53 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                        or loopback_tracking_warning(plan.grid.tracking_uri, where))
             if problem:
                 raise BackendError(problem)
-    problem = unwritable(plan.grid)
-    if problem:
-        console.print(f"[red]{problem}[/] Nothing was launched.", highlight=False, soft_wrap=True)
-        return EXIT_USAGE
-    refusal = _other_driver(plan, console)  # before the lock, which would create the work directory
-    if refusal:
-        return refusal
+    return factory, preflight
+
+
+def _lock_workdir(args: argparse.Namespace, plan: Plan, console: Console):
+    """The work directory's lock (pipeline/lock.py); raises _Refused naming the live holder."""
+    from pipeline.lock import WORKDIR_LOCK, LockBusy, acquire, describe
+
     try:
         lock = acquire(plan.grid.workdir / WORKDIR_LOCK, f"sslgrid run {args.grid}")
     except LockBusy as err:
-        console.print(f"[red]{plan.grid.workdir} is in use by another `sslgrid run` ({describe(err.holder)}: "
-                      f"{err.holder.get('command', '?')}).[/] Watch it with `sslgrid status {args.grid}`, and run "
-                      f"this again once it has ended. Nothing was launched.", highlight=False, soft_wrap=True)
-        return EXIT_USAGE
+        raise _Refused(f"[red]{plan.grid.workdir} is in use by another `sslgrid run` ({describe(err.holder)}: "
+                       f"{err.holder.get('command', '?')}).[/] Watch it with `sslgrid status {args.grid}`, and run "
+                       f"this again once it has ended. Nothing was launched.") from None
     if lock.stale:
         console.print(f"[yellow]taking over {lock.path}: its holder ({describe(lock.stale)}) is gone[/]",
                       highlight=False, soft_wrap=True)
-    with lock, _terminate_as_interrupt():
-        return _run_locked(args, plan, backend, preflight, console)
+    return lock
 
 
-def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, console: Console) -> int:
+def _refusal(err: Exception, plan: Plan) -> str:
+    """What the driver prints when the backend refuses the grid before any stage ran."""
+    from cluster.backend import ResourceError
+    from cluster.ray_backend import ConnectError
+
+    if isinstance(err, ResourceError):
+        kind = str(err).split()[0]
+        return (f"[red]{plan.grid.path}: {err}.[/] Fix: lower {kind}.gpus/cpus in the grid's resources, or pass "
+                f"--ray-address of a cluster that has them. Nothing was launched.")
+    if isinstance(err, ConnectError):
+        return f"[red]--ray-address: {err}[/] Nothing was launched."
+    return f"[red]{err}[/] Nothing was launched."
+
+
+def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, console: Console) -> int:
     """``sslgrid run`` once the work directory is locked. Whatever ends it (the grid finishing, a
     refusal, Ctrl-C, an exception in the driver or the report), the grid's parent run is closed and
     no stage run is left RUNNING or SCHEDULED unless something still runs it (``settle``)."""
-    from cluster.ray_backend import ConnectError, ResourceError
+    from cluster.backend import ResourceError
+    from cluster.ray_backend import ConnectError
     from pipeline.backends import BackendError
     from pipeline.execute import execute, settle
-    from pipeline.report import write_report
-    from pipeline.snapshot import snapshot
     from pipeline.lock import WORKDIR_LOCK
+    from pipeline.snapshot import snapshot
     from pipeline.tracking import DRIVER, client, prepare_runs
 
     # the stages import this copy of the code, whatever happens to the checkout while they run
     code = snapshot(plan.grid.workdir)
-    backend.code = code
     console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
@@ -251,39 +246,17 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
     parent_status, reason = "FAILED", "not run: the driver stopped on an error (see its output)"
     try:
         try:
-            outcomes = execute(plan, run_ids, backend, console, preflight, code=code.name)
-        except ResourceError as err:
+            outcomes = execute(plan, run_ids, lambda: factory(code_dir=code), console, preflight, code=code.name)
+        except (ResourceError, ConnectError, BackendError) as err:
             reason = f"not run: {err}"
-            kind = str(err).split()[0]
-            console.print(f"[red]{plan.grid.path}: {err}.[/] Fix: lower {kind}.gpus/cpus in the grid's resources, "
-                          f"or pass --ray-address of a cluster that has them. Nothing was launched.")
-            return EXIT_USAGE
-        except ConnectError as err:
-            reason = f"not run: {err}"
-            console.print(f"[red]--ray-address: {err}[/] Nothing was launched.", markup=True)
-            return EXIT_USAGE
-        except BackendError as err:
-            reason = f"not run: {err}"
-            console.print(f"[red]{err}[/] Nothing was launched.", highlight=False, soft_wrap=True)
+            console.print(_refusal(err, plan), highlight=False, soft_wrap=True)
             return EXIT_USAGE
         except KeyboardInterrupt:
             parent_status, reason = "KILLED", "interrupted: the driver was stopped (Ctrl-C or SIGTERM)"
             console.print("interrupted: finished stages are kept; rerun the same command to resume")
             return 130
-        failed = [o for o in outcomes.values() if o.state in ("failed", "upstream_failed")]
-        cached = sum(o.state == "cached" for o in outcomes.values())
-        ran = sum(o.state == "done" for o in outcomes.values())
-        console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
-        for o in failed:
-            console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
-        text, files = write_report(plan, parent_id)
+        failed = _summarise(args, plan, outcomes, parent_id, exp_id, console)
         parent_status = "FAILED" if failed else "FINISHED"
-        console.print(text, markup=False, highlight=False, soft_wrap=True)
-        console.print(f"report: {files[0]}")
-        if plan.grid.tracking_uri.startswith(("http://", "https://")):
-            console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
-        else:
-            console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
         return EXIT_FAILED if failed else 0
     finally:
         import signal
@@ -297,6 +270,28 @@ def _run_locked(args: argparse.Namespace, plan: Plan, backend, preflight, consol
         if killed and parent_status != "FINISHED":
             console.print(f"{len(killed)} stage runs that were not finished are marked KILLED in MLflow: {reason}",
                           highlight=False, soft_wrap=True)
+
+
+def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: str, exp_id: str,
+               console: Console) -> list:
+    """Print what ran, what failed and why, the report (written and logged on the parent run) and
+    where the MLflow UI shows it; returns the failed outcomes."""
+    from pipeline.report import write_report
+
+    failed = [o for o in outcomes.values() if o.state in ("failed", "upstream_failed")]
+    cached = sum(o.state == "cached" for o in outcomes.values())
+    ran = sum(o.state == "done" for o in outcomes.values())
+    console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
+    for o in failed:
+        console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
+    text, files = write_report(plan, parent_id)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+    console.print(f"report: {files[0]}")
+    if plan.grid.tracking_uri.startswith(("http://", "https://")):
+        console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
+    else:
+        console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+    return failed
 
 
 def _other_driver(plan: Plan, console: Console) -> int | None:
@@ -353,8 +348,9 @@ def unwritable(grid: Grid) -> str | None:
     db = sqlite_path(grid.tracking_uri)
     if db is not None:
         places.append(("--tracking-uri", db.parent))
-    if any(c.config.dataset.name == "synthetic" or grid.evaluates("detection", c.name) and
-           c.config.detection.voc_root is None for c in grid.cells):
+    if any(c.config.dataset.name == "synthetic" or any(
+            k.uses_cache is not None and (k.name == ROOT or grid.evaluates(k.name, c.name)) and k.uses_cache(c.config)
+            for k in STAGE_KINDS.values()) for c in grid.cells):
         from trainers.data import cache_dir
 
         places.append(("$SSLGRID_CACHE", cache_dir()))  # where the synthetic sets are written
@@ -402,7 +398,7 @@ def store_problem(uri: str) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from pipeline.backends import slurm_job
+    from pipeline.slurm import slurm_job
     from pipeline.execute import stage_live, stage_state
     from pipeline.lock import WORKDIR_LOCK, describe, held
     from pipeline.report import stage_runs
@@ -429,7 +425,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             if status in ("RUNNING", "SCHEDULED") and state != "done" and plan.grid.workdir.exists() \
                     and not (lock_holder and status == "SCHEDULED") and not stage_live(s, plan.grid.workdir):
                 status += " (nothing runs it)"  # a driver or worker killed outright could not say so
-            names = ("top1", "loss") if s.kind == "pretrain" else ("top1",)
+            names = STAGE_KINDS[s.kind].status_metrics
             metrics = " ".join(f"{n}={row[f'metrics.{n}']:.3f}" for n in names
                                if f"metrics.{n}" in row and row[f"metrics.{n}"] == row[f"metrics.{n}"])
         error = info.get("error", "")
@@ -466,8 +462,8 @@ def _nothing_tracked(plan: Plan, args: argparse.Namespace, console: Console, nee
 
 
 def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
-    from cluster.slurm_backend import cancel, job_state
-    from pipeline.backends import slurm_job
+    from cluster.slurm_jobs import cancel, job_state
+    from pipeline.slurm import slurm_job
     from pipeline.execute import stage_state
 
     plan = _load(args, check_data=False)

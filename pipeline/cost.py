@@ -5,8 +5,8 @@ ResNet-50 pretraining on ImageNet-1k (1,281,167 images, 224 px): 424 GPU-hours, 
 image per epoch. Everything else scales from it by assumption, not measurement:
 
 - passes per image, a backward counted as two forwards: MoCo's query fwd+bwd plus key fwd = 4
-  units (the anchor); SimCLR two fwd+bwd = 6; BYOL two online fwd+bwd plus two target fwd = 8;
-  InstDisc and supervised one fwd+bwd = 3; a linear probe one frozen forward = 1 per image per
+  units (the anchor); each method's record gives its own (trainers/methods/: SimCLR two fwd+bwd = 6;
+  BYOL two online fwd+bwd plus two target fwd = 8; InstDisc and supervised one fwd+bwd = 3); a linear probe one frozen forward = 1 per image per
   epoch (``moco`` protocol), or one pass over train and val (``cached``);
 - compute per forward: multiply-accumulates of the backbone relative to ResNet-50 at 224 px
   (4.1 G), times (image_size/224)^2, times 16 for a torchvision ResNet with the CIFAR stem (no
@@ -21,50 +21,63 @@ Inversion has no estimate (its U-Net's cost is not modelled).
 """
 from __future__ import annotations
 
-from pipeline.plan import Stage
+from typing import Any
+
+from trainers.methods import METHODS
 
 MS_PER_IMAGE_EPOCH_MOCO_R50 = 53 * 8 * 3600 * 1000 / (200 * 1_281_167)
+ANCHOR_UNITS = 4  # the anchor's passes per image: MoCo's query fwd+bwd plus key fwd
 GPU_S_PER_DET_IMAGE_R50_C4 = 0.551 * 8 / 16  # detectron2 MODEL_ZOO.md, faster_rcnn_R_50_C4_1x
-UNITS = {"mocov1": 4, "mocov2": 4, "simclr": 6, "byol": 8, "instdisc": 3, "supervised": 3, "none": 0}
 GMAC_224 = {"resnet50": 4.1, "resnet18": 1.8, "tiny_resnet": 0.064 * (224 / 32) ** 2}
 TRAIN_IMAGES = {"cifar10": 50_000, "stl10": 5_000}
 
 
-def train_images(ds: dict) -> int | None:
-    if ds["name"] == "synthetic":
-        return ds["num_train"]
-    n = ds.get("max_train") or ds.get("size_hint") or TRAIN_IMAGES.get(ds["name"])
-    return n
+def train_images(ds: Any) -> int | None:
+    """Training images of the DatasetSpec ``ds``, or None when unknown (set ``size_hint``)."""
+    if ds.name == "synthetic":
+        return ds.num_train
+    return ds.max_train or ds.size_hint or TRAIN_IMAGES.get(ds.name)
 
 
-def _ms_per_unit(stage: Stage) -> float:
-    bb, ds = stage.spec["backbone"], stage.spec["dataset"]
-    gmac = GMAC_224[bb["name"]] * (ds["image_size"] / 224) ** 2
-    if bb["name"] != "tiny_resnet" and bb.get("cifar_stem"):
+def _ms_per_unit(cfg: Any) -> float:
+    bb, ds = cfg.backbone, cfg.dataset
+    gmac = GMAC_224[bb.name] * (ds.image_size / 224) ** 2
+    if bb.name != "tiny_resnet" and bb.cifar_stem:
         gmac *= 16
-    return MS_PER_IMAGE_EPOCH_MOCO_R50 / UNITS["mocov2"] * gmac / GMAC_224["resnet50"]
+    return MS_PER_IMAGE_EPOCH_MOCO_R50 / ANCHOR_UNITS * gmac / GMAC_224["resnet50"]
 
 
-def gpu_hours(stage: Stage) -> float | None:
-    """Estimated GPU-hours (V100-class) of one stage; None when the dataset size is unknown."""
-    if stage.kind == "detection":
-        d = stage.spec["detection"]
-        gmac = GMAC_224[stage.spec["backbone"]["name"]] / GMAC_224["resnet50"]
-        seconds = d["iterations"] * d["batch_size"] * GPU_S_PER_DET_IMAGE_R50_C4 * gmac * (max(d["min_size"]) / 800) ** 2
-        return seconds / 3600
-    if stage.kind == "tsne":  # needs no train-set size
-        return 3 * stage.spec["tsne"]["samples"] * _ms_per_unit(stage) / 3.6e6
-    n = train_images(stage.spec["dataset"])
-    if n is None:
-        return None
-    if stage.kind == "pretrain":
-        p = stage.spec["pretrain"]
-        units = UNITS[p["method"]] * p["epochs"] * n
-    elif stage.kind == "linear_probe":
-        p = stage.spec["linear_probe"]
-        units = (p["epochs"] if p["mode"] == "moco" else 1) * n * 1.1  # + the val split, ~10%
-    elif stage.kind == "knn":
-        units = n * 1.1
-    else:
-        return None
-    return units * _ms_per_unit(stage) / 3.6e6
+def _hours(units: float, cfg: Any) -> float:
+    return units * _ms_per_unit(cfg) / 3.6e6
+
+
+def pretrain_hours(cfg: Any) -> float | None:
+    """The method's ``cost_units`` (trainers/methods/) per image and epoch."""
+    n = train_images(cfg.dataset)
+    p = cfg.pretrain
+    return None if n is None else _hours(METHODS[p.method].cost_units * p.epochs * n, cfg)
+
+
+def probe_hours(cfg: Any) -> float | None:
+    """One frozen forward per image and epoch (``moco`` protocol) or one pass (``cached``), + ~10% val."""
+    n = train_images(cfg.dataset)
+    p = cfg.linear_probe
+    return None if n is None else _hours((p.epochs if p.mode == "moco" else 1) * n * 1.1, cfg)
+
+
+def knn_hours(cfg: Any) -> float | None:
+    """One frozen forward over train and val (~10%)."""
+    n = train_images(cfg.dataset)
+    return None if n is None else _hours(n * 1.1, cfg)
+
+
+def tsne_hours(cfg: Any) -> float:
+    """One forward per sample and view (3 views); needs no train-set size."""
+    return _hours(3 * cfg.tsne.samples, cfg)
+
+
+def detection_hours(cfg: Any) -> float:
+    """detectron2's R50-C4 anchor, scaled by the backbone's MACs and (largest min_size / 800)^2."""
+    d = cfg.detection
+    gmac = GMAC_224[cfg.backbone.name] / GMAC_224["resnet50"]
+    return d.iterations * d.batch_size * GPU_S_PER_DET_IMAGE_R50_C4 * gmac * (max(d.min_size) / 800) ** 2 / 3600

@@ -1,9 +1,10 @@
 """Plan → tasks on a backend → outcomes, with resume and live progress.
 
 - A stage whose directory holds ``DONE`` is cached: its ``result.json`` is reused and it never
-  reaches the backend. When every stage is cached, no Ray cluster is started at all.
-- Every other stage is one task. It gets its upstream results as ObjectRefs, so Ray starts it
-  when they are ready and never starts it when one of them failed.
+  reaches the backend. When every stage is cached, no backend (no Ray cluster) is started at all.
+- Every other stage is one task of the backend (cluster/backend.py). It gets its upstream results
+  as the backend's handles (Ray ObjectRefs), so the backend starts it when they are ready and
+  never starts it when one of them failed.
 - A task opens no MLflow run: it logs to the run id the driver created for its identity, which is
   the same run on every rerun, so a resumed stage continues its run.
 """
@@ -12,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,21 +23,22 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cluster.slurm_backend import current_job_id
-from pipeline.backends import slurm_job
-from pipeline.lock import STAGE_LOCK, LockBusy, acquire, describe, held
+from cluster.backend import Backend
+from cluster.slurm_jobs import current_job_id, live_state
+from pipeline.lock import LockBusy, acquire, describe, held
 from pipeline.plan import SCHEMA_VERSION, Plan, Stage
+from pipeline.slurm import slurm_job
 from pipeline.snapshot import source_root
 from pipeline.state import StateError, read_json, read_json_or, rerun_fix
-from pipeline.stages import ARTIFACTS, STAGES
-from pipeline.tracking import ERROR, WARNINGS, MlflowSink, client, numeric, write_json
+from pipeline.stages import STAGE_KINDS
+from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
 from trainers import distributed as D
+from trainers.files import StageDir
 from trainers.sink import NullSink
 
 
 SLURM_TAG = "sslgrid.slurm_job_id"
 CODE_TAG, CODE_PATH_TAG = "sslgrid.code", "sslgrid.code_path"
-LONG_STAGES = ("pretrain",)  # stages worth system metrics
 
 
 @dataclass
@@ -51,8 +53,8 @@ class Outcome:
 def payload(plan: Plan, stage: Stage, run_id: str, code: str | None = None, cpus: float | None = None) -> dict[str, Any]:
     """What a worker needs to run ``stage``; ``cwd`` is the driver's, so that relative paths in the
     grid (dataset.root, $SSLGRID_CACHE) mean the same in a worker started in the code snapshot."""
-    return {"kind": stage.kind, "key": stage.key, "spec": stage.spec, "identity": stage.identity,
-            "upstream": list(stage.upstream), "dir": str(stage.directory(plan.grid.workdir)),
+    return {"kind": stage.kind, "key": stage.key, "config": stage.config, "spec": stage.spec,
+            "identity": stage.identity, "upstream": list(stage.upstream), "dir": str(stage.directory(plan.grid.workdir).path),
             "tracking_uri": plan.grid.tracking_uri, "run_id": run_id, "code": code, "cwd": str(Path.cwd()),
             "cpus": cpus}
 
@@ -65,7 +67,7 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     tasks) every process trains; rank 0 alone writes files and talks to MLflow."""
     if p.get("cwd") and Path(p["cwd"]).is_dir():
         os.chdir(p["cwd"])
-    d = Path(p["dir"])
+    d = StageDir(p["dir"])
     if p.get("cpus"):  # the CPUs this process was given: trainers/loader.py sizes its DataLoader workers by it
         os.environ["SSLGRID_CPUS"] = str(p["cpus"])
     D.init_from_env()
@@ -74,9 +76,9 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
     lock, busy, done = None, None, None
     if D.world().is_main:
         try:
-            lock = acquire(d / STAGE_LOCK, f"{p['kind']} {p['key']}")
-            if (d / "DONE").exists():  # finished by another process while this one was queued
-                done = read_json(d / "result.json", rerun_fix(d))
+            lock = acquire(d.lock, f"{p['kind']} {p['key']}")
+            if d.done.exists():  # finished by another process while this one was queued
+                done = read_json(d.result, rerun_fix(d.path))
         except LockBusy as err:
             busy = f"stage {p['key']} is already running ({describe(err.holder)}); this copy did not run it"
     busy, done = D.broadcast_object((busy, done))
@@ -86,7 +88,7 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
         if done is not None:
             return done
         if not D.world().is_main:
-            STAGES[p["kind"]](p["spec"], list(upstream), d, NullSink())
+            STAGE_KINDS[p["kind"]](p["config"], list(upstream), d, NullSink())
             return {}
         return _run_main(p, d, upstream)
     finally:
@@ -98,10 +100,10 @@ class StageBusy(RuntimeError):
     """Another process is running this stage; nothing was touched."""
 
 
-def _run_main(p: dict[str, Any], d: Path, upstream: tuple[dict, ...]) -> dict:
-    write_json(d / "spec.json", {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
+def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[dict, ...]) -> dict:
+    write_json(d.spec, {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
                                  "identity": p["identity"], "upstream": p["upstream"], "code": p.get("code")})
-    (d / "status.json").unlink(missing_ok=True)
+    d.status.unlink(missing_ok=True)
     c = client(p["tracking_uri"])
     run_id = p["run_id"]
     c.update_run(run_id, status="RUNNING")
@@ -113,15 +115,15 @@ def _run_main(p: dict[str, Any], d: Path, upstream: tuple[dict, ...]) -> dict:
     if job:  # visible in the UI while the job runs; a requeued job keeps its id
         c.set_tag(run_id, SLURM_TAG, job)
     sink = MlflowSink(p["tracking_uri"], run_id, d)
-    monitor = system_monitor(p["tracking_uri"], run_id) if p["kind"] in LONG_STAGES else None
+    monitor = system_monitor(p["tracking_uri"], run_id) if STAGE_KINDS[p["kind"]].system_metrics else None
     t0 = time.time()
     try:
-        result = STAGES[p["kind"]](p["spec"], list(upstream), d, sink)
+        result = STAGE_KINDS[p["kind"]](p["config"], list(upstream), d, sink)
     except BaseException as err:
         if monitor:
             monitor.finish()
         message = f"{type(err).__name__}: {err}"
-        write_json(d / "status.json", {"state": "failed", "error": message, "traceback": traceback.format_exc()})
+        write_json(d.status, {"state": "failed", "error": message, "traceback": traceback.format_exc()})
         try:
             c.set_tag(run_id, ERROR, message[:5000])
             c.set_terminated(run_id, "FAILED")
@@ -130,14 +132,14 @@ def _run_main(p: dict[str, Any], d: Path, upstream: tuple[dict, ...]) -> dict:
     if monitor:
         monitor.finish()
     result["seconds"] = round(time.time() - t0, 3)
-    write_json(d / "result.json", result)
+    write_json(d.result, result)
     # final values at the step after the last epoch, so they never interleave with the streamed ones
     sink.log(numeric(result), step=int(result.get("epochs", result.get("epochs_trained", 0))))
-    for name in ("spec.json", "result.json") + ARTIFACTS.get(p["kind"], ()):
-        if (d / name).exists():
-            sink.artifact(d / name)
+    for path in [d.spec, d.result] + [d / name for name in STAGE_KINDS[p["kind"]].artifacts]:
+        if path.exists():
+            sink.artifact(path)
     c.set_terminated(run_id, "FINISHED")
-    write_json(d / "DONE", {"finished": time.time()})  # last: its presence means all of the above happened
+    write_json(d.done, {"finished": time.time()})  # last: its presence means all of the above happened
     return result
 
 
@@ -154,16 +156,16 @@ def system_monitor(uri: str, run_id: str):
 def stage_state(stage: Stage, workdir: Path) -> dict[str, Any]:
     """What the work directory says about a stage: done, failed, started (with progress) or pending."""
     d = stage.directory(workdir)
-    if (d / "DONE").exists():
+    if d.done.exists():
         try:
-            return {"state": "done", "result": read_json(d / "result.json", rerun_fix(d))}
+            return {"state": "done", "result": read_json(d.result, rerun_fix(d.path))}
         except FileNotFoundError:
-            raise StateError(f"{d / 'DONE'} is there but {d / 'result.json'} is not. {rerun_fix(d)}") from None
+            raise StateError(f"{d.done} is there but {d.result} is not. {rerun_fix(d.path)}") from None
     info: dict[str, Any] = {"state": "pending"}
-    prog = read_json_or(d / "progress.json", None)
+    prog = read_json_or(d.progress, None)
     if isinstance(prog, dict) and {"done", "total"} <= set(prog):
         info.update(state="started", done=prog["done"], total=prog["total"])
-    status = read_json_or(d / "status.json", None)
+    status = read_json_or(d.status, None)
     if isinstance(status, dict):
         info.update(status)
     return info
@@ -193,7 +195,7 @@ class _Display:
     def poll(self, pending: list[Stage]) -> None:
         running = 0
         for s in pending:
-            f = s.directory(self.plan.grid.workdir) / "progress.json"
+            f = s.directory(self.plan.grid.workdir).progress
             if not f.exists():
                 continue
             try:
@@ -227,11 +229,13 @@ class _Display:
         self.progress.update(self.overall, note=f"finished {self.counts['finished']} · failed {self.counts['failed']}")
 
 
-def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Console | None = None,
-            preflight=None, code: str | None = None) -> dict[str, Outcome]:
-    """Run every stage that is not done. ``backend_factory()`` gives a context manager with
-    ``submit``/``wait``/``outcome``/``check_fits`` (cluster/ray_backend.py); it is only called when
-    there is something to run."""
+def execute(plan: Plan, run_ids: dict[str, str], backend_factory: Callable[[], Backend],
+            console: Console | None = None, preflight: Callable[[Backend], None] | None = None,
+            code: str | None = None) -> dict[str, Outcome]:
+    """Run every stage that is not done, on the ``Backend`` (cluster/backend.py) that
+    ``backend_factory()`` gives; it is only called when there is something to run. ``preflight``
+    gets the entered backend before anything is submitted, and may raise. Raises ResourceError
+    (cluster/backend.py) when a stage asks for more than the backend has."""
     console = console or Console()
     workdir = plan.grid.workdir
     outcomes: dict[str, Outcome] = {}
@@ -285,7 +289,7 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
                         _failure(plan, s, value, outcomes)
                     outcomes[s.key] = o
                     display.finish(o)
-                    warned = s.directory(plan.grid.workdir) / WARNINGS
+                    warned = s.directory(plan.grid.workdir).warnings
                     if warned.exists():  # stage output goes to Ray's worker logs; this must be seen
                         for line in warned.read_text().splitlines():
                             console.print(f"[yellow]warning[/]: {s.kind}:{s.cells[0]} {s.key}: {line}",
@@ -306,26 +310,17 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory, console: Conso
     return outcomes
 
 
-LIVE_SLURM = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "SUSPENDED", "RESIZING", "COMPLETING")
-
-
 def stage_live(stage: Stage, workdir: Path) -> str | None:
     """What is running ``stage`` right now, or None: a process holding its lock, or a SLURM job
     that is queued or running for it."""
     d = stage.directory(workdir)
-    holder = held(d / STAGE_LOCK)
+    holder = held(d.lock)
     if holder:
         return describe(holder)
     job = slurm_job(stage, workdir)
-    if job and "job_id" in job:
-        from cluster.slurm_backend import job_state
-
-        try:
-            state = job_state(job["job_id"])[0].split()[0]
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if state in LIVE_SLURM:
-            return f"SLURM job {job['job_id']} ({state})"
+    state = live_state(job["job_id"]) if job and "job_id" in job else None
+    if state:
+        return f"SLURM job {job['job_id']} ({state})"
     return None
 
 
@@ -345,9 +340,9 @@ def settle(plan: Plan, run_ids: dict[str, str], reason: str, wait_s: float = 15.
         if status not in ("RUNNING", "SCHEDULED"):
             continue
         d = s.directory(plan.grid.workdir)
-        while (h := held(d / STAGE_LOCK)) and h.get("host") == host and time.time() < deadline:
+        while (h := held(d.lock)) and h.get("host") == host and time.time() < deadline:
             time.sleep(0.2)
-        if (d / "DONE").exists():
+        if d.done.exists():
             c.set_terminated(run_ids[s.key], "FINISHED")
         elif stage_live(s, plan.grid.workdir) is None:
             c.set_tag(run_ids[s.key], ERROR, reason)
@@ -360,7 +355,7 @@ def _failure(plan: Plan, s: Stage, err: BaseException, outcomes: dict[str, Outco
     for u in s.upstream:
         if u in outcomes and outcomes[u].state in ("failed", "upstream_failed"):
             return Outcome(s, "upstream_failed", error=f"not run: upstream {outcomes[u].stage.label} failed")
-    status = s.directory(plan.grid.workdir) / "status.json"
+    status = s.directory(plan.grid.workdir).status
     recorded = read_json_or(status, {})
     if isinstance(recorded, dict) and "error" in recorded:
         return Outcome(s, "failed", error=recorded["error"])

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec import (EVALUATIONS, Problem, Resources, SlurmSpec, StageConfig, build_dataclass,
-                           build_stage_config, flatten, process_problems, resolve_precision)
+from pipeline.spec import (Problem, Resources, SlurmSpec, build_dataclass, build_stage_config, flatten,
+                           resolve_precision)
+from pipeline.stages import DEFAULT_EVALUATIONS, EVALUATIONS, ROOT, STAGE_KINDS, StageConfig, process_problems
 
 TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "studies", "evaluations",
             "resources", "cluster")
-STAGE_KINDS = ("pretrain",) + EVALUATIONS
+KINDS = tuple(STAGE_KINDS)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -140,10 +141,58 @@ def _absolute_uri(uri: str, base: Path) -> str:
 
 def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None = None,
               tracking_uri: str | None = None, only_studies: list[str] = ()) -> Grid:
+    """Read, validate and resolve a grid file: every cell's frozen StageConfig, its evaluations,
+    resources and SLURM requests. ``overrides`` are ``-o KEY=VALUE`` texts (a cell field, or a
+    top-level key such as ``resources.pretrain.gpus``); ``only_studies`` keeps those studies' cells.
+    Raises GridError listing every problem found, each naming the field and where it was set."""
     path = Path(path)
     source = str(path)
+    doc = _read(path)
+    cfg_over = _apply_overrides(doc, overrides)
+    problems = _Problems()
+    name = _check_top_level(doc, path, problems)
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        problems.add("", Problem("defaults", defaults, "must be a mapping with dataset/backbone/pretrain/linear_probe"))
+        defaults = {}
+    defaults = _nested(defaults, "defaults", problems.items)
+    raw_cells, all_names = _raw_cells(doc, only_studies, problems)
+    cells = _build_cells(raw_cells, defaults, cfg_over, problems)
+    evaluations, evaluation_cells = _evaluations(doc.get("evaluations", list(DEFAULT_EVALUATIONS)), all_names,
+                                                 problems.items)
+    resources, cluster = _resources(doc, problems)
+    for cell in cells:
+        for p in process_problems(cell.config, resources):
+            problems.add(_origin(p.field, cell.values, {}, set(cfg_over)), p)
+    cells = [dataclasses.replace(c, config=resolve_precision(c.config, resources)) for c in cells]
+    if problems.items:
+        raise GridError(source, problems.items)
+    base = Path.cwd()
+    wd = Path(workdir or doc.get("workdir") or Path("runs") / name).expanduser()
+    uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return Grid(name=name, path=path, description=str(doc.get("description", "")),
+                workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
+                evaluations=evaluations, resources=resources, cluster=cluster, evaluation_cells=evaluation_cells)
+
+
+class _Problems:
+    """Problems found so far, each once, with where it was set ("" or "cell X: ")."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Problem]] = []
+        self._seen: set[tuple[str, str, str]] = set()
+
+    def add(self, origin: str, problem: Problem) -> None:
+        if (origin, problem.field, problem.message) not in self._seen:
+            self._seen.add((origin, problem.field, problem.message))
+            self.items.append((origin, problem))
+
+
+def _read(path: Path) -> dict:
+    """The grid file's YAML document. Raises GridError for a missing, unreadable or invalid file."""
     from ruamel.yaml import YAMLError
 
+    source = str(path)
     try:
         doc = load_yaml(path.read_text())
     except FileNotFoundError:
@@ -155,8 +204,12 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         raise GridError(source, [("", Problem("<yaml>", None, f"not valid YAML: {_yaml_message(err)}"))]) from None
     if not isinstance(doc, dict):
         raise GridError(source, [("", Problem("<top>", doc, "a grid file is a mapping with keys " + ", ".join(TOP_KEYS)))])
+    return doc
 
-    problems: list[tuple[str, Problem]] = []
+
+def _apply_overrides(doc: dict, overrides: list[str]) -> dict[str, Any]:
+    """Write ``-o`` values of top-level keys into ``doc``; return those of cell fields (dotted key →
+    value), which apply to every cell over its own values."""
     top_over: dict[str, Any] = {}
     cfg_over: dict[str, Any] = {}
     for text in overrides:
@@ -172,31 +225,35 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
             node[parts[-1]] = value
         else:
             doc[key] = value
+    return cfg_over
 
+
+def _check_top_level(doc: dict, path: Path, problems: _Problems) -> Any:
+    """Unknown top-level keys, and the grid's name (default: the file's stem), which is returned."""
     for key in doc:
         if key not in TOP_KEYS:
             close = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(TOP_KEYS)}"
-            problems.append(("", Problem(str(key), doc[key], f"unknown top-level key; {hint}")))
+            problems.add("", Problem(str(key), doc[key], f"unknown top-level key; {hint}"))
     name = doc.get("name") or path.stem
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        problems.append(("", Problem("name", name, "must be letters, digits, '-' or '_' (it names the experiment and folder)")))
+        problems.add("", Problem("name", name, "must be letters, digits, '-' or '_' (it names the experiment and folder)"))
+    return name
 
-    defaults = doc.get("defaults") or {}
-    if not isinstance(defaults, dict):
-        problems.append(("", Problem("defaults", defaults, "must be a mapping with dataset/backbone/pretrain/linear_probe")))
-        defaults = {}
-    defaults = _nested(defaults, "defaults", problems)
-    raw_cells = _expand(doc, "", problems)
+
+def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems) -> tuple[list[tuple], list[str]]:
+    """(name, study, values, where) of every cell of the grid and its studies, those of
+    ``only_studies`` when given; and the names of all cells (evaluations may name any of them)."""
+    raw_cells = _expand(doc, "", problems.items)
     studies = doc.get("studies") or {}
     if not isinstance(studies, dict):
-        problems.append(("", Problem("studies", studies, "must map study names to {defaults, axes, cells}")))
+        problems.add("", Problem("studies", studies, "must map study names to {defaults, axes, cells}"))
         studies = {}
     for sname, sdoc in studies.items():
         if not isinstance(sdoc, dict) or set(sdoc) - {"defaults", "axes", "cells", "description"}:
-            problems.append(("", Problem(f"studies.{sname}", sdoc, "a study is a mapping with defaults, axes and cells")))
+            problems.add("", Problem(f"studies.{sname}", sdoc, "a study is a mapping with defaults, axes and cells"))
             continue
-        raw_cells += _expand(sdoc, str(sname), problems)
+        raw_cells += _expand(sdoc, str(sname), problems.items)
     if not raw_cells:
         raw_cells.append(("default", "", {}, {}))
     all_names = [c[0] for c in raw_cells]
@@ -206,60 +263,46 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
             if name not in known:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
-                problems.append(("", Problem("--study", name, f"{hint}studies in this grid: {', '.join(known) or 'none'}")))
+                problems.add("", Problem("--study", name, f"{hint}studies in this grid: {', '.join(known) or 'none'}"))
         raw_cells = [c for c in raw_cells if c[1] in only_studies]
-
-    cells: list[Cell] = []
-    seen: set[tuple[str, str]] = set()
     names = [c[0] for c in raw_cells]
     for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(("", Problem("cells", dup, "two cells share this name; give each a distinct name:")))
+        problems.add("", Problem("cells", dup, "two cells share this name; give each a distinct name:"))
+    return raw_cells, all_names
+
+
+def _build_cells(raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any], problems: _Problems) -> list[Cell]:
+    """Each cell's values over the defaults, ``-o`` values over both, built into a StageConfig."""
+    cells: list[Cell] = []
     for label, study, values, where in raw_cells:
         values = {**values, **{k: v for k, v in cfg_over.items() if k in values}}
         try:
             raw = _merge_flat(defaults, {**values, **cfg_over})
         except ValueError as err:
-            problems.append(("", Problem(str(err), None, "a key cannot be both a value and a section")))
+            problems.add("", Problem(str(err), None, "a key cannot be both a value and a section"))
             continue
         cell_problems: list[Problem] = []
         config = build_stage_config(raw, cell_problems)
         for p in cell_problems:
-            origin = _origin(p.field, values, where, set(cfg_over))
-            if (origin, p.field, p.message) not in seen:
-                seen.add((origin, p.field, p.message))
-                problems.append((origin, p))
+            problems.add(_origin(p.field, values, where, set(cfg_over)), p)
         if config is not None:
             cells.append(Cell(label, config, values, study))
+    return cells
 
-    evaluations, evaluation_cells = _evaluations(doc.get("evaluations", ["linear_probe"]), all_names, problems)
 
-    resources = _per_kind(doc, "resources", Resources, STAGE_KINDS, "{cpus, gpus, processes}", problems)
-    for kind in STAGE_KINDS:
+def _resources(doc: dict, problems: _Problems) -> tuple[dict[str, Resources], dict[str, SlurmSpec]]:
+    """``resources`` (every stage kind gets one; unset: the defaults) and ``cluster`` (SLURM requests)."""
+    resources = _per_kind(doc, "resources", Resources, KINDS, "{cpus, gpus, processes}", problems.items)
+    for kind in KINDS:
         resources.setdefault(kind, Resources())
-    cluster = _per_kind(doc, "cluster", SlurmSpec, ("default",) + STAGE_KINDS, "SLURM requests", problems)
+    cluster = _per_kind(doc, "cluster", SlurmSpec, ("default",) + KINDS, "SLURM requests", problems.items)
     for kind, res in resources.items():
         if res.gpus and res.processes and res.gpus / res.processes > 1 and not (res.gpus / res.processes).is_integer():
-            problems.append(("", Problem(f"resources.{kind}.gpus", res.gpus,
-                                         f"cannot be shared by the {res.processes} processes: each gets whole GPUs or "
-                                         f"a fraction of one; set processes to {int(res.gpus)} (one per GPU), to a "
-                                         f"divisor of {res.gpus:g}, or to a multiple of it")))
-    if "pretrain" in resources:
-        for cell in cells:
-            for p in process_problems(cell.config, resources):
-                origin = _origin(p.field, cell.values, {}, set(cfg_over))
-                if (origin, p.field, p.message) not in seen:
-                    seen.add((origin, p.field, p.message))
-                    problems.append((origin, p))
-        cells = [dataclasses.replace(c, config=resolve_precision(c.config, resources)) for c in cells]
-
-    if problems:
-        raise GridError(source, problems)
-    base = Path.cwd()
-    wd = Path(workdir or doc.get("workdir") or Path("runs") / name).expanduser()
-    uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    return Grid(name=name, path=path, description=str(doc.get("description", "")),
-                workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
-                evaluations=evaluations, resources=resources, cluster=cluster, evaluation_cells=evaluation_cells)
+            problems.add("", Problem(f"resources.{kind}.gpus", res.gpus,
+                                     f"cannot be shared by the {res.processes} processes: each gets whole GPUs or "
+                                     f"a fraction of one; set processes to {int(res.gpus)} (one per GPU), to a "
+                                     f"divisor of {res.gpus:g}, or to a multiple of it"))
+    return resources, cluster
 
 
 def _evaluations(node: Any, cell_names: list[str], problems: list[tuple[str, Problem]]
@@ -394,3 +437,45 @@ def _origin(field: str, values: dict[str, Any], where: dict[str, str], cli: set[
             origin = where[key]
             return origin if origin.endswith(": ") else f"{origin}: "
     return "defaults."
+
+
+def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
+    """Checks that need the file system, before anything launches (``sslgrid plan`` prints them,
+    ``sslgrid run`` refuses with exit 2): each ImageFolder root holds train/ and val/ with the same
+    class folders (hidden ones are not classes), each with images; then each stage kind's own
+    ``preflight`` (pipeline/stages.py), once per distinct section, e.g. every VOC box."""
+    from trainers.data import DataError, imagefolder_classes
+
+    problems, seen = [], set()
+    for cell in grid.cells:
+        ds = cell.config.dataset
+        if ds.name == "imagefolder" and ds.root not in seen:
+            seen.add(ds.root)
+            missing = [split for split in ("train", "val") if not (Path(ds.root) / split).is_dir()]
+            if missing:
+                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root,
+                                 f"has no {' or '.join(m + '/' for m in missing)} folder; an imagefolder root "
+                                 f"holds train/<class>/ and val/<class>/")))
+                continue
+            try:
+                imagefolder_classes(Path(ds.root))
+            except DataError as err:
+                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root, str(err).replace("\n", "\n    "))))
+    checked = set()
+    for kind in STAGE_KINDS.values():
+        if kind.preflight is None:
+            continue
+        for cell in grid.cells:
+            section = getattr(cell.config, kind.section)
+            if not (kind.name == ROOT or grid.evaluates(kind.name, cell.name)) or (kind.name, section) in checked:
+                continue
+            checked.add((kind.name, section))
+            for field_name, message in kind.preflight(cell.config):
+                problems.append((f"cell {cell.name}: ", Problem(field_name, _get(cell.config, field_name), message)))
+    return problems
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

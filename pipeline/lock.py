@@ -146,4 +146,3 @@ def _probe(holder: dict[str, Any]) -> bool:
 
 WORKDIR_LOCK = ".sslgrid.lock"
 PROBE_GRACE_S = 1.0  # a lock that is held but names no holder is a held() probe (microseconds) or a holder writing
-STAGE_LOCK = ".running.lock"

@@ -15,29 +15,42 @@ import pandas as pd
 
 from pipeline.grid import Cell
 from pipeline.plan import Plan
-from pipeline.spec import negatives
+from pipeline.report import metric
+from trainers.files import atomic_write
+from trainers.methods import METHODS
 
 PENDING = "pending"
 
+
+
+def _head(p) -> str | None:
+    """The cell's head kind, None for a method without a head."""
+    head = getattr(p.config, "head", None)
+    return None if head is None else head.kind
+
+
+def _own(p, name: str) -> object:
+    """The method's own field ``name`` (trainers/methods/), None for a method without it."""
+    return getattr(p.config, name, None)
+
+
 TABLE1 = [  # (row, predicate on the cell's pretrain config, paper top-1)
-    ("MoCov2", lambda p: p.head.kind == "mlp", 64.4),
-    ("(a) without projection head", lambda p: p.head.kind == "none", 59.2),
-    ("(b) with fixed projection head", lambda p: p.head.kind == "frozen", 62.9),
-    ("(c) with more hidden layers in projection head", lambda p: p.head.kind == "deep", 63.9),
-    ("(d) with reduced feature dimension in projection head", lambda p: p.head.kind == "narrow", 62.2),
+    ("MoCov2", lambda p: _head(p) == "mlp", 64.4),
+    ("(a) without projection head", lambda p: _head(p) == "none", 59.2),
+    ("(b) with fixed projection head", lambda p: _head(p) == "frozen", 62.9),
+    ("(c) with more hidden layers in projection head", lambda p: _head(p) == "deep", 63.9),
+    ("(d) with reduced feature dimension in projection head", lambda p: _head(p) == "narrow", 62.2),
 ]
 TABLE2A_PAPER = {"mocov2": [64.4, 63.7, 47.1], "supervised": [75.5, 74.8, 52.0]}
 TABLE2B_PAPER = {"mocov2": [63.1, 63.9, 64.2, 64.3], "supervised": [75.8, 75.7, 75.6, 74.6]}
 TABLE3 = [
-    ("MoCov2", lambda p: p.head.kind == "mlp" and p.augment.blur and p.schedule == "cosine" and p.m != 0.5,
+    ("MoCov2", lambda p: _head(p) == "mlp" and p.augment.blur and p.schedule == "cosine" and _own(p, "m") != 0.5,
      (67.3, 67.5)),
-    ("(a) without MLP projection head", lambda p: p.head.kind != "mlp", (61.7, 63.6)),
+    ("(a) without MLP projection head", lambda p: _head(p) != "mlp", (61.7, 63.6)),
     ("(b) without GaussianBlur", lambda p: not p.augment.blur, (65.5, 66.4)),
     ("(c) without cosine learning schedule", lambda p: p.schedule != "cosine", (67.2, 67.3)),
-    ("(d) with smaller momentum (0.5) in momentum encoder", lambda p: p.m == 0.5, (59.8, 64.5)),
+    ("(d) with smaller momentum (0.5) in momentum encoder", lambda p: _own(p, "m") == 0.5, (59.8, 64.5)),
 ]
-METHOD_NAMES = {"mocov2": "MoCo v2", "supervised": "Supervised", "mocov1": "MoCo", "instdisc": "InstDisc",
-                "simclr": "SimCLR"}
 
 
 def _fmt(v: object) -> str:
@@ -49,11 +62,8 @@ class _Lookup:
         self.plan, self.df = plan, df
 
     def top1(self, cell: Cell) -> float | str:
-        key = self.plan.cells[cell.name].get("linear_probe")
-        col = "metrics.top1"
-        if key is None or key not in self.df.index or col not in self.df.columns or pd.isna(self.df.at[key, col]):
-            return PENDING
-        return float(self.df.at[key, col])
+        value = metric(self.df, self.plan.cells[cell.name].get("linear_probe"), "top1")
+        return PENDING if value is None else value
 
 
 def _cells(plan: Plan, study: str) -> list[Cell]:
@@ -94,7 +104,7 @@ def table2(plan: Plan, look: _Lookup, compare: bool, study: str, field: Callable
         for col in columns:
             c = _find(cells, lambda p: p.method == method and field(p) == col)
             vals.append(look.top1(c) if c else "-")
-        rows.append({"Method": METHOD_NAMES[method], **{lab: v for lab, v in zip(labels, vals)}})
+        rows.append({"Method": METHODS[method].title, **{lab: v for lab, v in zip(labels, vals)}})
         rows.append({"Method": "  Δ", **{lab: _delta(v, vals[0]) if i else "" for i, (lab, v)
                                         in enumerate(zip(labels, vals))}})
         if compare:
@@ -108,7 +118,7 @@ def table3(plan: Plan, look: _Lookup, compare: bool) -> pd.DataFrame | None:
     cells = _cells(plan, "table3")
     if not cells:
         return None
-    ks = sorted({c.config.pretrain.K for c in cells})
+    ks = sorted({_own(c.config.pretrain, "K") for c in cells} - {None})
     if len(ks) != 2:
         return None
     small, large = ks
@@ -116,7 +126,7 @@ def table3(plan: Plan, look: _Lookup, compare: bool) -> pd.DataFrame | None:
     for name, pred, paper in TABLE3:
         row = {"Method": name}
         for k, label in ((small, f"K={small}"), (large, f"K={large}")):
-            c = _find([c for c in cells if c.config.pretrain.K == k], pred)
+            c = _find([c for c in cells if _own(c.config.pretrain, "K") == k], pred)
             row[label] = look.top1(c) if c else "-"
         if compare:
             row["paper K=512"], row["paper K=65536"] = paper
@@ -132,10 +142,10 @@ def fig4(plan: Plan, look: _Lookup) -> pd.DataFrame | None:
     rows = []
     for c in cells:
         p = c.config.pretrain
-        line = METHOD_NAMES.get(p.method, p.method)
-        if p.method in ("mocov1", "mocov2") and p.negatives.sampling == "hard":
+        line = p.record.title
+        if getattr(_own(p, "negatives"), "sampling", None) == "hard":
             line += " + hard negatives"
-        k = negatives(p.method, p.K, p.batch_size)
+        k = p.negatives_count
         rows.append({"method": line, "K": k, "top1": look.top1(c)})
     return pd.DataFrame(rows).sort_values(["method", "K"]).reset_index(drop=True)
 
@@ -158,10 +168,9 @@ def plot_fig4(df: pd.DataFrame, path: Path) -> None:
     ax.set_title("Fig. 4: top-1 against K")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> list[Path]:
@@ -178,8 +187,8 @@ def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> list[Path]:
     from pipeline.tracking import client
 
     cells = sorted(plan.grid.cells, key=lambda c: c.study != "table1")
-    moco = [c for c in cells if c.config.pretrain.method in ("mocov1", "mocov2") and "inversion" in plan.cells[c.name]]
-    picked = {kind: next((c for c in moco if c.config.pretrain.head.kind == kind), None) for kind in ("none", "mlp")}
+    moco = [c for c in cells if c.config.pretrain.record.negatives == "queue" and "inversion" in plan.cells[c.name]]
+    picked = {kind: next((c for c in moco if _head(c.config.pretrain) == kind), None) for kind in ("none", "mlp")}
     if None in picked.values():
         return []
     data = {}
@@ -215,10 +224,9 @@ def _panel_grid(plt, panels: list, rows, path: Path) -> Path:
             if i == 0:
                 axes[i][c].set_title(title, fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.grid import Grid
-from pipeline.spec import StageConfig, dataset_identity, negatives, pretrain_identity, to_dict
-from trainers.pretrain import base_lr
+from pipeline.spec import dataset_identity, pretrain_identity, to_dict
+from pipeline.stages import ROOT, STAGE_KINDS, StageConfig, gpu_hours
+from trainers.files import StageDir
 
 SCHEMA_VERSION = 1
 
@@ -27,7 +28,8 @@ SCHEMA_VERSION = 1
 class Stage:
     kind: str
     key: str
-    spec: dict  # full resolved spec (sections this stage reads), non-identity fields included
+    config: StageConfig  # what the stage function receives (typed, frozen)
+    spec: dict  # its JSON view (spec.json, MLflow params): the sections this stage reads, all fields
     identity: dict  # what the key hashes
     upstream: tuple[str, ...]
     cells: list[str] = field(default_factory=list)
@@ -37,8 +39,9 @@ class Stage:
     def label(self) -> str:
         return f"{self.kind}/{self.key}"
 
-    def directory(self, workdir: Path) -> Path:
-        return Path(workdir) / self.kind / self.key
+    def directory(self, workdir: Path) -> StageDir:
+        """``<workdir>/<kind>/<key>/``, whose files trainers/files.py ``StageDir`` names."""
+        return StageDir(Path(workdir) / self.kind / self.key)
 
 
 @dataclass
@@ -59,23 +62,23 @@ def identity_key(kind: str, identity: dict, upstream: tuple[str, ...]) -> str:
 
 
 def _pretrain_stage(cfg: StageConfig) -> Stage:
-    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "pretrain": to_dict(cfg.pretrain)}
+    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), ROOT: to_dict(cfg.pretrain)}
     ident = {"dataset": dataset_identity(cfg.dataset), "backbone": to_dict(cfg.backbone, True),
-             "pretrain": pretrain_identity(cfg.pretrain)}
-    if cfg.pretrain.method == "none":
+             ROOT: pretrain_identity(cfg.pretrain)}
+    if not cfg.pretrain.record.trains:
         # a random init needs no data: its identity is the backbone and the seed alone
         ident.pop("dataset")
-    return Stage("pretrain", identity_key("pretrain", ident, ()), spec, ident, ())
+    return Stage(ROOT, identity_key(ROOT, ident, ()), cfg, spec, ident, ())
 
 
 def _eval_stage(kind: str, cfg: StageConfig, upstream: Stage) -> Stage:
-    section = getattr(cfg, kind)
+    section = getattr(cfg, STAGE_KINDS[kind].section)
     # the pretrain section rides along for stages that rebuild the head (inversion); the identity
     # has it through the upstream key
-    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), "pretrain": to_dict(cfg.pretrain),
+    spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), ROOT: to_dict(cfg.pretrain),
             kind: to_dict(section)}
     ident = {"dataset": dataset_identity(cfg.dataset), kind: to_dict(section, True)}
-    return Stage(kind, identity_key(kind, ident, (upstream.key,)), spec, ident, (upstream.key,))
+    return Stage(kind, identity_key(kind, ident, (upstream.key,)), cfg, spec, ident, (upstream.key,))
 
 
 def build_plan(grid: Grid) -> Plan:
@@ -97,34 +100,17 @@ def build_plan(grid: Grid) -> Plan:
 
 
 def describe(plan: Plan) -> list[dict[str, Any]]:
-    """One row per stage, for ``sslgrid plan``."""
+    """One row per stage, for ``sslgrid plan``: its kind's summary (pipeline/stages.py), precision,
+    processes, GPUs and estimated GPU-hours."""
     rows = []
     for s in plan.ordered():
         res = plan.grid.resources[s.kind]
-        detail = ""
-        if s.kind == "pretrain":
-            p = s.spec["pretrain"]
-            k = negatives(p["method"], p["K"], p["batch_size"]) or "-"
-            k = f"2B-2={k}" if p["method"] == "simclr" else k
-            hard = " hard-negatives" if p["method"] in ("mocov1", "mocov2") and p["negatives"]["sampling"] == "hard" else ""
-            detail = (f"{p['method']}" if p["method"] == "none" else
-                      f"{p['method']} head={p['head']['kind']} K={k}{hard} epochs={p['epochs']} batch={p['batch_size']} "
-                      f"{p['optimizer']} lr={base_lr(p):.4g}")
-        else:
-            sec = dict(s.spec[s.kind])
-            if s.kind == "detection":  # one size, or the multi-scale training range
-                sizes = sec["min_size"]
-                sec["min_size"] = f"{min(sizes)}" + (f"-{max(sizes)}" if len(sizes) > 1 else "")
-            detail = {"linear_probe": "mode={mode} epochs={epochs}", "knn": "k={k} T={T}",
-                      "tsne": "samples={samples} perplexity={perplexity}",
-                      "detection": "iterations={iterations} batch={batch_size} size={min_size} norm={norm}",
-                      "inversion": "images={images} iterations={iterations}"}[s.kind].format(**sec)
-        from pipeline.cost import gpu_hours
-
-        precision = s.spec.get(s.kind, {}).get("precision") if s.kind != "pretrain" else s.spec["pretrain"]["precision"]
-        if precision and (s.kind != "pretrain" or s.spec["pretrain"]["method"] != "none"):
+        kind = STAGE_KINDS[s.kind]
+        detail = kind.summary(s.config)
+        precision = getattr(getattr(s.config, kind.section), "precision", None)
+        if precision and (s.kind != ROOT or s.config.pretrain.record.trains):
             detail += f" {precision}"
-        hours = gpu_hours(s)
+        hours = gpu_hours(s.kind, s.config)
         n = res.process_count()
         gpus = "auto" if res.gpus is None else f"{res.gpus / n:g}"
         wall = "?" if hours is None or not res.gpus else f"{hours / res.gpus:.3g}"

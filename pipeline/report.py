@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.plan import Plan
-from pipeline.spec import negatives
-from pipeline.stages import REPORTED
+from pipeline.stages import ROOT, STAGE_KINDS
 from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, store_exists
 
 PENDING = "pending"
@@ -36,8 +35,12 @@ def stage_runs(plan: Plan) -> pd.DataFrame:
     return df.drop_duplicates(f"tags.{KEY}").set_index(f"tags.{KEY}")
 
 
-def _metric(df: pd.DataFrame, key: str, name: str) -> object:
+def metric(df: pd.DataFrame, key: str | None, name: str) -> float | None:
+    """The last logged value of metric ``name`` of the stage run ``key`` in ``stage_runs``'s frame;
+    None when there is no such stage, run or metric yet. The one lookup of report and paper tables."""
     col = f"metrics.{name}"
+    if key is None:
+        return None
     if key not in df.index or col not in df.columns or pd.isna(df.at[key, col]):
         return None
     return float(df.at[key, col])
@@ -58,19 +61,21 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
                  "done" if all(s == "FINISHED" for s in statuses) else
                  "running" if any(s == "RUNNING" for s in statuses) else PENDING)
         p = cell.config.pretrain
+        trains = p.record.trains
+        head = getattr(p.config, "head", None)
         row = {"cell": cell.name}
         row.update({k: cell.values.get(k, "") for k in value_keys})
-        row.update({"method": p.method, "head": p.head.kind if p.method != "none" else "-",
-                    "K": negatives(p.method, p.K, p.batch_size) or "-", "epochs": p.epochs if p.method != "none" else 0})
-        loss = _metric(df, keys["pretrain"], "loss")
-        row["pretrain_loss"] = loss if loss is not None else (PENDING if p.method != "none" else "-")
+        row.update({"method": p.method, "head": head.kind if head is not None and trains else "-",
+                    "K": p.negatives_count or "-", "epochs": p.epochs if trains else 0})
+        loss = metric(df, keys[ROOT], "loss")
+        row[f"{ROOT}_loss"] = loss if loss is not None else (PENDING if trains else "-")
         for kind in plan.grid.evaluations:
-            headline, *more = REPORTED[kind]
+            headline, *more = STAGE_KINDS[kind].reported
             for column, name in [(f"{kind}_{headline}", headline)] + [(m, m) for m in more]:
                 if kind not in keys:  # the grid does not evaluate this cell this way
                     row[column] = "-"
                     continue
-                val = _metric(df, keys[kind], name)
+                val = metric(df, keys[kind], name)
                 row[column] = val if val is not None else PENDING
         row["state"] = state
         rows.append(row)

@@ -12,10 +12,10 @@ worker imported sslgrid from (``sslgrid.code_path``). The copy changes no stage 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
+
+from trainers.files import atomic_write
 
 PACKAGES = ("pipeline", "trainers", "evaluators", "cluster")
 
@@ -45,13 +45,8 @@ def snapshot(workdir: Path, root: Path | None = None) -> Path:
     dest = Path(workdir) / ".code" / code_hash(root)
     if dest.exists():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=dest.parent))
-    for rel in source_files(root):
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / rel, tmp / rel)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another run made the same copy first
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(dest, folder=True) as tmp:  # another run may publish the same copy first
+        for rel in source_files(root):
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, tmp / rel)
     return dest

@@ -20,20 +20,23 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Union
 
-from trainers.backbones import BACKBONES
-from trainers.heads import HEADS
-from trainers.optim import OPTIMIZERS
-from trainers.pretrain import METHODS as TRAINED_METHODS
-from trainers.pretrain import QUEUE_METHODS, UNTRAINED
+# A grid's ``cluster:`` entry (``default`` or a stage kind) is the SLURM request of its jobs, declared
+# once, with its defaults, in cluster/slurm_jobs.py (torch-free). Unset fields fall back to
+# ``cluster.default``, then to the stage's ``resources`` (cpus, gpus), then to those defaults.
+from cluster.slurm_jobs import SlurmParams as SlurmSpec  # noqa: F401  (re-exported)
+from trainers.methods import DEFAULT as DEFAULT_METHOD
+from trainers.methods import METHODS as METHOD_RECORDS
+from trainers.methods.base import HeadSpec, NegativesSpec, param  # noqa: F401  (HeadSpec, NegativesSpec: re-exported)
+from trainers.names import BACKBONES, OPTIMIZERS
 
+if TYPE_CHECKING:
+    from pipeline.stages import StageConfig
 
-def _f(default: Any, **meta: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        raise TypeError("use tuples for list defaults")
-    return field(default=default, metadata=meta)
+_f = param  # the field helper; trainers/methods/base.py documents the metadata
+ROOT = "pretrain"  # the section, and the stage kind, of the pretraining every evaluation follows
 
 
 # autocast dtypes of the training stages (trainers/loop.py); "auto" resolves per stage in
@@ -77,14 +80,6 @@ class BackboneSpec:
 
 
 @dataclass(frozen=True)
-class HeadSpec:
-    kind: str = _f("mlp", choices=HEADS)
-    hidden_dim: Optional[int] = _f(None, min=1, doc="default: the backbone's feature dimension")
-    out_dim: int = _f(128, min=1)
-    batchnorm: bool = _f(False, doc="BN after each hidden fc (SimCLR's head; MoCo v2's has none)")
-
-
-@dataclass(frozen=True)
 class AugmentSpec:
     crop_scale: tuple[float, float] = _f((0.2, 1.0), min=0.0, max=1.0)
     color_strength: float = _f(0.5, min=0.0, doc="SimCLR strength s: ColorJitter(0.8s,0.8s,0.8s,0.2s)")
@@ -101,24 +96,16 @@ class AugmentSpec:
     flip: bool = _f(True)
 
 
-METHODS = (UNTRAINED,) + tuple(TRAINED_METHODS)
-
-
-@dataclass(frozen=True)
-class NegativesSpec:
-    """How MoCo picks its K negatives from the queue (trainers/negatives.py)."""
-
-    sampling: str = _f("all", choices=("all", "hard"))
-    shape: float = _f(4.0, doc="skew-normal shape alpha (> 0: long tail towards easy ranks)")
-    loc: float = _f(0.0, doc="skew-normal location, in units of the queue length")
-    scale: float = _f(0.4, min=1e-6, doc="skew-normal scale, in units of the queue length")
 
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    """Defaults: MoCo v2, facebookresearch/moco@7397dfe main_moco.py with --mlp --moco-t 0.2 --aug-plus --cos."""
+    """The fields every method reads, and the method's own fields in ``config`` (an instance of
+    ``METHOD_RECORDS[method].config``, trainers/methods/). Defaults: MoCo v2, facebookresearch/moco@7397dfe
+    main_moco.py with --mlp --moco-t 0.2 --aug-plus --cos. A grid names the method's own fields flat
+    (``pretrain.K``), and ``to_dict`` writes them flat (spec.json, MLflow params), as before the split."""
 
-    method: str = _f("mocov2", choices=METHODS)
+    method: str = _f(DEFAULT_METHOD, choices=METHOD_RECORDS)  # the live registry: a method added to it is valid
     epochs: int = _f(200, min=1)
     batch_size: int = _f(256, min=2)
     lr: float = _f(0.03, min=0.0)
@@ -133,177 +120,44 @@ class PretrainSpec:
     schedule: str = _f("cosine", choices=("cosine", "step", "constant"))
     milestones: tuple[int, ...] = _f((120, 160), min=0)
     warmup_epochs: float = _f(0.0, min=0.0)
-    K: int = _f(65536, min=1, doc="number of negatives: queue size (moco), bank draws (instdisc); simclr: 2B-2")
-    m: float = _f(0.999, min=0.0, max=1.0, doc="key-encoder momentum")
-    T: float = _f(0.2, min=1e-6, doc="softmax temperature")
-    head: HeadSpec = HeadSpec()
     augment: AugmentSpec = AugmentSpec()
-    negatives: NegativesSpec = NegativesSpec()
-    tau_base: float = _f(0.996, min=0.0, max=1.0, doc="byol: target EMA, rising from tau_base to 1")
-    bank_m: float = _f(0.5, min=0.0, max=1.0, doc="instdisc: memory-bank momentum")
-    nce_loss: str = _f("nce", choices=("nce", "softmax"), doc="instdisc: NCE or the softmax over 1+K")
     seed: int = _f(0)
     precision: str = _precision()
     knn_every: int = _f(0, min=0, identity=False, doc="online monitor: log knn_top1 (k 200, T 0.1) on the val "
                                                    "split every N epochs and after the last; 0: off")
+    config: Any = _f(METHOD_RECORDS[DEFAULT_METHOD].config(), inline=True)
+
+    def __getattr__(self, name: str) -> Any:
+        """The method's own fields read as the spec's (``p.K`` is ``p.config.K``); only called when
+        ``name`` is not a common field. Raises AttributeError naming the method otherwise."""
+        config = self.__dict__.get("config")  # absent while unpickling
+        if name.startswith("__") or config is None:
+            raise AttributeError(name)
+        if name in {f.name for f in dataclasses.fields(config)}:
+            return getattr(config, name)
+        raise AttributeError(f"pretrain.{name}: method {self.method!r} has no such field")
+
+    @property
+    def record(self):
+        """The method's record (trainers/methods/base.py ``Method``)."""
+        return METHOD_RECORDS[self.method]
+
+    @property
+    def negatives_count(self) -> int | None:
+        """How many negatives each query is contrasted with (K, SimCLR's 2B − 2), or None."""
+        return self.record.count_negatives(self.config, self.batch_size)
+
+    def base_lr(self) -> float:
+        """The lr the schedule starts from: ``lr``, or lr x batch_size/256 under linear scaling
+        (SimCLR's "LearningRate = 0.3 x BatchSize/256", BYOL's base lr x B/256)."""
+        return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
 
 
-# Method presets: fields a method changes from the MoCo v2 defaults, before the grid's own values.
-PRESETS: dict[str, dict[str, Any]] = {
-    "mocov2": {},
-    # moco v1: main_moco.py without --mlp/--aug-plus/--cos: T 0.07, fc head, step lr at 120/160,
-    # ColorJitter(0.4, 0.4, 0.4, 0.4) always applied, no blur.
-    "mocov1": {"T": 0.07, "schedule": "step", "milestones": (120, 160), "head": {"kind": "linear"},
-               "augment": {"color_jitter": (0.4, 0.4, 0.4, 0.4), "color_p": 1.0, "blur": False}},
-    # lemniscate.pytorch main.py: dim 128, nce-k 4096, nce-t 0.07, nce-m 0.5, lr 0.03, x0.1 at 120/160;
-    # MoCo v1's augmentation
-    "instdisc": {"K": 4096, "T": 0.07, "bank_m": 0.5, "schedule": "step", "milestones": (120, 160),
-                 "head": {"kind": "linear"},
-                 "augment": {"color_jitter": (0.4, 0.4, 0.4, 0.4), "color_p": 1.0, "blur": False}},
-    # simclr run.py (ImageNet): T 0.1, lr 0.3xB/256, wd 1e-6, 10 warmup epochs then cosine; head with BN;
-    # crop 0.08-1, colour strength 1, blur p 0.5; LARS (eta 1e-3) with BN and bias excluded.
-    "simclr": {"T": 0.1, "lr": 0.3, "weight_decay": 1e-6, "warmup_epochs": 10, "schedule": "cosine",
-               "optimizer": "lars", "exclude_bias_norm": True, "lr_scaling": "linear",
-               "head": {"kind": "mlp", "batchnorm": True},
-               "augment": {"crop_scale": (0.08, 1.0), "color_strength": 1.0}},
-    # byol configs/byol.py: tau_base 0.996, projector -> 256 with BN, lr 0.2xB/256 (1000 ep), wd 1.5e-6,
-    # 10 warmup epochs, cosine, LARS (eta 1e-3, momentum 0.9) with BN and bias excluded;
-    # utils/augmentations.py: ColorJitter(0.4,0.4,0.2,0.1) p 0.8, blur p 1.0 / 0.1, solarize p 0 / 0.2.
-    "byol": {"tau_base": 0.996, "lr": 0.2, "weight_decay": 1.5e-6, "warmup_epochs": 10, "schedule": "cosine",
-             "optimizer": "lars", "exclude_bias_norm": True, "lr_scaling": "linear",
-             "head": {"kind": "mlp", "batchnorm": True, "out_dim": 256},
-             "augment": {"color_jitter": (0.4, 0.4, 0.2, 0.1), "crop_scale": (0.08, 1.0), "blur_p": 1.0,
-                         "view2_blur_p": 0.1, "solarize_p": 0.0, "view2_solarize_p": 0.2}},
-    # torchvision's ResNet recipe: lr 0.1, wd 1e-4, x0.1 every 30 epochs
-    "supervised": {"lr": 0.1, "weight_decay": 1e-4, "schedule": "step", "milestones": (30, 60), "head": {"kind": "none"}},
-    "none": {},
-}
-
-# For a method, the pretrain fields that can change its result (the rest are dropped from identity,
-# so e.g. every random-init cell of a grid shares one stage).
-_COMMON = ("method", "epochs", "batch_size", "lr", "weight_decay", "momentum", "optimizer", "lars_eta",
-           "exclude_bias_norm", "lr_scaling", "schedule", "milestones", "warmup_epochs", "augment", "seed",
-           "precision")
-METHOD_FIELDS: dict[str, tuple[str, ...] | None] = {
-    "none": ("method", "seed"),
-    "instdisc": _COMMON + ("K", "T", "head", "bank_m", "nce_loss"),
-    "mocov1": _COMMON + ("K", "m", "T", "head", "negatives"),
-    "mocov2": _COMMON + ("K", "m", "T", "head", "negatives"),
-    "simclr": _COMMON + ("T", "head"),  # K = 2B - 2 follows the batch size
-    "byol": _COMMON + ("tau_base", "head"),
-    "supervised": _COMMON,
-}
-
-
-@dataclass(frozen=True)
-class ProbeSpec:
-    """Defaults: moco main_lincls.py (lr 30, batch 256, 100 epochs, x0.1 at 60/80, wd 0)."""
-
-    mode: str = _f("cached", choices=("cached", "moco"))
-    epochs: int = _f(100, min=1)
-    lr: float = _f(30.0, min=0.0)
-    batch_size: int = _f(256, min=1)
-    momentum: float = _f(0.9, min=0.0, max=1.0)
-    weight_decay: float = _f(0.0, min=0.0)
-    milestones: Optional[tuple[int, ...]] = _f(None, min=0, doc="default: 60% and 80% of epochs")
-    # legacy true: probes before the field dropped each epoch's last partial batch (256 of 300 images)
-    drop_last: bool = _f(False, legacy=True, doc="false trains on every image each epoch, as main_lincls; true "
-                         "drops the last partial batch, as probe stages did before this field")
-    seed: int = _f(0)
-    precision: str = _precision()
-
-
-@dataclass(frozen=True)
-class KnnSpec:
-    """Weighted kNN on L2-normalised backbone features (InstDisc; moco's CIFAR demo: k 200, T 0.1)."""
-
-    k: int = _f(200, min=1)
-    T: float = _f(0.1, min=1e-6)
-
-
-@dataclass(frozen=True)
-class TsneSpec:
-    """Fig. 3: t-SNE of a fixed val sample under no, weak and strong augmentation (evaluators/tsne.py)."""
-
-    samples: int = _f(500, min=10, doc="val images embedded (fewer if the split is smaller)")
-    perplexity: float = _f(30.0, min=1.0)
-    seed: int = _f(0)
-    dpi: int = _f(100, min=30, identity=False)
-
-
-@dataclass(frozen=True)
-class SyntheticVocSpec:
-    """The embedded detection set: coloured shapes on flat canvases, written in VOC layout."""
-
-    trainval: int = _f(600, min=1)
-    test: int = _f(200, min=1)
-    size: int = _f(64, min=16, doc="canvas side in pixels")
-    seed: int = _f(0)
-
-
-@dataclass(frozen=True)
-class DetectionSpec:
-    """Faster R-CNN R50-C4 fine-tuning (evaluators/detection.py). Defaults: MoCo's VOC recipe
-    (moco/detection/configs/pascal_voc_R_50_C4_24k_moco.yaml): 24k iterations, steps 18k/22k, base
-    lr 0.02, batch 16, SyncBN (here ``train``)."""
-
-    voc_root: Optional[str] = _f(None, path=True, doc="folder holding VOCdevkit/VOC2007; null: the synthetic set")
-    train_sets: tuple[str, ...] = _f(("2007/trainval", "2012/trainval"), pattern=r"\d{4}/\w+", example="2007/trainval",
-                                     doc="YEAR/split under VOCdevkit/VOC<YEAR>, concatenated (MoCo: VOC07+12 trainval)")
-    test_set: str = _f("2007/test", pattern=r"\d{4}/\w+", example="2007/test")
-    # legacy error: before the field, a set with an invalid box could only fail, so no finished stage
-    # trained without one; drop changes which boxes train and score, hence part of the identity
-    invalid_boxes: str = _f("error", choices=("error", "drop"), legacy="error",
-                            doc="a box that is reversed, leaves the image, lacks a coordinate or has an unknown "
-                                "class: error refuses the sets, naming each; drop leaves it out with a warning "
-                                "(evaluators/voc.py)")
-    synthetic: SyntheticVocSpec = SyntheticVocSpec()
-    iterations: int = _f(24000, min=1)
-    batch_size: int = _f(16, min=1)
-    lr: float = _f(0.02, min=0.0)
-    steps: tuple[int, ...] = _f((18000, 22000), min=0)
-    warmup_iters: int = _f(100, min=0)
-    momentum: float = _f(0.9, min=0.0, max=1.0)
-    weight_decay: float = _f(1e-4, min=0.0)
-    min_size: tuple[int, ...] = _f(tuple(range(480, 801, 32)), min=16,
-                                   doc="shorter side; training draws one per image (MoCo's multi-scale 480-800), "
-                                       "testing uses the last; a single value trains and tests at that size")
-    max_size: int = _f(1333, min=16)
-    anchor_sizes: tuple[int, ...] = _f((32, 64, 128, 256, 512), min=1)
-    roi_size: int = _f(14, min=1, doc="RoIAlign output side fed to res5 (detectron2 C4: 14)")
-    rois_per_image: int = _f(512, min=1, doc="RoIs sampled per image for the box head (detectron2: 512)")
-    proposals_train: int = _f(2000, min=1, doc="RPN proposals kept per image in training (pre- and post-NMS)")
-    proposals_test: int = _f(1000, min=1, doc="RPN proposals kept per image at test time")
-    norm: str = _f("train", choices=("train", "frozen"))
-    seed: int = _f(0)
-    precision: str = _precision()
-    log_every: int = _f(20, min=1, identity=False)
-    ckpt_every: int = _f(500, min=1, identity=False)
-
-
-@dataclass(frozen=True)
-class InversionSpec:
-    """Fig. 2: Deep Image Prior inversion of h and z (evaluators/inversion.py); DIP's Adam lr 1e-3."""
-
-    images: int = _f(4, min=1, doc="val images inverted")
-    iterations: int = _f(2000, min=1, doc="Adam steps per image and target")
-    lr: float = _f(1e-3, min=0.0)
-    seed: int = _f(0)
-    dpi: int = _f(100, min=30, identity=False)
-
-
-@dataclass(frozen=True)
-class StageConfig:
-    """Everything a cell configures: the grid's ``defaults`` with a cell's overrides applied."""
-
-    dataset: DatasetSpec = DatasetSpec()
-    backbone: BackboneSpec = BackboneSpec()
-    pretrain: PretrainSpec = PretrainSpec()
-    linear_probe: ProbeSpec = ProbeSpec()
-    knn: KnnSpec = KnnSpec()
-    tsne: TsneSpec = TsneSpec()
-    detection: DetectionSpec = DetectionSpec()
-    inversion: InversionSpec = InversionSpec()
+# The common pretrain fields that can change a method's result (a method's record may name fewer:
+# random init keeps method and seed, so every random-init cell of a grid shares one stage).
+COMMON_IDENTITY = ("method", "epochs", "batch_size", "lr", "weight_decay", "momentum", "optimizer", "lars_eta",
+                   "exclude_bias_norm", "lr_scaling", "schedule", "milestones", "warmup_epochs", "augment", "seed",
+                   "precision")
 
 
 @dataclass(frozen=True)
@@ -327,29 +181,6 @@ class Resources:
         """(processes, CPUs per process, GPUs per process) when the stage has ``gpus`` in all."""
         n = self.process_count(gpus)
         return n, self.cpus / n, gpus / n
-
-
-@dataclass(frozen=True)
-class SlurmSpec:
-    """A grid's ``cluster:`` entry (``default`` or a stage kind): the SLURM request of its jobs. Unset
-    fields fall back to ``cluster.default``, then to the stage's ``resources`` (cpus, gpus)."""
-
-    partition: Optional[str] = None
-    nodes: Optional[int] = _f(None, min=1, doc="default 1")
-    tasks_per_node: Optional[int] = _f(None, min=1, doc="processes per node, one per GPU (data-parallel); default 1")
-    gpus_per_node: Optional[int] = _f(None, min=0)
-    cpus_per_task: Optional[int] = _f(None, min=1)
-    mem_gb: Optional[float] = _f(None, min=0.0)
-    timeout_min: Optional[int] = _f(None, min=1, doc="default 60")
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    additional_parameters: Optional[dict] = _f(None, doc="extra sbatch flags, e.g. {mail-type: END}")
-    setup: Optional[tuple[str, ...]] = _f(None, doc="shell lines run before the job, e.g. module load")
-    array_parallelism: Optional[int] = _f(None, min=1, doc="default 64")
-
-
-EVALUATIONS = ("linear_probe", "knn", "tsne", "detection", "inversion")
 
 
 # --------------------------------------------------------------------------------------------
@@ -469,60 +300,79 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def build_pretrain(data: Any, path: str, problems: list[Problem]) -> PretrainSpec | None:
+    """The ``pretrain`` section → PretrainSpec: the method's preset (its record's ``preset`` and its
+    config's defaults) under the grid's values. A field of another registered method is checked and
+    ignored (a grid's defaults may set K for every cell, SimCLR's included); a field no method has is
+    a problem naming the closest valid one."""
+    if isinstance(data, PretrainSpec):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(Problem(path, data, "must be a mapping of field: value"))
+        return None
+    name = data.get("method", DEFAULT_METHOD)
+    method_field = next(f for f in dataclasses.fields(PretrainSpec) if f.name == "method")
+    if _check_scalar(str, name, f"{path}.method", dict(method_field.metadata), problems) is None \
+            or name not in METHOD_RECORDS:
+        return None
+    record = METHOD_RECORDS[name]
+    merged = deep_merge(deep_merge(record.preset, to_dict(record.config())), data)
+    common = {f.name for f in dataclasses.fields(PretrainSpec)} - {"config"}
+    own = set(record.fields)
+    others = {n: r for r in METHOD_RECORDS.values() for n in r.fields if n not in own}
+    common_values, own_values = {}, {}
+    for key, value in merged.items():
+        if key in own:
+            own_values[key] = value
+        elif key in others:  # another method's field: checked as that method would, then left out
+            f = next(f for f in dataclasses.fields(others[key].config) if f.name == key)
+            _build(typing.get_type_hints(others[key].config)[key], value, f"{path}.{key}", dict(f.metadata), problems)
+        elif key in common or key == "config":
+            common_values[key] = value
+        else:
+            names = sorted(common | own | set(others))
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{path}.{close[0]}'?" if close else f"valid fields: {', '.join(names)}"
+            problems.append(Problem(f"{path}.{key}", value, f"unknown field; {hint}"))
+    config = build_dataclass(record.config, own_values, path, problems)
+    if config is None:
+        return None
+    common_values["config"] = config
+    return build_dataclass(PretrainSpec, common_values, path, problems)
+
+
 def build_stage_config(raw: dict, problems: list[Problem]) -> StageConfig | None:
-    """A cell's nested config dict → StageConfig, with the method's preset under the user's values."""
-    pre = raw.get("pretrain")
-    if isinstance(pre, dict) and pre.get("method", PretrainSpec.method) in PRESETS:
-        raw = dict(raw, pretrain=deep_merge(PRESETS[pre.get("method", PretrainSpec.method)], pre))
+    """A cell's nested config dict → StageConfig (pipeline/stages.py), with the method's preset under
+    the user's values; every problem found is appended to ``problems``."""
+    from pipeline.stages import StageConfig
+
+    raw = dict(raw)
+    before = len(problems)
+    pretrain = build_pretrain(raw.pop(ROOT, None), ROOT, problems)
     cfg = build_dataclass(StageConfig, raw, "", problems)
-    if cfg is not None:
-        _cross_checks(cfg, problems)
+    if cfg is None or pretrain is None or len(problems) > before:
+        return None
+    cfg = dataclasses.replace(cfg, pretrain=pretrain)
+    _cross_checks(cfg, problems)
     return cfg
 
 
 def resolve_precision(cfg: StageConfig, resources: dict[str, Resources]) -> StageConfig:
     """``cfg`` with every ``precision: auto`` replaced by what it means for the stage that reads it:
     bf16 when the grid's resources give that stage GPUs (gpus > 0), else fp32. The resolved value is
-    what the stage's identity records (fp32 is the legacy value, so CPU stages keep their keys)."""
-    def resolve(section: Any, kind: str) -> Any:
-        if section.precision != "auto":
-            return section
-        gpus = resources[kind].gpus if kind in resources else None
-        return dataclasses.replace(section, precision="bf16" if gpus else "fp32")
-
-    return dataclasses.replace(cfg, pretrain=resolve(cfg.pretrain, "pretrain"),
-                               linear_probe=resolve(cfg.linear_probe, "linear_probe"),
-                               detection=resolve(cfg.detection, "detection"))
-
-
-def process_problems(cfg: StageConfig, resources: dict[str, Resources]) -> list[Problem]:
-    """What the pretraining's process count (``resources.pretrain``) requires of the cell: a global
-    batch and a number of BatchNorm groups that the processes divide."""
-    n = resources["pretrain"].process_count()
-    if n == 1 or cfg.pretrain.method == "none":
-        return []
-    problems = []
-    if cfg.pretrain.batch_size % n:
-        problems.append(Problem("pretrain.batch_size", cfg.pretrain.batch_size,
-                                f"must be a multiple of the {n} processes resources.pretrain runs"))
-    if cfg.backbone.bn_splits != 1 and cfg.backbone.bn_splits % n:
-        problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
-                                f"must be 1 (BN synchronised over the processes) or a multiple of the {n} processes "
-                                f"resources.pretrain runs: it counts BatchNorm groups in the global batch, so that "
-                                f"the result does not depend on the number of GPUs. {n} is one group per process "
-                                f"(moco's per-GPU BN)"))
-    return problems
-
-
-def shuffle_bn_warning(cfg: StageConfig, resources: dict[str, Resources]) -> str | None:
-    """A MoCo stage whose key encoder's BatchNorm sees the whole batch at once: ``bn_splits: 1``. Shuffle-BN then cannot hide the batch's statistics from the key encoder (moco's
-    CIFAR demo: 4 points worse without it). The default stays 1, because changing it would change the
-    identity of every stage that relied on it; this warning names the field instead."""
-    if cfg.pretrain.method not in QUEUE_METHODS or cfg.backbone.bn_splits > 1:
-        return None
-    return ("backbone.bn_splits = 1: the key encoder's BatchNorm sees the whole batch (in one process, or "
-            "synchronised over several), the leak shuffle-BN exists to stop. Set backbone.bn_splits to 8 (moco's 8 GPUs "
-            "of 32 images at batch 256) or to batch_size/32")
+    what the stage's identity records (fp32 is the legacy value, so CPU stages keep their keys).
+    Every section with a ``precision`` field is resolved with the resources of the stage kind of
+    the same name."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if getattr(section, "precision", None) != "auto":
+            continue
+        gpus = resources[f.name].gpus if f.name in resources else None
+        changes[f.name] = dataclasses.replace(section, precision="bf16" if gpus else "fp32")
+    return dataclasses.replace(cfg, **changes)
 
 
 def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
@@ -531,11 +381,12 @@ def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
         problems.append(Problem("pretrain.augment.crop_scale", [lo, hi], "min must not exceed max"))
     if cfg.dataset.name == "imagefolder" and not cfg.dataset.root:
         problems.append(Problem("dataset.root", None, "an imagefolder dataset needs root: <folder with train/ and val/>"))
-    if cfg.pretrain.method in QUEUE_METHODS and cfg.dataset.name == "synthetic" and cfg.pretrain.K >= cfg.dataset.num_train:
-        problems.append(Problem("pretrain.K", cfg.pretrain.K,
+    p = cfg.pretrain
+    if p.record.negatives == "queue" and cfg.dataset.name == "synthetic" and p.config.K >= cfg.dataset.num_train:
+        problems.append(Problem("pretrain.K", p.config.K,
                                 f"must be below the dataset size ({cfg.dataset.num_train}): a queue that long holds an "
                                 f"older key of each query's own image as a negative"))
-    if cfg.pretrain.method != "none" and cfg.pretrain.batch_size % cfg.backbone.bn_splits:
+    if p.record.trains and p.batch_size % cfg.backbone.bn_splits:
         problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
                                 f"must divide pretrain.batch_size ({cfg.pretrain.batch_size})"))
 
@@ -551,10 +402,17 @@ def _in_identity(f: dataclasses.Field, value: Any) -> bool:
 
 
 def to_dict(obj: Any, identity_only: bool = False) -> Any:
-    """Dataclass → plain JSON-able dict (tuples become lists); optionally only identity fields."""
+    """Dataclass → plain JSON-able dict (tuples become lists); optionally only identity fields. A
+    field marked ``inline`` (PretrainSpec's ``config``) has its fields written into its parent's."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name), identity_only) for f in dataclasses.fields(obj)
-                if not identity_only or _in_identity(f, getattr(obj, f.name))}
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("inline"):
+                out.update(to_dict(value, identity_only))
+            elif not identity_only or _in_identity(f, value):
+                out[f.name] = to_dict(value, identity_only)
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v, identity_only) for v in obj]
     return obj
@@ -570,19 +428,14 @@ def dataset_identity(ds: DatasetSpec) -> dict:
 
 
 def pretrain_identity(p: PretrainSpec) -> dict:
+    """The pretrain fields in the stage identity: the common fields that can change the method's
+    result (``COMMON_IDENTITY``, or its record's ``identity_common``) and the method's own fields,
+    each unless marked otherwise (``identity=False``, or at its ``legacy`` value)."""
     d = to_dict(p, identity_only=True)
     if p.optimizer == "sgd":
         d.pop("lars_eta", None)  # SGD does not read it
-    keep = METHOD_FIELDS.get(p.method)
-    return {k: d[k] for k in keep if k in d} if keep is not None else d
-
-
-def negatives(method: str, K: int, batch_size: int) -> int | None:
-    """The number of negatives a method contrasts each query with: SimCLR's in-batch 2B − 2, the
-    queue or bank size K for MoCo and InstDisc, None for the methods without negatives."""
-    if method == "simclr":
-        return 2 * batch_size - 2
-    return K if method in QUEUE_METHODS + ("instdisc",) else None
+    keep = (p.record.identity_common or COMMON_IDENTITY) + p.record.fields
+    return {k: d[k] for k in keep if k in d}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -594,3 +447,17 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+_IN_STAGES = ("StageConfig", "EVALUATIONS", "ProbeSpec", "KnnSpec", "TsneSpec", "SyntheticVocSpec", "DetectionSpec",
+              "InversionSpec")
+
+
+def __getattr__(name: str) -> Any:
+    """The evaluation specs and StageConfig live with their stage kinds (pipeline/stages.py); they
+    are read from there, so ``from pipeline.spec import StageConfig`` keeps working."""
+    if name in _IN_STAGES:
+        from pipeline import stages
+
+        return getattr(stages, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,6 @@ creates the store, the experiment and every run, and workers only log to run ids
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,11 @@ from typing import Any
 from pipeline.plan import Plan, Stage
 from pipeline.spec import flatten
 from pipeline.state import read_json, rerun_fix
+from trainers.files import StageDir, atomic_write
 
 ROLE, GRID, KEY, STAGE = "sslgrid.role", "sslgrid.grid", "sslgrid.key", "sslgrid.stage"
 ERROR = "sslgrid.error"
-WARNINGS, WARNINGS_TAG = "warnings.log", "sslgrid.warnings"
+WARNINGS_TAG = "sslgrid.warnings"
 DRIVER = "sslgrid.driver"  # on the parent run: JSON {pid, host, time, workdir, lock} of the driver running it
 MAX_ARTIFACT_BYTES = 50 * 2**20  # larger checkpoints are referenced by path, not copied
 
@@ -153,9 +153,9 @@ def prepare_runs(plan: Plan) -> tuple[str, str, dict[str, str]]:
             for i in range(0, len(params), 100):
                 c.log_batch(run.info.run_id, params=params[i:i + 100])
             c.update_run(run.info.run_id, status="SCHEDULED")
-            done = stage.directory(g.workdir) / "DONE"
-            if done.exists():  # work from before the store existed: bring its final metrics back
-                result = read_json(stage.directory(g.workdir) / "result.json", rerun_fix(stage.directory(g.workdir)))
+            d = stage.directory(g.workdir)
+            if d.done.exists():  # work from before the store existed: bring its final metrics back
+                result = read_json(d.result, rerun_fix(d.path))
                 now = int(time.time() * 1000)
                 c.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in numeric(result).items()],
                             tags=[RunTag("sslgrid.restored", "true")])
@@ -180,7 +180,7 @@ class MlflowSink:
     def __init__(self, uri: str, run_id: str, stage_dir: Path):
         self.c = client(uri)
         self.run_id = run_id
-        self.stage_dir = Path(stage_dir)
+        self.stage_dir = StageDir(stage_dir)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -196,7 +196,7 @@ class MlflowSink:
             self.c.log_artifact(self.run_id, str(path))
 
     def progress(self, done: int, total: int) -> None:
-        write_json(self.stage_dir / "progress.json", {"done": done, "total": total, "time": time.time()})
+        write_json(self.stage_dir.progress, {"done": done, "total": total, "time": time.time()})
 
     def warn(self, message: str) -> None:
         """Appended to ``warnings.log`` in the stage folder (the driver prints it when the stage ends)
@@ -204,15 +204,12 @@ class MlflowSink:
         import sys
 
         print(f"warning: {message}", file=sys.stderr)
-        with open(self.stage_dir / WARNINGS, "a") as f:
+        with open(self.stage_dir.warnings, "a") as f:
             f.write(message.replace("\n", " ") + "\n")
-        self.c.set_tag(self.run_id, WARNINGS_TAG, (self.stage_dir / WARNINGS).read_text()[-5000:])
+        self.c.set_tag(self.run_id, WARNINGS_TAG, self.stage_dir.warnings.read_text()[-5000:])
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write-then-rename, so a reader or a crash never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """``obj`` as JSON, through ``atomic_write``: a reader or a crash never sees half a file."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

@@ -13,11 +13,14 @@ device: without it, a model can tell the positive key from the negatives through
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from pipeline.spec import BackboneSpec
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -111,14 +114,15 @@ class TorchvisionResNet(nn.Module):
         return trunk, n.layer4, c4, self.feat_dim
 
 
-def build_backbone(spec: dict) -> nn.Module:
-    """``spec``: the grid's ``backbone`` section (name, bn_splits, cifar_stem)."""
-    name = spec["name"]
-    if name == "tiny_resnet":
-        return TinyResNet(bn_splits=spec["bn_splits"])
-    if name in ("resnet18", "resnet50"):
-        return TorchvisionResNet(name, spec["bn_splits"], spec["cifar_stem"])
-    raise ValueError(f"unknown backbone {name!r}")
+def build_backbone(bb: BackboneSpec) -> nn.Module:
+    """A freshly initialised backbone mapping N×3×S×S images to N×``feat_dim`` features, from the
+    grid's ``backbone`` section (``cifar_stem`` applies to the torchvision ResNets; the tiny ResNet
+    always has a CIFAR stem). Raises ValueError for a name not in BACKBONES."""
+    if bb.name == "tiny_resnet":
+        return TinyResNet(bn_splits=bb.bn_splits)
+    if bb.name in ("resnet18", "resnet50"):
+        return TorchvisionResNet(bb.name, bb.bn_splits, bb.cifar_stem)
+    raise ValueError(f"unknown backbone {bb.name!r}")
 
 
 BACKBONES = ("tiny_resnet", "resnet18", "resnet50")

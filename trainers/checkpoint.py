@@ -16,6 +16,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from trainers.files import atomic_write
+
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be read; the text names the file and what to do."""
@@ -31,15 +33,10 @@ def atomic_save(obj: Any, path: Path, keep_previous: bool = False) -> None:
     """``torch.save`` to ``path`` through a fsynced temporary file and a rename; with
     ``keep_previous`` the file it replaces is kept as ``previous(path)``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if keep_previous and path.exists():
-        os.replace(path, previous(path))
-    os.replace(tmp, path)
+    with atomic_write(path, fsync=True) as tmp:
+        torch.save(obj, tmp)
+        if keep_previous and path.exists():
+            os.replace(path, previous(path))
 
 
 _UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError)

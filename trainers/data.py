@@ -19,10 +19,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from trainers.files import atomic_write
+
+if TYPE_CHECKING:
+    from pipeline.spec import DatasetSpec
 
 SHAPES = ("circle", "square", "triangle", "cross", "diamond", "star")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
@@ -160,21 +166,15 @@ def ensure_synthetic(num_train: int, num_val: int, image_size: int, seed: int) -
     root = synthetic_root(num_train, num_val, image_size, seed)
     if (root / "DONE").exists():
         return root
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
-        rng = np.random.default_rng(split_seed)
-        for cls in SHAPES:
-            (tmp / split / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            cls = SHAPES[i % len(SHAPES)]
-            render_shape(cls, image_size, rng).save(tmp / split / cls / f"{i:06d}.png")
-    (tmp / "DONE").write_text(json.dumps({"train": num_train, "val": num_val, "size": image_size}))
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process won the race; its tree is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(root, folder=True) as tmp:  # another process may publish the identical tree first
+        for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
+            rng = np.random.default_rng(split_seed)
+            for cls in SHAPES:
+                (tmp / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                cls = SHAPES[i % len(SHAPES)]
+                render_shape(cls, image_size, rng).save(tmp / split / cls / f"{i:06d}.png")
+        (tmp / "DONE").write_text(json.dumps({"train": num_train, "val": num_val, "size": image_size}))
     return root
 
 
@@ -221,26 +221,20 @@ def ensure_jpeg_tree(num_train: int, num_val: int, seed: int = 0, size: tuple[in
     root = cache_dir() / "data" / f"jpeg-{size[0]}x{size[1]}-{digest}"
     if (root / "DONE").exists():
         return root
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    jobs = []
-    for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
-        for cls in SHAPES:
-            (tmp / split / cls).mkdir(parents=True, exist_ok=True)
-        jobs += [(tmp / split, split_seed, i, size, jitter, quality) for i in range(n)]
-    workers = min(len(jobs) // 64 + 1, os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_jpeg_image, jobs, chunksize=16))
-    else:
-        for job in jobs:
-            _jpeg_image(job)
-    (tmp / "DONE").write_text(json.dumps(params))
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process won the race; its tree is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_write(root, folder=True) as tmp:  # another process may publish the identical tree first
+        jobs = []
+        for split, n, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
+            for cls in SHAPES:
+                (tmp / split / cls).mkdir(parents=True, exist_ok=True)
+            jobs += [(tmp / split, split_seed, i, size, jitter, quality) for i in range(n)]
+        workers = min(len(jobs) // 64 + 1, os.cpu_count() or 1)
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_jpeg_image, jobs, chunksize=16))
+        else:
+            for job in jobs:
+                _jpeg_image(job)
+        (tmp / "DONE").write_text(json.dumps(params))
     return root
 
 
@@ -457,21 +451,26 @@ def _from_torchvision(name: str, root: Path, train: bool, download: bool) -> Ima
     return ImageSet(images, torch.as_tensor(labels, dtype=torch.int64), tuple(classes))
 
 
-def load_split(dataset: dict, split: str) -> ImageSet:
-    """Load ``split`` ("train" or "val") of the dataset described by a dataset spec dict."""
-    name = dataset["name"]
-    size = dataset["image_size"]
-    limit = dataset.get(f"max_{split}")
-    if name == "synthetic":
-        root = ensure_synthetic(dataset["num_train"], dataset["num_val"], size, dataset["seed"])
-        return load_imagefolder(root / split, size, in_memory=dataset.get("in_memory"), native=True,
+def load_split(ds: DatasetSpec, split: str) -> ImageSet:
+    """``split`` ("train" or "val") of the dataset ``ds`` describes: images N×3×S×S uint8 (S =
+    ``ds.image_size``; a LazyImages for a streamed ImageFolder), labels N int64. ``max_train`` /
+    ``max_val`` subsample an ImageFolder (every n-th file) and CIFAR/STL (the first n); the
+    synthetic set is generated at ``num_train`` / ``num_val`` instead. Raises ValueError for another
+    split, and DataError naming the folder or file for data that cannot be read."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split {split!r}: load_split reads 'train' or 'val'")
+    size = ds.image_size
+    limit = ds.max_train if split == "train" else ds.max_val
+    if ds.name == "synthetic":
+        root = ensure_synthetic(ds.num_train, ds.num_val, size, ds.seed)
+        return load_imagefolder(root / split, size, in_memory=ds.in_memory, native=True,
                                 classes=imagefolder_classes(root))
-    if name == "imagefolder":
-        root = Path(dataset["root"]).expanduser()
-        return load_imagefolder(root / split, size, limit, dataset.get("in_memory"), classes=imagefolder_classes(root))
-    if name in ("cifar10", "stl10"):
-        data = _from_torchvision(name, Path(dataset["root"]), split == "train", dataset.get("download", False))
+    if ds.name == "imagefolder":
+        root = Path(ds.root).expanduser()
+        return load_imagefolder(root / split, size, limit, ds.in_memory, classes=imagefolder_classes(root))
+    if ds.name in ("cifar10", "stl10"):
+        data = _from_torchvision(ds.name, Path(ds.root), split == "train", ds.download)
         if limit is not None and len(data) > limit:
             data = ImageSet(data.images[:limit], data.labels[:limit], data.classes)
         return data
-    raise DataError(f"unknown dataset {name!r}")
+    raise DataError(f"unknown dataset {ds.name!r}")

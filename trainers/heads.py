@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn as nn
 
-HEADS = ("none", "linear", "mlp", "frozen", "deep", "narrow")
+from trainers.names import HEADS  # re-exported: the choices live where grids are validated without torch
 
 
 def _bn(on: bool, dim: int) -> list[nn.Module]:
@@ -49,3 +50,22 @@ def build_head(kind: str, feat_dim: int, hidden_dim: int | None, out_dim: int, b
         return nn.Sequential(nn.Linear(feat_dim, out_dim), *_bn(batchnorm, out_dim), nn.ReLU(inplace=True),
                              nn.Linear(out_dim, out_dim)), out_dim
     raise ValueError(f"unknown head {kind!r}")
+
+
+class Encoder(nn.Module):
+    """backbone f (image → h) followed by projection head g (h → z)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))  # z: N×out_dim
+
+
+def build_encoder(backbone: nn.Module, head, hidden: int | None = None) -> tuple[Encoder, int]:
+    """(backbone + the head of spec ``head`` (trainers/methods/base.py HeadSpec), z's dimension).
+    ``hidden``: the hidden width when ``head.hidden_dim`` is unset (default: the feature width)."""
+    g, dim = build_head(head.kind, backbone.feat_dim, head.hidden_dim or hidden, head.out_dim, head.batchnorm)
+    return Encoder(backbone, g), dim

@@ -36,11 +36,28 @@ from trainers.sink import Sink
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 
-# step(net, inputs, labels, dataset indices, generator) -> (loss, metrics): inputs are this rank's
-# rows of each view; ``net`` is the model, wrapped in DistributedDataParallel under torch.distributed
-# (call it, not the model, so that gradients are averaged); metrics are tensors on the device.
-StepFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Generator],
+
+
+@dataclass(frozen=True)
+class StepAt:
+    """Where a step is: ``step`` counts optimizer steps from 0 over the whole run (resumed runs
+    continue the count), ``epoch`` from 0; ``steps_per_epoch`` and ``epochs`` give the run's length,
+    for schedules of the method's own (BYOL's tau, DINO's teacher temperature, SwAV's freezing)."""
+
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    epochs: int
+
+
+# step(net, inputs, labels, dataset indices, generator, at) -> (loss, metrics): inputs are this
+# rank's rows of each view; ``net`` is the model, wrapped in DistributedDataParallel under
+# torch.distributed (call it, not the model, so that gradients are averaged); metrics are tensors
+# on the device; ``at`` is a StepAt.
+StepFn = Callable[[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Generator, StepAt],
                   tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# after_backward(model, at): between the backward pass and the optimizer step, gradients unscaled
+AfterBackward = Callable[[nn.Module, StepAt], None]
 
 
 class Batches(Protocol):
@@ -67,6 +84,7 @@ class LoopConfig:
     exclude_bias_norm: bool = False
     lars_eta: float = 1e-3
     precision: str = "fp32"  # bf16 | fp16 | fp32: autocast dtype of the forward pass
+    clip_grad_norm: float | None = None  # clip the global gradient L2 norm to this (torch.nn.utils.clip_grad_norm_)
     check_every: int = 50  # steps between non-finite checks (each one reads a scalar back from the device)
 
 
@@ -122,8 +140,8 @@ def data_parallel(model: nn.Module, dev: torch.device) -> nn.Module:
 
 
 def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_path: Path, sink: Sink,
-        on_epoch_end: Callable[[int], dict[str, float]] | None = None, drop_last: bool = True
-        ) -> list[dict[str, float]]:
+        on_epoch_end: Callable[[int], dict[str, float]] | None = None, drop_last: bool = True,
+        after_backward: AfterBackward | None = None) -> list[dict[str, float]]:
     """Train ``model`` by ``step_fn`` on ``data`` (trainers/loader.py) for cfg.epochs, resuming from
     ``ckpt_path`` if it exists. Returns the per-epoch history (mean loss, lr, images/s, ...).
 
@@ -132,7 +150,8 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     processes): ``step_fn`` must then weight rows, not ranks, and return a loss to backpropagate
     even for no rows (trainers/distributed.py ``global_row_mean``). Raises ValueError when the
     batch is larger than the data, and FloatingPointError, naming the epoch and step range, when
-    the loss stops being finite."""
+    the loss stops being finite. ``after_backward`` runs after each backward pass, before gradient
+    clipping (``cfg.clip_grad_norm``) and the optimizer step."""
     w = D.world()
     dev = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,10 +191,17 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
                     group["lr"] = lr
                 if dev.type == "cuda":
                     inputs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
+                at = StepAt(step, epoch, steps_per_epoch, cfg.epochs)
                 with autocast(dev, cfg.precision):
-                    loss, metrics = step_fn(net, inputs, y, idx, g)
+                    loss, metrics = step_fn(net, inputs, y, idx, g, at)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if after_backward is not None or cfg.clip_grad_norm is not None:
+                    scaler.unscale_(opt)  # the hooks see true gradients (a no-op without fp16's scaler)
+                    if after_backward is not None:
+                        after_backward(model, at)
+                    if cfg.clip_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                 scaler.step(opt)
                 scaler.update()
                 step += 1

@@ -12,6 +12,12 @@ import torch
 import torch.nn.functional as F
 
 
+def top1(logits: torch.Tensor, target: torch.Tensor | int) -> torch.Tensor:
+    """Fraction of rows of ``logits`` (N×C) whose largest logit is ``target`` (an index, or N
+    indices), as a device tensor: nothing is read back to the host."""
+    return (logits.argmax(1) == target).float().mean()
+
+
 @contextlib.contextmanager
 def full_precision():
     """Autocast off on every device type present, for the enclosed computation."""

@@ -15,20 +15,9 @@ import torch.nn.functional as F
 
 from trainers import distributed as D
 from trainers.augment import to_device
+from trainers.heads import Encoder
 from trainers.losses import info_nce, info_nce_selected
 from trainers.negatives import hard_negative_index
-
-
-class Encoder(nn.Module):
-    """backbone f (image → h) followed by projection head g (h → z)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
 
 class MoCo(nn.Module):

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-OPTIMIZERS = ("sgd", "lars")
+from trainers.names import OPTIMIZERS  # re-exported: the choices live where grids are validated without torch
 
 
 def is_bias_or_norm(p: torch.Tensor) -> bool:

@@ -60,28 +60,30 @@ def test_solarize_matches_torchvision():
 
 
 def test_byol_views_are_asymmetric():
-    from pipeline.spec import PRESETS, build_stage_config
+    import dataclasses
+
+    from pipeline.spec import build_stage_config
     from trainers.pretrain import augment_params
 
     problems: list = []
-    cfg = build_stage_config({"pretrain": {"method": "byol", **PRESETS["byol"]}}, problems)
+    cfg = build_stage_config({"pretrain": {"method": "byol"}}, problems)  # the preset of trainers/methods/byol.py
     assert not problems
-    aug = to_dict(cfg.pretrain.augment)
+    aug = cfg.pretrain.augment
     first, second = augment_params(aug)
     assert (first.blur_p, first.solarize_p, second.blur_p, second.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     # a grid that turns blur off turns it off in both views (Table 3's "w/o GaussianBlur")
-    assert [v.blur_p for v in augment_params({**aug, "blur": False})] == [0.0, 0.0]
+    assert [v.blur_p for v in augment_params(dataclasses.replace(aug, blur=False))] == [0.0, 0.0]
     # MoCo's views are drawn alike
-    mo = augment_params(to_dict(build_stage_config({}, problems).pretrain.augment))
+    mo = augment_params(build_stage_config({}, problems).pretrain.augment)
     assert mo[0] == mo[1] and mo[0].solarize_p == 0.0
 
 
 def test_second_view_parameters_apply_to_the_second_view_only():
+    from pipeline.spec import AugmentSpec
     from trainers.pretrain import augment_params
 
-    base = {"crop_scale": (1.0, 1.0), "color_strength": 0.0, "color_jitter": None, "color_p": 0.0,
-            "grayscale_p": 0.0, "blur": True, "blur_p": 0.0, "flip": False, "solarize_p": 0.0,
-            "view2_blur_p": None, "view2_solarize_p": 1.0}
+    base = AugmentSpec(crop_scale=(1.0, 1.0), color_strength=0.0, color_jitter=None, color_p=0.0, grayscale_p=0.0,
+                       blur=True, blur_p=0.0, flip=False, solarize_p=0.0, view2_blur_p=None, view2_solarize_p=1.0)
     first, second = augment_params(base)
     imgs = (torch.rand(4, 3, 32, 32) * 255).to(torch.uint8)
     plain = eval_view(imgs, first)

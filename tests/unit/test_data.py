@@ -1,15 +1,17 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from trainers.data import DataError, ensure_synthetic, load_imagefolder, load_split
-from tests.conftest import tiny_dataset
+from tests.conftest import tiny_config
 
 
 def test_synthetic_is_deterministic_and_balanced():
-    a = load_split(tiny_dataset(), "train")
-    b = load_split(tiny_dataset(), "train")
+    a = load_split(tiny_config().dataset, "train")
+    b = load_split(tiny_config().dataset, "train")
     assert torch.equal(a.images, b.images)
     assert a.images.shape == (96, 3, 32, 32) and a.images.dtype == torch.uint8
     assert a.labels.bincount().tolist() == [16] * 6
@@ -50,15 +52,14 @@ def test_lazy_imagefolder_trains_and_probes(tmp_path):
     from evaluators.linear_probe import linear_probe
     from trainers.pretrain import pretrain
     from trainers.sink import ListSink
-    from tests.conftest import tiny_spec
 
     root = ensure_synthetic(96, 48, 32, 0)
     shutil.copytree(root, tmp_path / "data")
-    spec = tiny_spec(epochs=1)
-    spec["dataset"] = dict(spec["dataset"], name="imagefolder", root=str(tmp_path / "data"), in_memory=False)
-    up = pretrain(spec, tmp_path / "pre", ListSink())
+    cfg = tiny_config(epochs=1)
+    cfg = replace(cfg, dataset=replace(cfg.dataset, name="imagefolder", root=str(tmp_path / "data"), in_memory=False))
+    up = pretrain(cfg, tmp_path / "pre", ListSink())
     assert up["epochs_trained"] == 1
-    assert 0 <= linear_probe(spec, up, tmp_path / "probe", ListSink())["top1"] <= 100
+    assert 0 <= linear_probe(cfg, up, tmp_path / "probe", ListSink())["top1"] <= 100
 
 
 def test_the_synthetic_set_trains_the_same_in_memory_or_streamed(tmp_path):
@@ -66,14 +67,13 @@ def test_the_synthetic_set_trains_the_same_in_memory_or_streamed(tmp_path):
     streamed, its S×S files are cropped on the device exactly as the in-memory array is."""
     from trainers.pretrain import pretrain
     from trainers.sink import ListSink
-    from tests.conftest import tiny_spec
 
     losses = {}
     for mode in (True, False):
-        spec = tiny_spec(epochs=1)
-        spec["dataset"] = dict(spec["dataset"], in_memory=mode, workers=1)
+        cfg = tiny_config(epochs=1)
+        cfg = replace(cfg, dataset=replace(cfg.dataset, in_memory=mode, workers=1))
         sink = ListSink()
-        pretrain(spec, tmp_path / str(mode), sink)
+        pretrain(cfg, tmp_path / str(mode), sink)
         losses[mode] = sink.series("loss")
     assert losses[True] == losses[False]
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.spec import DatasetSpec
 from trainers.data import (DataError, _load_image, imagefolder_classes, load_imagefolder, load_split, open_rgb)
 from trainers.loader import CropDataset
 from trainers.augment import AugmentParams
@@ -24,8 +25,8 @@ def _tree(root: Path, splits: dict[str, tuple[str, ...]], per_class: int = 2) ->
     return root
 
 
-def _imagefolder(root: Path) -> dict:
-    return {"name": "imagefolder", "root": str(root), "image_size": 8, "in_memory": True}
+def _imagefolder(root: Path) -> DatasetSpec:
+    return DatasetSpec(name="imagefolder", root=str(root), image_size=8, in_memory=True)
 
 
 def test_hidden_folders_and_files_are_not_classes_or_images(tmp_path):

@@ -2,6 +2,8 @@
 and the C4 detector's wiring."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -82,16 +84,15 @@ def test_map_on_known_boxes():
 
 def test_c4_detector_is_initialised_from_the_checkpoint(tmp_path):
     from evaluators.detection import build_detector
-    from pipeline.spec import DetectionSpec, to_dict
-    from tests.conftest import tiny_spec
+    from tests.conftest import tiny_config
     from trainers import checkpoint
     from trainers.backbones import build_backbone
 
-    spec = tiny_spec()
-    bb = build_backbone(spec["backbone"])
+    cfg = tiny_config()
+    bb = build_backbone(cfg.backbone)
     checkpoint.atomic_save({"backbone": bb.state_dict()}, tmp_path / "final.pt")
-    p = to_dict(DetectionSpec()) | {"min_size": 64, "max_size": 64, "anchor_sizes": [8, 16, 32], "norm": "frozen"}
-    det = build_detector(spec["backbone"], tmp_path / "final.pt", 3, p)
+    p = replace(cfg.detection, min_size=(64,), max_size=64, anchor_sizes=(8, 16, 32), norm="frozen")
+    det = build_detector(cfg.backbone, tmp_path / "final.pt", 3, p)
     # res5 (the box head) and the trunk carry the pretrained weights
     assert torch.equal(det.roi_heads.box_head.res5.conv1.weight, bb.layers[-1].conv1.weight)
     assert torch.equal(det.backbone.body[0][0].weight, bb.stem[0].weight)
@@ -132,23 +133,23 @@ class _KillAfter:
 
 def test_killed_detection_resumes_from_its_checkpoint_and_matches_uninterrupted(tmp_path, monkeypatch):
     from evaluators.detection import detection
-    from pipeline.spec import DetectionSpec, to_dict
-    from tests.conftest import tiny_spec
+    from tests.conftest import tiny_config
     from trainers.pretrain import pretrain
     from trainers.sink import ListSink
 
     monkeypatch.setenv("SSLGRID_CACHE", str(tmp_path / "cache"))
-    spec = tiny_spec(method="none")
-    pre = pretrain(spec, tmp_path / "pre", ListSink())
-    spec["detection"] = to_dict(DetectionSpec()) | {
-        "iterations": 6, "batch_size": 2, "steps": [5], "warmup_iters": 2, "min_size": 64, "max_size": 64,
-        "anchor_sizes": [8, 16, 32], "rois_per_image": 32, "proposals_train": 50, "proposals_test": 50,
-        "ckpt_every": 2, "log_every": 1, "synthetic": {"trainval": 12, "test": 6, "size": 64, "seed": 0}}
-    whole = detection(spec, pre, tmp_path / "whole", ListSink())
+    cfg = tiny_config(method="none")
+    pre = pretrain(cfg, tmp_path / "pre", ListSink())
+    d = cfg.detection
+    cfg = replace(cfg, detection=replace(
+        d, iterations=6, batch_size=2, steps=(5,), warmup_iters=2, min_size=(64,), max_size=64,
+        anchor_sizes=(8, 16, 32), rois_per_image=32, proposals_train=50, proposals_test=50, ckpt_every=2,
+        log_every=1, synthetic=replace(d.synthetic, trainval=12, test=6, size=64, seed=0)))
+    whole = detection(cfg, pre, tmp_path / "whole", ListSink())
     with pytest.raises(_Killed):
-        detection(spec, pre, tmp_path / "cut", _KillAfter(4))
+        detection(cfg, pre, tmp_path / "cut", _KillAfter(4))
     sink = ListSink()
-    resumed = detection(spec, pre, tmp_path / "cut", sink)
+    resumed = detection(cfg, pre, tmp_path / "cut", sink)
     assert [m["resumed_from_iteration"] for _, m in sink.metrics if "resumed_from_iteration" in m] == [4.0]
     assert resumed == whole
     from trainers import checkpoint
@@ -160,8 +161,8 @@ def test_killed_detection_resumes_from_its_checkpoint_and_matches_uninterrupted(
 
 def test_multi_scale_training_draws_from_min_size_and_tests_at_the_last(tmp_path):
     from evaluators.detection import build_detector
-    from pipeline.spec import DetectionSpec, Problem, build_dataclass, to_dict
-    from tests.conftest import tiny_spec
+    from pipeline.spec import DetectionSpec, Problem, build_dataclass
+    from tests.conftest import tiny_config
     from trainers import checkpoint
     from trainers.backbones import build_backbone
 
@@ -169,10 +170,10 @@ def test_multi_scale_training_draws_from_min_size_and_tests_at_the_last(tmp_path
     assert build_dataclass(DetectionSpec, {"min_size": 64}, "detection", problems).min_size == (64,)
     assert DetectionSpec().min_size == tuple(range(480, 801, 32))  # MoCo's VOC recipe
     assert not problems
-    spec = tiny_spec()
-    checkpoint.atomic_save({"backbone": build_backbone(spec["backbone"]).state_dict()}, tmp_path / "final.pt")
-    p = to_dict(DetectionSpec()) | {"min_size": [40, 56, 72], "max_size": 1000, "anchor_sizes": [8, 16, 32]}
-    det = build_detector(spec["backbone"], tmp_path / "final.pt", 3, p)
+    cfg = tiny_config()
+    checkpoint.atomic_save({"backbone": build_backbone(cfg.backbone).state_dict()}, tmp_path / "final.pt")
+    p = replace(cfg.detection, min_size=(40, 56, 72), max_size=1000, anchor_sizes=(8, 16, 32))
+    det = build_detector(cfg.backbone, tmp_path / "final.pt", 3, p)
     img = torch.rand(3, 64, 64)
     torch.manual_seed(0)
     det.transform.train()

@@ -10,6 +10,7 @@ MoCo) differed by 1.4e-4 relative in epoch 0's mean loss and 8.4e-4 in epoch 2's
 allow 1e-2 relative."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,20 +21,19 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_config
 from trainers import checkpoint
 from trainers.data import load_split
 from trainers.pretrain import pretrain
 from trainers.sink import ListSink
 
-def _spec(method: str, bn_splits: int, epochs: int, n_train: int, K: int) -> dict:
-    spec = tiny_spec(method=method, epochs=epochs, batch_size=16, K=K, T=0.2, nce_loss="softmax")
-    spec["dataset"]["num_train"] = n_train
-    spec["backbone"]["bn_splits"] = bn_splits
-    return spec
+def _spec(method: str, bn_splits: int, epochs: int, n_train: int, K: int):
+    spec = tiny_config(preset=False, method=method, epochs=epochs, batch_size=16, K=K, T=0.2, nce_loss="softmax")
+    return dataclasses.replace(spec, dataset=dataclasses.replace(spec.dataset, num_train=n_train),
+                               backbone=dataclasses.replace(spec.backbone, bn_splits=bn_splits))
 
 
-def _worker(rank: int, world: int, port: int, spec: dict, out: str) -> None:
+def _worker(rank: int, world: int, port: int, spec, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from trainers import distributed as D
@@ -77,7 +77,7 @@ def test_two_processes_match_one(tmp_path, case, run):
     if bn_splits == 1:  # the synchronised variance is E[x²] − mean² in fp32, not torch's Welford: 4e-6 apart
         rel = max(rel, 2e-5)
     spec = _spec(method, bn_splits, epochs, n_train, K)
-    load_split(spec["dataset"], "train")  # the data cache, before the ranks start
+    load_split(spec.dataset, "train")  # the data cache, before the ranks start
     torch.set_num_threads(1)
     one = ListSink()
     pretrain(spec, tmp_path / "one", one)
@@ -104,7 +104,7 @@ def test_two_processes_match_one(tmp_path, case, run):
         assert float((two - ref).abs().max()) <= 1e-3 * scale, (two - ref).abs().max()
 
 
-def _probe_worker(rank: int, world: int, port: int, spec: dict, up: dict, out: str) -> None:
+def _probe_worker(rank: int, world: int, port: int, spec, up: dict, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from evaluators.linear_probe import linear_probe
@@ -128,7 +128,8 @@ def test_probe_in_two_processes_matches_one(tmp_path, mode, n_train, batch):
     from evaluators.linear_probe import linear_probe
 
     spec = _spec("mocov2", 2, 1, n_train, 16)
-    spec["linear_probe"].update(mode=mode, epochs=3, batch_size=batch, lr=1.0)
+    spec = dataclasses.replace(spec, linear_probe=dataclasses.replace(spec.linear_probe, mode=mode, epochs=3,
+                                                                      batch_size=batch, lr=1.0))
     torch.set_num_threads(1)
     up = pretrain(spec, tmp_path / "pre", ListSink())
     one = linear_probe(spec, up, tmp_path / "one", ListSink())

@@ -140,9 +140,9 @@ def test_settle_leaves_no_run_running_or_scheduled_that_nothing_runs(tmp_path):
     live, done = stages[0], stages[1]
     for s in stages:
         c.update_run(run_ids[s.key], status="RUNNING")
-    (done.directory(plan.grid.workdir)).mkdir(parents=True)
+    done.directory(plan.grid.workdir).path.mkdir(parents=True)
     (done.directory(plan.grid.workdir) / "DONE").write_text("{}")
-    with L.acquire(live.directory(plan.grid.workdir) / L.STAGE_LOCK):  # a process still runs it
+    with L.acquire(live.directory(plan.grid.workdir).lock):  # a process still runs it
         killed = settle(plan, run_ids, "interrupted: test", wait_s=0)
     status = {s.key: c.get_run(run_ids[s.key]).info.status for s in stages}
     assert status[live.key] == "RUNNING" and status[done.key] == "FINISHED"
@@ -159,7 +159,7 @@ def test_a_stage_runs_in_one_process_at_a_time(tmp_path):
     s = next(s for s in plan.ordered() if s.kind == "pretrain" and not s.upstream)
     p = payload(plan, s, run_ids[s.key])
     d = s.directory(plan.grid.workdir)
-    with L.acquire(d / L.STAGE_LOCK, "the other copy"):
+    with L.acquire(d.lock, "the other copy"):
         with pytest.raises(StageBusy, match=rf"stage {s.key} is already running \(pid {os.getpid()} on"):
             run_stage(p)
     assert c.get_run(run_ids[s.key]).info.status == "SCHEDULED"  # the running copy's run is left alone

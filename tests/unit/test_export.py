@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from evaluators.export import detectron2_name
 from pipeline.cli import main
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_config
 from trainers.backbones import build_backbone
 from trainers import checkpoint
 
@@ -23,8 +24,7 @@ def test_names_follow_detectron2():
 
 
 def test_export_writes_every_backbone_tensor(tmp_path, capsys):
-    spec = tiny_spec()["backbone"] | {"name": "resnet18", "bn_splits": 1, "cifar_stem": False}
-    bb = build_backbone(spec)
+    bb = build_backbone(replace(tiny_config().backbone, name="resnet18", bn_splits=1, cifar_stem=False))
     checkpoint.atomic_save({"backbone": bb.state_dict(), "method": "mocov2"}, tmp_path / "final.pt")
     assert main(["export-detectron2", str(tmp_path / "final.pt"), str(tmp_path / "r18.pkl")]) == 0
     model = pickle.load(open(tmp_path / "r18.pkl", "rb"))["model"]
@@ -35,7 +35,7 @@ def test_export_writes_every_backbone_tensor(tmp_path, capsys):
 
 
 def test_export_refuses_a_backbone_detectron2_lacks(tmp_path, capsys):
-    bb = build_backbone(tiny_spec()["backbone"])
+    bb = build_backbone(tiny_config().backbone)
     checkpoint.atomic_save({"backbone": bb.state_dict()}, tmp_path / "final.pt")
     assert main(["export-detectron2", str(tmp_path / "final.pt"), str(tmp_path / "x.pkl")]) == 2
     assert "export works for resnet18, resnet50" in capsys.readouterr().out

@@ -2,10 +2,12 @@
 grid has one row per image and a column per target."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from PIL import Image
 
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_config
 from trainers.pretrain import pretrain
 from trainers.sink import ListSink
 
@@ -20,10 +22,10 @@ def test_unet_keeps_the_size_and_range():
 def test_inversion_loss_falls_and_grid_has_a_column_per_target(tmp_path):
     from evaluators.inversion import inversion
 
-    spec = tiny_spec(epochs=1)  # MoCo v2 with the MLP head: h and z
-    pre = pretrain(spec, tmp_path / "pre", ListSink())
-    spec["inversion"] = {"images": 2, "iterations": 60, "lr": 1e-3, "seed": 0, "dpi": 50}
-    result = inversion(spec, pre, tmp_path / "inv", ListSink())
+    cfg = tiny_config(epochs=1)  # MoCo v2 with the MLP head: h and z
+    pre = pretrain(cfg, tmp_path / "pre", ListSink())
+    small = {"images": 2, "iterations": 60, "lr": 1e-3, "seed": 0, "dpi": 50}
+    result = inversion(replace(cfg, inversion=replace(cfg.inversion, **small)), pre, tmp_path / "inv", ListSink())
     assert result["targets"] == ["h", "z"]
     for t in ("h", "z"):
         assert result[f"inv_loss_{t}_last"] < 0.5 * result[f"inv_loss_{t}_first"], result
@@ -32,6 +34,7 @@ def test_inversion_loss_falls_and_grid_has_a_column_per_target(tmp_path):
     saved = torch.load(tmp_path / "inv" / "inversion.pt")
     assert saved["h"].shape == saved["z"].shape == saved["originals"].shape == (2, 3, 32, 32)
 
-    spec["pretrain"]["head"]["kind"] = "none"
-    pre = pretrain(spec, tmp_path / "pre-nohead", ListSink())
-    assert inversion(spec, pre, tmp_path / "inv2", ListSink())["targets"] == ["h"]
+    cfg = tiny_config(epochs=1, head={"kind": "none"})
+    pre = pretrain(cfg, tmp_path / "pre-nohead", ListSink())
+    cfg = replace(cfg, inversion=replace(cfg.inversion, **small))
+    assert inversion(cfg, pre, tmp_path / "inv2", ListSink())["targets"] == ["h"]

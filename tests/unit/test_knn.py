@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from evaluators.geometry import alignment, uniformity
-from tests.conftest import tiny_spec
-from trainers.knn import knn_predict
+from tests.conftest import tiny_config
+from trainers.neighbors import knn_predict
 from trainers.pretrain import pretrain
 from trainers.sink import ListSink
 
@@ -54,8 +54,8 @@ def test_alignment_and_uniformity_match_naive():
 
 def test_online_monitor_logs_knn_and_does_not_change_training(tmp_path):
     quiet, watched = ListSink(), ListSink()
-    pretrain(tiny_spec(epochs=3), tmp_path / "a", quiet)
-    pretrain(tiny_spec(epochs=3, knn_every=2), tmp_path / "b", watched)
+    pretrain(tiny_config(epochs=3), tmp_path / "a", quiet)
+    pretrain(tiny_config(epochs=3, knn_every=2), tmp_path / "b", watched)
     knn = [(step, m["knn_top1"]) for step, m in watched.metrics if "knn_top1" in m]
     assert [s for s, _ in knn] == [1, 2]  # every 2nd epoch, and after the last
     assert all(0.0 <= v <= 100.0 for _, v in knn)

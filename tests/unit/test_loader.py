@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_config
 from tests.unit.test_loop import assert_resume_matches_uninterrupted
 from trainers import checkpoint
 from trainers import distributed as D
@@ -23,13 +25,16 @@ from trainers.loop import epoch_generator
 from trainers.pretrain import pretrain
 from trainers.sink import ListSink
 
+if TYPE_CHECKING:
+    from pipeline.spec import StageConfig
 
-def jpeg_spec(tmp_path: Path, epochs: int = 2, workers: int = 0, n_train: int = 48, **pretrain_fields) -> dict:
+
+def jpeg_config(tmp_path: Path, epochs: int = 2, workers: int = 0, n_train: int = 48, **pretrain_fields) -> StageConfig:
+    """tiny_config on an ImageNet-like JPEG tree (80×60 originals, streamed) of ``n_train`` images."""
     root = ensure_jpeg_tree(n_train, 12, size=(80, 60))
-    spec = tiny_spec(epochs=epochs, batch_size=16, K=16, **pretrain_fields)
-    spec["dataset"] = dict(spec["dataset"], name="imagefolder", root=str(root), image_size=32, in_memory=None,
-                           workers=workers)
-    return spec
+    cfg = tiny_config(epochs=epochs, batch_size=16, K=16, **pretrain_fields)
+    return replace(cfg, dataset=replace(cfg.dataset, name="imagefolder", root=str(root), image_size=32,
+                                        in_memory=None, workers=workers))
 
 
 def test_jpeg_trees_stream_and_native_trees_stay_in_memory():
@@ -103,11 +108,11 @@ def test_two_processes_match_one_on_streamed_jpegs(tmp_path):
     import torch.multiprocessing as mp
     from tests.unit.test_distributed import _free_port, _worker
 
-    spec = jpeg_spec(tmp_path, epochs=1, n_train=32)
+    cfg = jpeg_config(tmp_path, epochs=1, n_train=32)
     torch.set_num_threads(1)
     one = ListSink()
-    pretrain(spec, tmp_path / "one", one)
-    mp.spawn(_worker, args=(2, _free_port(), spec, str(tmp_path / "two")), nprocs=2, join=True)
+    pretrain(cfg, tmp_path / "one", one)
+    mp.spawn(_worker, args=(2, _free_port(), cfg, str(tmp_path / "two")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert two == pytest.approx(one.series("loss"), rel=1e-5)
     a = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"]["queue"]
@@ -118,7 +123,7 @@ def test_two_processes_match_one_on_streamed_jpegs(tmp_path):
 def test_resume_with_dataloader_workers_matches_uninterrupted(tmp_path):
     """Streamed JPEGs decoded by 2 persistent DataLoader workers: a run killed after epoch 1 resumes
     to the same per-epoch losses and weights as an uninterrupted one."""
-    assert_resume_matches_uninterrupted(jpeg_spec(tmp_path, epochs=3, workers=2), tmp_path)
+    assert_resume_matches_uninterrupted(jpeg_config(tmp_path, epochs=3, workers=2), tmp_path)
 
 
 def test_bf16_step_on_cpu_is_close_to_fp32(tmp_path):
@@ -127,7 +132,7 @@ def test_bf16_step_on_cpu_is_close_to_fp32(tmp_path):
     losses = {}
     for precision in ("fp32", "bf16"):
         sink = ListSink()
-        pretrain(tiny_spec(epochs=1, precision=precision), tmp_path / precision, sink)
+        pretrain(tiny_config(epochs=1, precision=precision), tmp_path / precision, sink)
         losses[precision] = sink.series("loss")[0]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02), losses
     assert losses["bf16"] != losses["fp32"]  # autocast did run

@@ -7,7 +7,7 @@ import torch
 from trainers import checkpoint
 from trainers.pretrain import pretrain
 from trainers.sink import ListSink
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_config
 
 
 class Crash(Exception):
@@ -27,7 +27,7 @@ class CrashingSink(ListSink):
             raise Crash
 
 
-def assert_resume_matches_uninterrupted(spec: dict, tmp_path) -> None:
+def assert_resume_matches_uninterrupted(spec, tmp_path) -> None:
     """A pretraining killed right after epoch 0's checkpoint, then rerun, logs the same later losses
     and ends with bit-equal weights as an uninterrupted run of ``spec``."""
     full = ListSink()
@@ -53,14 +53,14 @@ def assert_same_end(full: ListSink, resumed: ListSink, tmp_path) -> None:
 
 
 def test_resume_matches_uninterrupted(tmp_path):
-    assert_resume_matches_uninterrupted(tiny_spec(epochs=3), tmp_path)
+    assert_resume_matches_uninterrupted(tiny_config(epochs=3), tmp_path)
 
 
 def test_a_truncated_last_checkpoint_falls_back_to_the_one_before(tmp_path):
     """Issue 11 §4: a truncated last.pt failed every rerun with torch's "file is corrupted", naming no
     file. Now the stage resumes from the checkpoint before it, warns naming both, and still ends
     bit-equal to an uninterrupted run."""
-    spec = tiny_spec(epochs=3)
+    spec = tiny_config(epochs=3)
     full = ListSink()
     pretrain(spec, tmp_path / "full", full)
     with pytest.raises(Crash):

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.spec import PRESETS, PretrainSpec, Problem, build_stage_config
+from pipeline.spec import PretrainSpec, Problem, build_stage_config
+from trainers.methods import METHODS
 from trainers.byol import BYOL
 from trainers.instdisc import InstDisc
 from trainers.losses import byol_loss, byol_tau, info_nce_selected, nce_memory_bank, nt_xent
@@ -142,4 +143,4 @@ def test_presets_match_reference_recipes():
     assert (v2.optimizer, v2.exclude_bias_norm, v2.lr_scaling) == ("sgd", False, "none")
     assert (byol.tau_base, byol.head.out_dim, byol.weight_decay, byol.augment.color_jitter) == (0.996, 256, 1.5e-6, (0.4, 0.4, 0.2, 0.1))
     assert resolve("simclr", T=0.5).T == 0.5  # grid values win over the preset
-    assert set(PRESETS) == set(PretrainSpec.__dataclass_fields__["method"].metadata["choices"])
+    assert set(METHODS) == set(PretrainSpec.__dataclass_fields__["method"].metadata["choices"])

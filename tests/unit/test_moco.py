@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from trainers.backbones import SplitBatchNorm2d, TinyResNet
 from trainers.heads import build_head
 from trainers.losses import info_nce
-from trainers.moco import Encoder, MoCo
+from trainers.heads import Encoder
+from trainers.moco import MoCo
 
 
 def naive_info_nce(q, k, queue, T):

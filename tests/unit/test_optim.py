@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from trainers import checkpoint
 from trainers.optim import LARS, build_optimizer
-from trainers.pretrain import base_lr, pretrain
+from trainers.pretrain import pretrain
 from trainers.sink import ListSink
-from tests.conftest import tiny_spec
+from tests.conftest import tiny_config
 from tests.unit.test_loop import Crash, CrashingSink
 
 
@@ -89,14 +89,15 @@ def test_exclusion_groups_for_sgd_and_lars():
 
 
 def test_linear_lr_scaling():
-    assert base_lr({"lr": 0.3, "batch_size": 4096, "lr_scaling": "linear"}) == pytest.approx(4.8)  # SimCLR
-    assert base_lr({"lr": 0.03, "batch_size": 4096, "lr_scaling": "none"}) == 0.03
+    from pipeline.spec import PretrainSpec
+
+    assert PretrainSpec(lr=0.3, batch_size=4096, lr_scaling="linear").base_lr() == pytest.approx(4.8)  # SimCLR
+    assert PretrainSpec(lr=0.03, batch_size=4096, lr_scaling="none").base_lr() == 0.03
 
 
 def test_lars_pretraining_resumes_exactly(tmp_path):
-    spec = tiny_spec(method="simclr", epochs=3, optimizer="lars", exclude_bias_norm=True, lr_scaling="linear",
-                     lr=1.0, weight_decay=1e-6, schedule="constant")
-    spec["pretrain"]["head"].update(kind="mlp", batchnorm=True)
+    spec = tiny_config(preset=False, method="simclr", epochs=3, optimizer="lars", exclude_bias_norm=True, lr_scaling="linear",
+                       lr=1.0, weight_decay=1e-6, schedule="constant", head={"kind": "mlp", "batchnorm": True})
     full = ListSink()
     pretrain(spec, tmp_path / "full", full)
     assert full.series("lr") == [pytest.approx(1.0 * 16 / 256)] * 3  # lr x B/256

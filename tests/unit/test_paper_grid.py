@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cost import MS_PER_IMAGE_EPOCH_MOCO_R50, gpu_hours
+from pipeline.cost import MS_PER_IMAGE_EPOCH_MOCO_R50
+from pipeline.stages import gpu_hours
 from pipeline.grid import load_grid
 from pipeline.plan import build_plan
 
@@ -34,7 +35,7 @@ def test_paper_grid_plans_and_dedups_the_baseline():
 def test_cost_model_reproduces_its_anchor():
     plan = build_plan(load_grid(PAPER, only_studies=["table1"]))
     baseline = plan.stages[plan.cells["table1/head.kind=mlp"]["pretrain"]]
-    assert gpu_hours(baseline) == pytest.approx(424, rel=1e-6)  # moco README: 53 h on 8 V100
+    assert gpu_hours(baseline.kind, baseline.config) == pytest.approx(424, rel=1e-6)  # moco README: 53 h on 8 V100
     assert MS_PER_IMAGE_EPOCH_MOCO_R50 == pytest.approx(5.957, abs=1e-3)
 
 
@@ -44,7 +45,7 @@ def test_detection_estimate_reproduces_its_anchor():
     d = det.spec["detection"]
     assert (d["iterations"], d["batch_size"], max(d["min_size"]), det.spec["backbone"]["name"]) == (24000, 16, 800, "resnet50")
     # detectron2 MODEL_ZOO: R50-C4 0.551 s/iter on 8 V100 at batch 16 -> 24k iterations
-    assert gpu_hours(det) == pytest.approx(0.551 * 8 * 24000 / 3600, rel=1e-6)
+    assert gpu_hours(det.kind, det.config) == pytest.approx(0.551 * 8 * 24000 / 3600, rel=1e-6)
 
 
 def test_paper_grid_trains_every_pretraining_on_8_processes():

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.slurm_backend import Resumable, SlurmParams, check_params, parse_sinfo
-from pipeline.backends import remote_tracking_problem, slurm_params
+from cluster.slurm_backend import Resumable
+from cluster.slurm_jobs import SlurmParams, check_params, parse_sinfo
+from pipeline.backends import remote_tracking_problem
 from pipeline.grid import GridError, load_grid
+from pipeline.slurm import slurm_params
 
 SINFO = "debug*|2|(null)\ngpu|64|gpu:a100:8(S:0-1)\ngpu|32|gpu:4\n"
 
@@ -48,6 +50,18 @@ def test_gpus_default_to_one_on_a_gpu_partition_and_none_on_a_cpu_one(tmp_path):
 def test_requests_the_cluster_cannot_meet_are_named(params, expected):
     problems = check_params("cluster.pretrain", params, parse_sinfo(SINFO))
     assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_parameters_and_defaults_are_declared_once(tmp_path):
+    """The grid's cluster: entries are SlurmParams (pipeline/spec.py's SlurmSpec is the same class);
+    a field set nowhere takes the one default declared there."""
+    from pipeline.spec import SlurmSpec
+
+    assert SlurmSpec is SlurmParams
+    unset = slurm_params(grid(tmp_path, "  default: {}\n"), "pretrain", parse_sinfo(SINFO))
+    assert (unset.timeout_min, unset.nodes, unset.array_parallelism) == (60, 1, 64)
+    assert SlurmParams().executor_kwargs()["timeout_min"] == 60
+    assert SlurmParams(timeout_min=5).over(SlurmParams(timeout_min=30, mem_gb=2.0)) == SlurmParams(timeout_min=5, mem_gb=2.0)
 
 
 def test_a_request_that_fits_has_no_problem():

@@ -179,17 +179,20 @@ def test_invalid_boxes_is_a_detection_field_that_keeps_old_identities():
 
 
 def test_detection_stage_refuses_invalid_boxes_before_training(tmp_path):
+    from dataclasses import replace
+
     from evaluators.detection import detection
-    from pipeline.spec import DetectionSpec, to_dict
+    from tests.conftest import tiny_config
 
     root = _tree(tmp_path / "voc", {"000001": (("dog", "50", "20", "10", "60"),)})
     (voc_dir(root) / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
-    spec = {"backbone": {}, "detection": to_dict(DetectionSpec()) | {
-        "voc_root": str(root), "train_sets": ["2007/trainval"], "test_set": "2007/test"}}
+    cfg = tiny_config()
+    cfg = replace(cfg, detection=replace(cfg.detection, voc_root=str(root), train_sets=("2007/trainval",),
+                                         test_set="2007/test"))
     # no checkpoint exists: the error must come from reading the sets, before the model is built
     with pytest.raises(VocError, match=r"000001\.xml: object 1 of 1 \('dog', xmin 50, ymin 20, xmax 10, ymax 60\): "
                                        r"xmax < xmin"):
-        detection(spec, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", None)
+        detection(cfg, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", None)
 
 
 def test_a_class_written_two_ways_is_one_class_and_the_rare_spelling_is_refused(tmp_path):
@@ -205,15 +208,18 @@ def test_a_class_written_two_ways_is_one_class_and_the_rare_spelling_is_refused(
 def test_boxes_dropped_by_the_stage_are_told_through_its_sink(tmp_path):
     """Stage output goes to Ray's worker logs, which nobody reads; the warning must reach the sink
     (MLflow's sslgrid.warnings tag and the driver's terminal)."""
+    from dataclasses import replace
+
     from evaluators.detection import detection
-    from pipeline.spec import DetectionSpec, StageConfig, to_dict
+    from tests.conftest import tiny_config
     from trainers.sink import ListSink
 
     root = _tree(tmp_path / "voc", {"000001": (("dog", "50", "20", "10", "60"), ("dog", *GOOD[0][1:]))})
     (voc_dir(root) / "ImageSets" / "Main" / "test.txt").write_text("000001\n")
-    spec = {"backbone": to_dict(StageConfig())["backbone"], "detection": to_dict(DetectionSpec()) | {
-        "voc_root": str(root), "train_sets": ["2007/trainval"], "test_set": "2007/test", "invalid_boxes": "drop"}}
+    cfg = tiny_config()
+    cfg = replace(cfg, detection=replace(cfg.detection, voc_root=str(root), train_sets=("2007/trainval",),
+                                         test_set="2007/test", invalid_boxes="drop"))
     sink = ListSink()
     with pytest.raises(FileNotFoundError):  # no checkpoint: it stops when building the model, after the sets
-        detection(spec, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", sink)
+        detection(cfg, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", sink)
     assert len(sink.warnings) == 1 and "000001.xml: object 1 of 2 ('dog', xmin 50" in sink.warnings[0]

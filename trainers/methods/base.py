@@ -1,0 +1,152 @@
+"""What a pretraining method is, as one record, and the spec sections several methods share.
+
+Importing this module (or any module of trainers/methods/ but through a method's ``build``) imports
+no torch, so that pipeline/ can validate a grid, plan it and estimate its cost on a login node.
+A method's model code is imported by its ``build`` function, when a stage trains it.
+
+Field metadata, read by pipeline/spec.py's validator (``param`` writes it):
+- ``identity=False``: the field cannot change results and is left out of stage identities;
+- ``choices``, ``min``/``max`` (inclusive), ``pattern`` with ``example``: what a value may be;
+- ``doc``: one line shown in error messages; ``path``: ``~`` is expanded;
+- ``legacy``: for a field added after stages existed, the value that reproduces what they ran; the
+  field is left out of the identity while it holds that value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+from trainers.names import HEADS
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+
+def param(default: Any, **meta: Any) -> Any:
+    """A dataclass field with validator metadata (see the module docstring). Raises TypeError for a
+    list or dict default (frozen specs hold tuples)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for list defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The projection head g: h → z (trainers/heads.py)."""
+
+    kind: str = param("mlp", choices=HEADS)
+    hidden_dim: Optional[int] = param(None, min=1, doc="default: the backbone's feature dimension")
+    out_dim: int = param(128, min=1)
+    batchnorm: bool = param(False, doc="BN after each hidden fc (SimCLR's head; MoCo v2's has none)")
+
+
+@dataclass(frozen=True)
+class NegativesSpec:
+    """How MoCo picks its K negatives from the queue (trainers/negatives.py)."""
+
+    sampling: str = param("all", choices=("all", "hard"))
+    shape: float = param(4.0, doc="skew-normal shape alpha (> 0: long tail towards easy ranks)")
+    loc: float = param(0.0, doc="skew-normal location, in units of the queue length")
+    scale: float = param(0.4, min=1e-6, doc="skew-normal scale, in units of the queue length")
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """A method without fields of its own."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a builder may need besides the spec: the crop side in pixels, the number of classes,
+    the number of training images, and the optimizer steps of the whole run."""
+
+    size: int
+    num_classes: int
+    n_data: int
+    total_steps: int
+
+
+@dataclass
+class Training:
+    """What ``build`` returns: the model, its step function (trainers/loop.py ``StepFn``), and the
+    loop hooks it uses. ``after_backward(model, at)`` runs between the backward pass and the
+    optimizer step (gradients unscaled), e.g. to zero the gradients of frozen prototypes;
+    ``clip_grad_norm`` clips the global gradient L2 norm to this value, or not at all (None)."""
+
+    model: nn.Module
+    step: Callable
+    after_backward: Callable[[nn.Module, Any], None] | None = None
+    clip_grad_norm: float | None = None
+
+
+NEGATIVE_KINDS = ("queue", "bank", "batch")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pretraining method. ``config`` is the dataclass of the method's own spec fields, whose
+    defaults are its reference recipe; ``preset`` the common pretrain fields (pipeline/spec.py
+    ``PretrainSpec``) it changes from MoCo v2's defaults, under the grid's own values.
+
+    - ``build``: "module:function", called as ``function(backbone, pretrain, ctx) -> Training``
+      with the frozen PretrainSpec; None for a method that trains nothing (random init).
+    - ``views``: augmented views per image the step reads (trainers/augment.py), 1 or 2.
+    - ``negatives``: "queue" (K past keys), "bank" (K draws from a memory bank), "batch" (the
+      other 2B − 2 views of the batch), or None (no negatives).
+    - ``cost_units``: forward-pass equivalents per image, a backward counted as two forwards
+      (pipeline/cost.py; MoCo's query fwd+bwd plus key fwd = 4 is the measured anchor).
+    - ``data_parallel``: whether it may run as several torch.distributed processes.
+    - ``head_prefix``: the checkpoint key prefix of the query/online encoder's head, for the
+      inversion stage's z; ``head_hidden_scale``: the head's hidden width as a multiple of the
+      backbone's feature width when the spec leaves it unset (None: the feature width).
+    - ``shuffle_bn``: it has a momentum key encoder whose BatchNorm shuffle-BN protects.
+    - ``identity_common``: the common fields that can change its result (None: all of them).
+    """
+
+    name: str
+    title: str
+    source: str
+    config: type = NoConfig
+    preset: dict[str, Any] = field(default_factory=dict)
+    build: str | None = None
+    views: int = 2
+    negatives: str | None = None
+    cost_units: float = 0.0
+    data_parallel: bool = True
+    head_prefix: str | None = None
+    head_hidden_scale: float | None = None
+    shuffle_bn: bool = False
+    identity_common: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.negatives not in NEGATIVE_KINDS + (None,):
+            raise ValueError(f"method {self.name}: negatives must be one of {NEGATIVE_KINDS} or None")
+        if not dataclasses.is_dataclass(self.config):
+            raise TypeError(f"method {self.name}: config must be a dataclass")
+
+    @property
+    def trains(self) -> bool:
+        return self.build is not None
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The names of the method's own spec fields."""
+        return tuple(f.name for f in dataclasses.fields(self.config))
+
+    def count_negatives(self, config: Any, batch_size: int) -> int | None:
+        """How many negatives each query is contrasted with: K for a queue or bank, SimCLR's
+        in-batch 2B − 2, None for a method without negatives."""
+        if self.negatives == "batch":
+            return 2 * batch_size - 2
+        return config.K if self.negatives in ("queue", "bank") else None
+
+    def builder(self) -> Callable[..., Training]:
+        """The build function, imported now (this imports torch). Raises ValueError for a method
+        that trains nothing."""
+        if self.build is None:
+            raise ValueError(f"method {self.name} trains nothing")
+        module, _, name = self.build.partition(":")
+        return getattr(importlib.import_module(module), name)
