@@ -99,7 +99,7 @@ def check_quickstart(work: Path, smoke: bool) -> None:
         res = linear_probe(probe.config, up, work / probe.key, ListSink())
         ips = sink.series("images_per_second")
         say(f"quickstart {cell}: pretraining {t_pre:.1f} s ({pre.spec['pretrain']['precision']}"
-            + (f", {ips[-1]:.0f} img/s in the last epoch" if ips else "") + f"), probe top-1 {res['top1']:.1f} "
+            + (f", {ips[-1]:.0f} img/s in the last epoch" if ips else "") + f"), probe top-1 {res.metrics['top1']:.1f} "
             f"in {time.perf_counter() - t:.1f} s")
 
 

@@ -22,6 +22,7 @@ import torch
 from evaluators.linear_probe import linear_probe
 from pipeline.grid import load_grid
 from trainers.pretrain import pretrain
+from trainers.results import PretrainResult
 from trainers.sink import ListSink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def main() -> None:
     ckpt = args.checkpoint or quickstart_checkpoint()
     if ckpt is None:
         random_init = next(c.config for c in cells if c.config.pretrain.method == "none")
-        ckpt = Path(pretrain(random_init, tmp / "pre", ListSink())["checkpoint"])
+        ckpt = Path(pretrain(random_init, tmp / "pre", ListSink()).checkpoint)
         print("backbone: random init (run `make quickstart` first to probe a MoCo v2 backbone)")
     else:
         print(f"backbone: {ckpt}")
@@ -60,9 +61,9 @@ def main() -> None:
     for mode in ("cached", "moco"):
         probe = replace(cfg, linear_probe=replace(cfg.linear_probe, epochs=args.epochs, mode=mode))
         t0 = time.perf_counter()
-        r = linear_probe(probe, {"checkpoint": str(ckpt)}, tmp / mode, ListSink())
-        results[mode] = (time.perf_counter() - t0, r["top1"])
-        print(f"{mode:>7}: {results[mode][0]:8.1f} s   top-1 {r['top1']:.2f}")
+        r = linear_probe(probe, PretrainResult(str(ckpt), 0, 0), tmp / mode, ListSink())  # the probe reads its checkpoint
+        results[mode] = (time.perf_counter() - t0, r.metrics["top1"])
+        print(f"{mode:>7}: {results[mode][0]:8.1f} s   top-1 {r.metrics['top1']:.2f}")
     (tc, ac), (tm, am) = results["cached"], results["moco"]
     print(f"speed-up cached vs moco: {tm / tc:.1f}x   |delta top-1| = {abs(ac - am):.2f} pt")
 

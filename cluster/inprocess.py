@@ -7,9 +7,9 @@ pipeline/execute.py without a cluster, for tests.
 - A handle among a task's arguments is replaced by that task's return value, as Ray does with an
   ObjectRef. When that task failed, the dependent task does not run and its outcome is the same
   exception, as it is on Ray.
-- Arguments and return values go through pickle, as they do on their way to a Ray worker or a
-  SLURM job: a value that could not reach a worker fails here too, and a task cannot change its
-  caller's objects.
+- Arguments and return values are copied through the standard pickle, so a task cannot change its
+  caller's objects. Ray and submitit use cloudpickle, which also carries lambdas and local
+  functions: this backend is stricter than they are for arguments, and it never pickles ``fn``.
 - Only the task's own exceptions exist here, so ``retries`` (Ray's, for crashed workers) is kept
   in the record and never used. One process per task: ``processes`` > 1 is refused.
 """

@@ -74,10 +74,7 @@ def shared_master_port(timeout_s: float = 300.0) -> int:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(str(port))
-        os.replace(tmp, path)
+        write_text(path, str(port))
         return port
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -48,6 +48,7 @@ from trainers.backbones import build_backbone
 from trainers.data import cache_dir
 from trainers.files import StageDir
 from trainers.loop import autocast, device, resolve_precision
+from trainers.results import EvalResult, PretrainResult
 from trainers.sink import Sink
 
 if TYPE_CHECKING:
@@ -145,9 +146,9 @@ def evaluate(model: FasterRCNN, items: list[VocItem], batch: int = 8) -> dict[st
             "det_AP75": 100 * float(out["map_75"])}
 
 
-def detection(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+def detection(cfg: StageConfig, upstream: PretrainResult, workdir: Path, sink: Sink) -> EvalResult:
     """Reads ``cfg.backbone`` and ``cfg.detection``; ``upstream``: the pretraining stage's result
-    (its ``checkpoint``). Returns ``det_AP``, ``det_AP50``, ``det_AP75`` (percent), ``iterations``,
+    (its ``checkpoint``). Its result's metrics: ``det_AP``, ``det_AP50``, ``det_AP75`` (percent), ``iterations``,
     ``classes`` and ``test_images``. Raises VocError (evaluators/voc.py) listing every unreadable file
     and, unless ``invalid_boxes: drop``, every invalid box of the training and test sets, before any
     training; FloatingPointError for a loss that is not finite."""
@@ -165,7 +166,7 @@ def detection(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> di
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     dev = device()
     torch.manual_seed(p.seed)  # the RPN and box predictor start from random weights
-    model = build_detector(cfg.backbone, upstream["checkpoint"], len(classes), p).to(dev)
+    model = build_detector(cfg.backbone, upstream.checkpoint, len(classes), p).to(dev)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
     precision = resolve_precision(p.precision)
@@ -216,4 +217,4 @@ def detection(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> di
             sink.progress(done, p.iterations)
     metrics = evaluate(model, test)
     sink.log(metrics, step=p.iterations)
-    return {**metrics, "iterations": p.iterations, "classes": len(classes), "test_images": len(test)}
+    return EvalResult.of({**metrics, "iterations": p.iterations, "classes": len(classes), "test_images": len(test)})

@@ -25,6 +25,7 @@ from trainers.data import load_split
 from trainers.files import atomic_write
 from trainers.loop import device
 from trainers.pretrain import load_backbone, load_head
+from trainers.results import EvalResult, PretrainResult
 from trainers.sink import Sink
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ def invert(encoder: nn.Module, target: torch.Tensor, size: int, iterations: int,
         return net(z)[0].cpu(), losses
 
 
-def inversion(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+def inversion(cfg: StageConfig, upstream: PretrainResult, workdir: Path, sink: Sink) -> EvalResult:
     """Reads ``cfg.dataset``, ``cfg.backbone``, ``cfg.inversion`` and, through
     trainers/pretrain.py's ``load_head``, what the pretraining's head was; ``upstream``: the
     pretraining stage's result (its ``checkpoint``). Writes ``inversion.png`` and ``inversion.pt``
@@ -99,8 +100,8 @@ def inversion(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> di
 
     p = cfg.inversion
     dev = device()
-    backbone = load_backbone(cfg, upstream["checkpoint"]).to(dev).requires_grad_(False)
-    head = load_head(cfg, upstream["checkpoint"])
+    backbone = load_backbone(cfg, upstream.checkpoint).to(dev).requires_grad_(False)
+    head = load_head(cfg, upstream.checkpoint)
     encoders = {"h": backbone}
     if head is not None:
         encoders["z"] = nn.Sequential(backbone, head.to(dev).requires_grad_(False))
@@ -124,7 +125,8 @@ def inversion(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> di
         sink.progress(len(recon), len(encoders))
     out = Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"originals": originals, **{k: torch.stack(v) for k, v in recon.items()}}, out / "inversion.pt")
+    with atomic_write(out / "inversion.pt") as tmp:
+        torch.save({"originals": originals, **{k: torch.stack(v) for k, v in recon.items()}}, tmp)
     cols = ["original"] + [f"R(Z) for {k}" for k in encoders]
     fig, axes = plt.subplots(len(pick), len(cols), figsize=(1.5 * len(cols), 1.5 * len(pick)), dpi=p.dpi,
                              squeeze=False)
@@ -139,4 +141,4 @@ def inversion(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> di
         fig.savefig(tmp)
     plt.close(fig)
     sink.log({k: v for k, v in result.items() if k.startswith("inv_loss")}, step=0)
-    return result
+    return EvalResult.of(result)

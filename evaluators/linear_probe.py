@@ -34,6 +34,7 @@ from trainers.loader import TensorBatches, image_batches
 from trainers.loop import LoopConfig, device, fit, prepare, resolve_precision
 from trainers.losses import full_precision
 from trainers.pretrain import load_backbone
+from trainers.results import EvalResult, PretrainResult
 from trainers.sink import Sink
 
 if TYPE_CHECKING:
@@ -54,9 +55,9 @@ def sanity_check(backbone: nn.Module, before: dict[str, torch.Tensor]) -> None:
             raise BackboneChanged(f"backbone tensor {name} changed during the linear probe")
 
 
-def linear_probe(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+def linear_probe(cfg: StageConfig, upstream: PretrainResult, workdir: Path, sink: Sink) -> EvalResult:
     """Reads ``cfg.dataset``, ``cfg.backbone`` and ``cfg.linear_probe``; ``upstream``: the
-    pretraining stage's result (its ``checkpoint``). Returns ``top1`` and ``best_top1`` (percent, on
+    pretraining stage's result (its ``checkpoint``). Its result's metrics: ``top1`` and ``best_top1`` (percent, on
     the val split), ``protocol`` and ``epochs``. Every rank of a torch.distributed job calls this:
     features are extracted in shards, and the ``moco`` protocol's crops are read per rank
     (trainers/loader.py), with fc under DistributedDataParallel. Raises BackboneChanged if a
@@ -65,14 +66,14 @@ def linear_probe(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) ->
     p = cfg.linear_probe
     dev = device()
     precision = resolve_precision(p.precision)
-    backbone = prepare(load_backbone(cfg, upstream["checkpoint"]), dev)
+    backbone = prepare(load_backbone(cfg, upstream.checkpoint), dev)
     backbone.requires_grad_(False)
     before = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     train, val = load_split(cfg.dataset, "train"), load_split(cfg.dataset, "val")
     aug = AugmentParams()
 
     def features(split: str, images) -> torch.Tensor:  # N×C, float32, CPU
-        return frozen_features(backbone, images, upstream["checkpoint"], cfg.dataset, split, aug, precision)
+        return frozen_features(backbone, images, upstream.checkpoint, cfg.dataset, split, aug, precision)
 
     val_feats = features("val", val.images)
     num_classes = len(train.classes)
@@ -117,4 +118,4 @@ def linear_probe(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) ->
     top1 = history[-1]["val_top1"]
     best = max(h["val_top1"] for h in history)
     sink.log({"top1": top1, "best_top1": best}, step=p.epochs)
-    return {"top1": top1, "best_top1": best, "protocol": p.mode, "epochs": p.epochs}
+    return EvalResult({"top1": top1, "best_top1": best, "epochs": p.epochs}, step=p.epochs, info={"protocol": p.mode})

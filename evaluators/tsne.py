@@ -25,6 +25,7 @@ from trainers.data import load_split
 from trainers.files import atomic_write
 from trainers.loop import device
 from trainers.pretrain import load_backbone
+from trainers.results import EvalResult, PretrainResult
 from trainers.sink import Sink
 
 if TYPE_CHECKING:
@@ -48,10 +49,10 @@ def features(backbone: torch.nn.Module, images: torch.Tensor, aug: AugmentParams
     return F.normalize(backbone(view).float(), dim=1).cpu()
 
 
-def tsne(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
+def tsne(cfg: StageConfig, upstream: PretrainResult, workdir: Path, sink: Sink) -> EvalResult:
     """Reads ``cfg.dataset``, ``cfg.backbone`` and ``cfg.tsne``; ``upstream``: the pretraining
     stage's result (its ``checkpoint``). Writes ``tsne.png`` (one panel per condition, 4×4 inches at
-    ``dpi``) and returns ``samples`` and ``silhouette_<condition>`` (in [-1, 1]). Raises DataError
+    ``dpi``) and its result's metrics are ``samples`` and ``silhouette_<condition>`` (in [-1, 1]). Raises DataError
     (trainers/data.py) for unreadable data."""
     import matplotlib
 
@@ -61,7 +62,7 @@ def tsne(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
     from sklearn.metrics import silhouette_score
 
     p = cfg.tsne
-    backbone = load_backbone(cfg, upstream["checkpoint"]).to(device())
+    backbone = load_backbone(cfg, upstream.checkpoint).to(device())
     val = load_split(cfg.dataset, "val")
     g = torch.Generator().manual_seed(p.seed)
     pick = torch.randperm(len(val.labels), generator=g)[:p.samples]
@@ -85,4 +86,4 @@ def tsne(cfg: StageConfig, upstream: dict, workdir: Path, sink: Sink) -> dict:
     plt.close(fig)
     sink.log({k: v for k, v in result.items() if k.startswith("silhouette")}, step=0)
     sink.progress(1, 1)
-    return result
+    return EvalResult.of(result)

@@ -43,9 +43,12 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    import torch
 
 from trainers.files import atomic_write
 
@@ -183,6 +186,8 @@ def _describe(obj: ET.Element) -> str:
 
 def _scan_split(root: str | Path, split: str, classes: list[str], year: str, scan: _Scan) -> None:
     """Read one split into ``scan``: every image with its valid boxes, and a message per problem."""
+    import torch  # here, so that voc_problems' callers import torch only when a VOC set is checked
+
     d = voc_dir(root, year)
     ids_file = d / "ImageSets" / "Main" / f"{split}.txt"
     if not ids_file.exists():
@@ -320,6 +325,8 @@ def voc_problems(root: str | Path, train_sets: list[str] | tuple[str, ...], test
 
 def load_image(path: Path) -> torch.Tensor:
     """uint8 3×H×W."""
+    import torch
+
     with Image.open(path) as im:
         data = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
         return data.view(im.height, im.width, 3).permute(2, 0, 1).contiguous()

@@ -31,9 +31,9 @@ from pipeline.slurm import slurm_job
 from pipeline.snapshot import source_root
 from pipeline.state import StateError, read_json, read_json_or, rerun_fix
 from pipeline.stages import STAGE_KINDS
-from pipeline.tracking import ERROR, MlflowSink, client, numeric, write_json
-from trainers import distributed as D
+from pipeline.tracking import ERROR, MlflowSink, client, write_json
 from trainers.files import StageDir
+from trainers.results import SECONDS
 from trainers.sink import NullSink
 
 
@@ -59,12 +59,14 @@ def payload(plan: Plan, stage: Stage, run_id: str, code: str | None = None, cpus
             "cpus": cpus}
 
 
-def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
+def run_stage(p: dict[str, Any], *upstream: Any) -> Any:
     """Run one stage where the backend put it. Raises on failure, after recording it in
     ``status.json`` and in the stage's MLflow run (status FAILED, tag ``sslgrid.error``).
 
     In a multi-process job (torch.distributed's env:// variables set, e.g. by a SLURM job of several
     tasks) every process trains; rank 0 alone writes files and talks to MLflow."""
+    from trainers import distributed as D  # here: the driver (and `sslgrid plan`) need no torch
+
     if p.get("cwd") and Path(p["cwd"]).is_dir():
         os.chdir(p["cwd"])
     d = StageDir(p["dir"])
@@ -78,7 +80,7 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
         try:
             lock = acquire(d.lock, f"{p['kind']} {p['key']}")
             if d.done.exists():  # finished by another process while this one was queued
-                done = read_json(d.result, rerun_fix(d.path))
+                done = read_result(p["kind"], d)
         except LockBusy as err:
             busy = f"stage {p['key']} is already running ({describe(err.holder)}); this copy did not run it"
     busy, done = D.broadcast_object((busy, done))
@@ -89,7 +91,7 @@ def run_stage(p: dict[str, Any], *upstream: dict) -> dict:
             return done
         if not D.world().is_main:
             STAGE_KINDS[p["kind"]](p["config"], list(upstream), d, NullSink())
-            return {}
+            return None  # rank 0's result is the stage's
         return _run_main(p, d, upstream)
     finally:
         if lock is not None:
@@ -100,7 +102,7 @@ class StageBusy(RuntimeError):
     """Another process is running this stage; nothing was touched."""
 
 
-def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[dict, ...]) -> dict:
+def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[Any, ...]) -> Any:
     write_json(d.spec, {"schema": SCHEMA_VERSION, "kind": p["kind"], "key": p["key"], "spec": p["spec"],
                                  "identity": p["identity"], "upstream": p["upstream"], "code": p.get("code")})
     d.status.unlink(missing_ok=True)
@@ -131,10 +133,10 @@ def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[dict, ...]) -> dic
             raise
     if monitor:
         monitor.finish()
-    result["seconds"] = round(time.time() - t0, 3)
-    write_json(d.result, result)
+    seconds = round(time.time() - t0, 3)
+    write_json(d.result, {**result.to_json(), SECONDS: seconds})
     # final values at the step after the last epoch, so they never interleave with the streamed ones
-    sink.log(numeric(result), step=int(result.get("epochs", result.get("epochs_trained", 0))))
+    sink.log({**result.metrics, SECONDS: seconds}, step=result.step)
     for path in [d.spec, d.result] + [d / name for name in STAGE_KINDS[p["kind"]].artifacts]:
         if path.exists():
             sink.artifact(path)
@@ -153,12 +155,23 @@ def system_monitor(uri: str, run_id: str):
     return monitor
 
 
+def read_result(kind: str, d: StageDir) -> Any:
+    """A finished stage's result, read back from its result.json as its kind's result class
+    (trainers/results.py). Raises StateError naming the file and the fix when it is damaged,
+    FileNotFoundError when it is absent."""
+    data = read_json(d.result, rerun_fix(d.path))
+    try:
+        return STAGE_KINDS[kind].result.from_json(data)
+    except (TypeError, AttributeError):  # not an object, or one that lacks a field
+        raise StateError(f"{d.result} does not hold a {kind} result. {rerun_fix(d.path)}") from None
+
+
 def stage_state(stage: Stage, workdir: Path) -> dict[str, Any]:
     """What the work directory says about a stage: done, failed, started (with progress) or pending."""
     d = stage.directory(workdir)
     if d.done.exists():
         try:
-            return {"state": "done", "result": read_json(d.result, rerun_fix(d.path))}
+            return {"state": "done", "result": read_result(stage.kind, d)}
         except FileNotFoundError:
             raise StateError(f"{d.done} is there but {d.result} is not. {rerun_fix(d.path)}") from None
     info: dict[str, Any] = {"state": "pending"}
@@ -237,51 +250,21 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory: Callable[[], B
     gets the entered backend before anything is submitted, and may raise. Raises ResourceError
     (cluster/backend.py) when a stage asks for more than the backend has."""
     console = console or Console()
-    workdir = plan.grid.workdir
-    outcomes: dict[str, Outcome] = {}
-    pending: list[Stage] = []
-    c = client(plan.grid.tracking_uri)
-    for s in plan.ordered():
-        info = stage_state(s, workdir)
-        if info["state"] == "done":
-            outcomes[s.key] = Outcome(s, "cached", info["result"])
-            run = c.get_run(run_ids[s.key])
-            if run.info.status != "FINISHED":  # a crash between DONE and the status update
-                c.set_terminated(run_ids[s.key], "FINISHED")
-        else:
-            pending.append(s)
-            # queued again: KILLED or FAILED by an earlier driver, or RUNNING for one killed outright
-            if c.get_run(run_ids[s.key]).info.status != "SCHEDULED" and stage_live(s, workdir) is None:
-                c.update_run(run_ids[s.key], status="SCHEDULED")
+    outcomes, pending = _cached(plan, run_ids)
     if not pending:
         return outcomes
-
     with backend_factory() as backend:
         if preflight is not None:
             preflight(backend)  # may raise: nothing has been submitted yet
-        has_gpu = backend.resources().get("GPU", 0) >= 1
-        wants = {}
-        for s in pending:
-            res = plan.grid.resources[s.kind]
-            gpus = res.gpus if res.gpus is not None else (1.0 if has_gpu else 0.0)
-            backend.check_fits(f"resources.{s.kind}", res.cpus, gpus)
-            wants[s.key] = res.per_process(gpus)
-        refs: dict[str, Any] = {}
-        for s in pending:
-            args = [outcomes[u].result if u in outcomes else refs[u] for u in s.upstream]
-            processes, cpus, gpus = wants[s.key]
-            # retries=1: a crashed worker is retried once, and resumes from its checkpoint
-            refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key], code, cpus), *args],
-                                         name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1,
-                                         processes=processes)
+        refs = _submit(plan, run_ids, backend, pending, outcomes, code)
         started = time.time()
         by_ref = {refs[s.key]: s for s in pending}
         waiting = list(by_ref)
+        order = {k: i for i, k in enumerate(plan.stages)}
         with _Display(console, plan, pending, len(outcomes)) as display:
             while waiting:
                 ready, waiting = backend.wait(waiting, timeout=0.5)
                 display.poll([by_ref[r] for r in waiting])
-                order = {k: i for i, k in enumerate(plan.stages)}
                 for ref in sorted(ready, key=lambda r: order[by_ref[r].key]):  # upstream before dependents
                     s = by_ref[ref]
                     ok, value = backend.outcome(ref)
@@ -294,9 +277,58 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory: Callable[[], B
                         for line in warned.read_text().splitlines():
                             console.print(f"[yellow]warning[/]: {s.kind}:{s.cells[0]} {s.key}: {line}",
                                           highlight=False, soft_wrap=True)
+    _record(plan, run_ids, pending, outcomes)
+    return outcomes
+
+
+def _cached(plan: Plan, run_ids: dict[str, str]) -> tuple[dict[str, Outcome], list[Stage]]:
+    """The outcomes of the stages that are done, and the stages that are not. A done stage's run
+    is FINISHED; a stage queued again (KILLED or FAILED by an earlier driver, RUNNING for one
+    killed outright) is SCHEDULED unless something still runs it."""
+    outcomes: dict[str, Outcome] = {}
+    pending: list[Stage] = []
+    c = client(plan.grid.tracking_uri)
+    for s in plan.ordered():
+        info = stage_state(s, plan.grid.workdir)
+        if info["state"] == "done":
+            outcomes[s.key] = Outcome(s, "cached", info["result"])
+            if c.get_run(run_ids[s.key]).info.status != "FINISHED":  # a crash between DONE and the status update
+                c.set_terminated(run_ids[s.key], "FINISHED")
+        else:
+            pending.append(s)
+            if c.get_run(run_ids[s.key]).info.status != "SCHEDULED" and stage_live(s, plan.grid.workdir) is None:
+                c.update_run(run_ids[s.key], status="SCHEDULED")
+    return outcomes, pending
+
+
+def _submit(plan: Plan, run_ids: dict[str, str], backend: Backend, pending: list[Stage],
+            outcomes: dict[str, Outcome], code: str | None) -> dict[str, Any]:
+    """Check that every pending stage fits the backend, then submit each (upstream first, a cached
+    upstream's result as a value): stage key → handle. Raises ResourceError before submitting any."""
+    has_gpu = backend.resources().get("GPU", 0) >= 1
+    wants = {}
+    for s in pending:
+        res = plan.grid.resources[s.kind]
+        gpus = res.gpus if res.gpus is not None else (1.0 if has_gpu else 0.0)
+        backend.check_fits(f"resources.{s.kind}", res.cpus, gpus)
+        wants[s.key] = res.per_process(gpus)
+    refs: dict[str, Any] = {}
+    for s in pending:
+        args = [outcomes[u].result if u in outcomes else refs[u] for u in s.upstream]
+        processes, cpus, gpus = wants[s.key]
+        # retries=1: a crashed worker is retried once, and resumes from its checkpoint
+        refs[s.key] = backend.submit(run_stage, [payload(plan, s, run_ids[s.key], code, cpus), *args],
+                                     name=f"{s.kind}:{s.key}", cpus=cpus, gpus=gpus, retries=1, processes=processes)
+    return refs
+
+
+def _record(plan: Plan, run_ids: dict[str, str], pending: list[Stage], outcomes: dict[str, Outcome]) -> None:
+    """What the workers could not tell MLflow themselves: SLURM job ids, why a stage did not run,
+    and the failure of a worker that died."""
+    c = client(plan.grid.tracking_uri)
     for s in pending:
         o = outcomes[s.key]
-        job = slurm_job(s, workdir)
+        job = slurm_job(s, plan.grid.workdir)
         if job and "job_id" in job:  # also for jobs that died before they could tag their run
             c.set_tag(run_ids[s.key], SLURM_TAG, job["job_id"])
         if o.state == "upstream_failed":  # record why it did not run
@@ -307,7 +339,6 @@ def execute(plan: Plan, run_ids: dict[str, str], backend_factory: Callable[[], B
         elif o.state == "failed" and c.get_run(run_ids[s.key]).info.status != "FAILED":
             c.set_tag(run_ids[s.key], ERROR, o.error[:5000])  # the worker died before it could say so
             c.set_terminated(run_ids[s.key], "FAILED")
-    return outcomes
 
 
 def stage_live(stage: Stage, workdir: Path) -> str | None:

@@ -444,7 +444,7 @@ def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
     ``sslgrid run`` refuses with exit 2): each ImageFolder root holds train/ and val/ with the same
     class folders (hidden ones are not classes), each with images; then each stage kind's own
     ``preflight`` (pipeline/stages.py), once per distinct section, e.g. every VOC box."""
-    from trainers.data import DataError, imagefolder_classes
+    from trainers.folders import DataError, imagefolder_classes  # no torch: plan runs on a login node
 
     problems, seen = [], set()
     for cell in grid.cells:

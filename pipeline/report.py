@@ -9,6 +9,7 @@ import pandas as pd
 from pipeline.plan import Plan
 from pipeline.stages import ROOT, STAGE_KINDS
 from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, store_exists
+from trainers.files import atomic_write, write_text
 
 PENDING = "pending"
 
@@ -100,11 +101,12 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
     out = plan.grid.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.csv"]
-    table.to_csv(files[1], index=False)
+    with atomic_write(files[1]) as tmp:
+        table.to_csv(tmp, index=False)
     extra, more = paper_tables(plan, df, out, compare_paper)
     if extra:
         text = f"{text}\n\n{extra}"
-    files[0].write_text(f"# {plan.grid.name}\n\n{text}\n")
+    write_text(files[0], f"# {plan.grid.name}\n\n{text}\n")
     files += more
     if parent_run_id is None:
         exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)

@@ -125,7 +125,21 @@ class PretrainSpec:
     precision: str = _precision()
     knn_every: int = _f(0, min=0, identity=False, doc="online monitor: log knn_top1 (k 200, T 0.1) on the val "
                                                    "split every N epochs and after the last; 0: off")
-    config: Any = _f(METHOD_RECORDS[DEFAULT_METHOD].config(), inline=True)
+    config: Any = _f(None, inline=True, doc="the method's own fields; default: its Config's defaults")
+
+    def __post_init__(self) -> None:
+        """Fill ``config`` with the method's defaults when it is unset. Raises ValueError for a method
+        that is not registered, and TypeError for a config of another method's class (e.g.
+        ``dataclasses.replace(p, method=...)`` without a new config)."""
+        if self.method not in METHOD_RECORDS:
+            raise ValueError(f"pretrain.method {self.method!r}: registered methods are {', '.join(METHOD_RECORDS)}")
+        want = METHOD_RECORDS[self.method].config
+        if self.config is None:
+            object.__setattr__(self, "config", want())
+        elif type(self.config) is not want:
+            raise TypeError(f"pretrain.config is a {type(self.config).__module__}.{type(self.config).__name__}, "
+                            f"but method {self.method!r} reads {want.__module__}.{want.__name__}; pass config=None "
+                            f"for its defaults")
 
     def __getattr__(self, name: str) -> Any:
         """The method's own fields read as the spec's (``p.K`` is ``p.config.K``); only called when
@@ -313,15 +327,19 @@ def build_pretrain(data: Any, path: str, problems: list[Problem]) -> PretrainSpe
         problems.append(Problem(path, data, "must be a mapping of field: value"))
         return None
     name = data.get("method", DEFAULT_METHOD)
-    method_field = next(f for f in dataclasses.fields(PretrainSpec) if f.name == "method")
-    if _check_scalar(str, name, f"{path}.method", dict(method_field.metadata), problems) is None \
-            or name not in METHOD_RECORDS:
-        return None
-    record = METHOD_RECORDS[name]
-    merged = deep_merge(deep_merge(record.preset, to_dict(record.config())), data)
-    common = {f.name for f in dataclasses.fields(PretrainSpec)} - {"config"}
-    own = set(record.fields)
+    fields = {f.name: f for f in dataclasses.fields(PretrainSpec)}
+    valid = _check_scalar(str, name, f"{path}.method", dict(fields["method"].metadata), problems) is not None \
+        and name in METHOD_RECORDS
+    # an unknown method's cell is still checked field by field, so that every problem shows at once
+    record = METHOD_RECORDS[name] if valid else None
+    merged = deep_merge(deep_merge(record.preset, to_dict(record.config())), data) if record else dict(data)
+    common = set(fields) - {"config"}
+    own = set(record.fields) if record else set()
+    if own & common:  # the spec would hold two values of one name, and train with the common one
+        raise TypeError(f"trainers/methods/{name}.py: Config fields {sorted(own & common)} are common pretrain "
+                        f"fields (pipeline/spec.py PretrainSpec); rename them")
     others = {n: r for r in METHOD_RECORDS.values() for n in r.fields if n not in own}
+    hints = typing.get_type_hints(PretrainSpec)
     common_values, own_values = {}, {}
     for key, value in merged.items():
         if key in own:
@@ -329,13 +347,17 @@ def build_pretrain(data: Any, path: str, problems: list[Problem]) -> PretrainSpe
         elif key in others:  # another method's field: checked as that method would, then left out
             f = next(f for f in dataclasses.fields(others[key].config) if f.name == key)
             _build(typing.get_type_hints(others[key].config)[key], value, f"{path}.{key}", dict(f.metadata), problems)
-        elif key in common or key == "config":
+        elif key in common:
             common_values[key] = value
+            if record is None and key != "method":
+                _build(hints[key], value, f"{path}.{key}", dict(fields[key].metadata), problems)
         else:
             names = sorted(common | own | set(others))
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"did you mean '{path}.{close[0]}'?" if close else f"valid fields: {', '.join(names)}"
             problems.append(Problem(f"{path}.{key}", value, f"unknown field; {hint}"))
+    if record is None:
+        return None
     config = build_dataclass(record.config, own_values, path, problems)
     if config is None:
         return None

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline import cost
 from pipeline.spec import ROOT, BackboneSpec, DatasetSpec, PretrainSpec, Problem, _f, _precision
+from trainers.results import EvalResult, PretrainResult
 
 if TYPE_CHECKING:
     from trainers.sink import Sink
@@ -128,9 +129,10 @@ class StageKind:
     """One kind of stage.
 
     - ``section``: the StageConfig field holding its spec, of class ``spec``.
-    - ``run``: "module:function", called as ``function(cfg, *upstream, workdir, sink) -> dict`` with
-      the frozen StageConfig, the upstream stages' results (none for the root, the pretraining's
-      for an evaluation), the stage folder and a metrics sink.
+    - ``run``: "module:function", called as ``function(cfg, *upstream, workdir, sink) -> result``
+      with the frozen StageConfig, the upstream stages' results (none for the root, the
+      pretraining's PretrainResult for an evaluation), the stage folder and a metrics sink.
+    - ``result``: the class of what it returns (trainers/results.py), which reads result.json back.
     - ``summary(cfg)``: what ``sslgrid plan`` prints for it, one line.
     - ``cost(cfg)``: estimated V100-class GPU-hours (pipeline/cost.py), None when the dataset size
       is unknown; ``cost`` None: no model.
@@ -153,6 +155,7 @@ class StageKind:
     system_metrics: bool = False
     preflight: Callable[[Any], list[tuple[str, str]]] | None = None
     uses_cache: Callable[[Any], bool] | None = None
+    result: type = EvalResult
 
     @property
     def section(self) -> str:
@@ -163,7 +166,7 @@ class StageKind:
         module, _, name = self.run.partition(":")
         return getattr(importlib.import_module(module), name)
 
-    def __call__(self, cfg: Any, upstream: list[dict], workdir: Path, sink: Sink) -> dict:
+    def __call__(self, cfg: Any, upstream: list, workdir: Path, sink: Sink) -> Any:
         return self.function()(cfg, *upstream, workdir, sink)
 
 
@@ -190,15 +193,18 @@ def _voc_preflight(cfg: Any) -> list[tuple[str, str]]:
     d = cfg.detection
     if d.voc_root is None:
         return []
-    from evaluators.voc import voc_problems  # every VOC box, from the XML alone; imports no torch
-
-    return [("detection.voc_root", m) for m in voc_problems(d.voc_root, d.train_sets, d.test_set, d.invalid_boxes)]
+    try:
+        from evaluators.voc import voc_problems  # every VOC box, from the XML alone
+        return [("detection.voc_root", m) for m in voc_problems(d.voc_root, d.train_sets, d.test_set, d.invalid_boxes)]
+    except ImportError:  # a login node without torch: `sslgrid run`, which has it, checks the boxes
+        return []
 
 
 STAGE_KINDS: dict[str, StageKind] = {
     ROOT: StageKind(
         ROOT, PretrainSpec, "trainers.pretrain:pretrain", _pretrain_summary, cost.pretrain_hours,
-        artifacts=("checkpoints/final.pt",), status_metrics=("top1", "loss"), system_metrics=True),
+        artifacts=("checkpoints/final.pt",), status_metrics=("top1", "loss"), system_metrics=True,
+        result=PretrainResult),
     "linear_probe": StageKind(
         "linear_probe", ProbeSpec, "evaluators.linear_probe:linear_probe",
         lambda cfg: f"mode={cfg.linear_probe.mode} epochs={cfg.linear_probe.epochs}", cost.probe_hours,

@@ -2,8 +2,11 @@
 trainers/, evaluators/ and cluster/ all write through here.
 
 ``atomic_write`` is the one temp-then-rename (after submitit's ``utils.temporary_save_path``):
-readers and a crash see the old file or the new one, never half of one. ``StageDir`` owns every
-file name of a stage folder (after dora's ``XP``): nothing else spells them.
+readers and a crash see the old file or the new one, never half of one. ``StageDir`` (after dora's
+``XP``) names the files that pipeline/ and the training loop share in a stage folder; a stage kind's
+own artifacts (t-SNE's tsne.png, inversion's inversion.pt) are named by its module and listed in its
+record (pipeline/stages.py), and the feature cache and a checkpoint's fallback by theirs
+(trainers/features.py, trainers/checkpoint.py).
 """
 from __future__ import annotations
 

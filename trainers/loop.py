@@ -162,17 +162,7 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     steps_per_epoch = n // cfg.batch_size if drop_last else -(-n // cfg.batch_size)
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({n} images)")
-    start_epoch, step, history = 0, 0, []
-    state = checkpoint.load_resume(ckpt_path, sink.warn if w.is_main else None)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, step, history = state["epoch"] + 1, state["step"], state["history"]
-        checkpoint.set_rng_state(state["rng"])
-        if w.is_main:
-            sink.log({"resumed_from_epoch": float(state["epoch"] + 1)}, step=state["epoch"] + 1)
+    start_epoch, step, history = _resume(model, opt, scaler, ckpt_path, sink)
     net = data_parallel(model, dev)
     if w.is_main:
         sink.progress(start_epoch, cfg.epochs)
@@ -224,15 +214,39 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
             history.append(record)
             if w.is_main:
                 sink.log(record, step=epoch)
-                checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                                        "history": history, "rng": checkpoint.rng_state()}, ckpt_path,
-                                       keep_previous=True)
+                _save(model, opt, scaler, epoch, step, history, ckpt_path)
                 sink.progress(epoch + 1, cfg.epochs)
             D.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     finally:
         data.close()
     return history
+
+
+def _resume(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ckpt_path: Path,
+            sink: Sink) -> tuple[int, int, list[dict[str, float]]]:
+    """(first epoch to run, optimizer steps so far, history) after loading ``ckpt_path`` into model,
+    optimizer, scaler and the RNGs, if it exists (trainers/checkpoint.py ``load_resume``: the
+    checkpoint before it when it is damaged, with a warning); (0, 0, []) otherwise."""
+    main = D.world().is_main
+    state = checkpoint.load_resume(ckpt_path, sink.warn if main else None)
+    if state is None:
+        return 0, 0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    if main:
+        sink.log({"resumed_from_epoch": float(state["epoch"] + 1)}, step=state["epoch"] + 1)
+    return state["epoch"] + 1, state["step"], state["history"]
+
+
+def _save(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
+          history: list[dict[str, float]], ckpt_path: Path) -> None:
+    """The resume checkpoint after ``epoch``, the one it replaces kept as the fallback."""
+    checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                            "epoch": epoch, "step": step, "history": history, "rng": checkpoint.rng_state()},
+                           ckpt_path, keep_previous=True)
 
 
 def _check_finite(window: torch.Tensor, epoch: int, first: int, last: int) -> None:

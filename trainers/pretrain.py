@@ -29,6 +29,7 @@ from trainers.loop import LoopConfig, device, fit, prepare, resolve_precision
 from trainers.methods import METHODS
 from trainers.methods.base import Context
 from trainers.neighbors import knn_top1
+from trainers.results import PretrainResult
 from trainers.sink import Sink
 
 if TYPE_CHECKING:
@@ -53,12 +54,12 @@ def augment_params(aug: AugmentSpec) -> tuple[AugmentParams, AugmentParams]:
     return first, second
 
 
-def pretrain(cfg: Any, workdir: Path, sink: Sink) -> dict:
+def pretrain(cfg: Any, workdir: Path, sink: Sink) -> PretrainResult:
     """Train ``cfg.pretrain``'s method; every rank of a torch.distributed job calls this (rank 0 writes).
 
     Writes ``checkpoints/last.pt`` after every epoch and ``checkpoints/final.pt`` at the end.
-    Returns {"checkpoint", "feat_dim", "epochs", "processes", "epochs_trained", the last epoch's
-    "loss" and accuracy}. Raises ValueError for a batch size or bn_splits that the number of
+    Returns the PretrainResult (trainers/results.py): the checkpoint, the feature width C, the
+    epochs trained and the last epoch's mean loss and accuracy. Raises ValueError for a batch size or bn_splits that the number of
     processes does not divide, or a queue longer than the data (pipeline/ refuses both before
     launch; this guards a stage started by hand), and DataError (trainers/data.py) for unreadable data."""
     p = cfg.pretrain
@@ -79,8 +80,7 @@ def pretrain(cfg: Any, workdir: Path, sink: Sink) -> dict:
         bb = dataclasses.replace(bb, bn_splits=max(1, splits // w.size))
     backbone = build_backbone(bb)
     final = StageDir(workdir).final
-    result: dict = {"checkpoint": str(final), "feat_dim": backbone.feat_dim, "epochs": p.epochs,
-                    "processes": w.size}
+    result = PretrainResult(checkpoint=str(final), feat_dim=backbone.feat_dim, epochs=p.epochs, processes=w.size)
     if not method.trains:  # the random-init floor every method must clear
         if w.is_main:
             checkpoint.atomic_save({"backbone": backbone.state_dict(), "method": p.method}, final)
@@ -116,9 +116,8 @@ def pretrain(cfg: Any, workdir: Path, sink: Sink) -> dict:
             for split, feats in monitor.last.items():
                 features.store(final, cfg.dataset, split, AugmentParams(), feats, loop.precision)
     D.barrier()
-    result.update({k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")})
-    result["epochs_trained"] = len(history)
-    return result
+    last = {k: v for k, v in history[-1].items() if k in ("loss", "inst_acc", "train_acc")}
+    return dataclasses.replace(result, epochs_trained=len(history), **last)
 
 
 def _cpu(state: dict) -> dict:

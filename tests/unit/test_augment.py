@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from pipeline.spec import to_dict
 from trainers.augment import (AugmentParams, augment, eval_view, gaussian_blur, hue_shift, normalize,
                                sample_crop_boxes, solarize)
 

@@ -58,8 +58,8 @@ def test_lazy_imagefolder_trains_and_probes(tmp_path):
     cfg = tiny_config(epochs=1)
     cfg = replace(cfg, dataset=replace(cfg.dataset, name="imagefolder", root=str(tmp_path / "data"), in_memory=False))
     up = pretrain(cfg, tmp_path / "pre", ListSink())
-    assert up["epochs_trained"] == 1
-    assert 0 <= linear_probe(cfg, up, tmp_path / "probe", ListSink())["top1"] <= 100
+    assert up.epochs_trained == 1
+    assert 0 <= linear_probe(cfg, up, tmp_path / "probe", ListSink()).metrics["top1"] <= 100
 
 
 def test_the_synthetic_set_trains_the_same_in_memory_or_streamed(tmp_path):

@@ -104,7 +104,7 @@ def test_two_processes_match_one(tmp_path, case, run):
         assert float((two - ref).abs().max()) <= 1e-3 * scale, (two - ref).abs().max()
 
 
-def _probe_worker(rank: int, world: int, port: int, spec, up: dict, out: str) -> None:
+def _probe_worker(rank: int, world: int, port: int, spec, up, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from evaluators.linear_probe import linear_probe
@@ -113,7 +113,7 @@ def _probe_worker(rank: int, world: int, port: int, spec, up: dict, out: str) ->
     D.init_from_env()
     res = linear_probe(spec, up, Path(out), ListSink())
     if rank == 0:
-        json.dump(res, open(Path(out) / "res.json", "w"))
+        json.dump(res.metrics, open(Path(out) / "res.json", "w"))
     torch.distributed.destroy_process_group()
 
 
@@ -136,7 +136,7 @@ def test_probe_in_two_processes_matches_one(tmp_path, mode, n_train, batch):
     shutil.rmtree(tmp_path / "pre" / "checkpoints" / "features", ignore_errors=True)  # the 2 processes extract their own
     mp.spawn(_probe_worker, args=(2, _free_port(), spec, up, str(tmp_path / "two")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two" / "res.json").read_text())
-    assert two["top1"] == pytest.approx(one["top1"], abs=1e-6)
+    assert two["top1"] == pytest.approx(one.metrics["top1"], abs=1e-6)
     a = checkpoint.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"]["weight"]
     b = checkpoint.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"]["weight"]
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -16,6 +16,7 @@ from pipeline import lock as L
 from pipeline.cli import main
 from pipeline.grid import load_grid
 from pipeline.plan import build_plan
+from trainers.results import PretrainResult
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = """
@@ -165,9 +166,9 @@ def test_a_stage_runs_in_one_process_at_a_time(tmp_path):
     assert c.get_run(run_ids[s.key]).info.status == "SCHEDULED"  # the running copy's run is left alone
     assert not (d / "status.json").exists() and not (d / "spec.json").exists()
     # a copy that was queued while another finished it returns that result and trains nothing
-    (d / "result.json").write_text(json.dumps({"marker": 1}))
+    (d / "result.json").write_text(json.dumps({"checkpoint": "elsewhere.pt", "feat_dim": 7, "epochs": 1}))
     (d / "DONE").write_text("{}")
-    assert run_stage(p) == {"marker": 1}
+    assert run_stage(p) == PretrainResult("elsewhere.pt", 7, 1)
     assert c.get_run(run_ids[s.key]).info.status == "SCHEDULED" and not (d / "spec.json").exists()
 
 

@@ -65,9 +65,9 @@ def damage_checkpoint(plan: Plan, s: Stage) -> Path:
     return ckpt
 
 
-def metrics(result: dict) -> dict[str, float]:
-    """A result's numbers, without the ones that measure time."""
-    return {k: v for k, v in result.items() if isinstance(v, (int, float)) and k not in TIMINGS}
+def metrics(result) -> dict[str, float]:
+    """A result's numbers (trainers/results.py), without the ones that measure time."""
+    return {k: v for k, v in result.metrics.items() if k not in TIMINGS}
 
 
 def statuses(plan: Plan, run_ids: dict[str, str]) -> dict[tuple[str, str], str]:

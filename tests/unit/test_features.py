@@ -19,10 +19,10 @@ from trainers.sink import ListSink
 def test_monitor_leaves_the_final_checkpoints_features_and_stages_reuse_them(tmp_path):
     cfg = tiny_config(epochs=2, knn_every=1)
     pre = pretrain(cfg, tmp_path / "pre", ListSink())
-    backbone = load_backbone(cfg, pre["checkpoint"])
+    backbone = load_backbone(cfg, pre.checkpoint)
     aug = AugmentParams()
     for split in ("train", "val"):
-        path = cache_path(pre["checkpoint"], cfg.dataset, split, aug)
+        path = cache_path(pre.checkpoint, cfg.dataset, split, aug)
         assert path.exists(), f"the monitor's last-epoch {split} features were not cached"
         fresh = extract(backbone, load_split(cfg.dataset, split).images, aug)
         torch.testing.assert_close(torch.load(path), fresh, rtol=1e-4, atol=1e-5)
@@ -31,15 +31,15 @@ def test_monitor_leaves_the_final_checkpoints_features_and_stages_reuse_them(tmp
     for f in (tmp_path / "pre" / "checkpoints" / "features").iterdir():
         f.unlink()
     recomputed = linear_probe(cfg, pre, tmp_path / "probe-b", ListSink())
-    assert abs(cached["top1"] - recomputed["top1"]) < 1e-6
-    assert knn(cfg, pre, tmp_path / "knn", ListSink())["top1"] >= 0
+    assert abs(cached.metrics["top1"] - recomputed.metrics["top1"]) < 1e-6
+    assert knn(cfg, pre, tmp_path / "knn", ListSink()).metrics["top1"] >= 0
 
 
 def test_cache_is_read_back_and_keyed_by_the_checkpoint_file(tmp_path):
     cfg = tiny_config(method="none")
     pre = pretrain(cfg, tmp_path / "pre", ListSink())
-    backbone, images, aug = load_backbone(cfg, pre["checkpoint"]), load_split(cfg.dataset, "val").images, AugmentParams()
-    first = frozen_features(backbone, images, pre["checkpoint"], cfg.dataset, "val", aug)
+    backbone, images, aug = load_backbone(cfg, pre.checkpoint), load_split(cfg.dataset, "val").images, AugmentParams()
+    first = frozen_features(backbone, images, pre.checkpoint, cfg.dataset, "val", aug)
 
     class Refuses(torch.nn.Module):  # a second extraction would call this
         def forward(self, x):
@@ -47,13 +47,13 @@ def test_cache_is_read_back_and_keyed_by_the_checkpoint_file(tmp_path):
 
     refuses = Refuses()
     refuses.p = torch.nn.Parameter(torch.zeros(1))
-    assert torch.equal(frozen_features(refuses, images, pre["checkpoint"], cfg.dataset, "val", aug), first)
-    before = cache_path(pre["checkpoint"], cfg.dataset, "val", aug)
-    st = os.stat(pre["checkpoint"])
-    os.utime(pre["checkpoint"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewritten checkpoint
-    assert cache_path(pre["checkpoint"], cfg.dataset, "val", aug) != before
+    assert torch.equal(frozen_features(refuses, images, pre.checkpoint, cfg.dataset, "val", aug), first)
+    before = cache_path(pre.checkpoint, cfg.dataset, "val", aug)
+    st = os.stat(pre.checkpoint)
+    os.utime(pre.checkpoint, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewritten checkpoint
+    assert cache_path(pre.checkpoint, cfg.dataset, "val", aug) != before
     other = replace(cfg.dataset, num_val=24)
-    assert cache_path(pre["checkpoint"], other, "val", aug) != before
+    assert cache_path(pre.checkpoint, other, "val", aug) != before
 
 
 def test_cache_names_are_those_the_dict_sections_gave(tmp_path):

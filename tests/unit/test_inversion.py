@@ -26,9 +26,9 @@ def test_inversion_loss_falls_and_grid_has_a_column_per_target(tmp_path):
     pre = pretrain(cfg, tmp_path / "pre", ListSink())
     small = {"images": 2, "iterations": 60, "lr": 1e-3, "seed": 0, "dpi": 50}
     result = inversion(replace(cfg, inversion=replace(cfg.inversion, **small)), pre, tmp_path / "inv", ListSink())
-    assert result["targets"] == ["h", "z"]
+    assert result.info["targets"] == ["h", "z"]
     for t in ("h", "z"):
-        assert result[f"inv_loss_{t}_last"] < 0.5 * result[f"inv_loss_{t}_first"], result
+        assert result.metrics[f"inv_loss_{t}_last"] < 0.5 * result.metrics[f"inv_loss_{t}_first"], result
     with Image.open(tmp_path / "inv" / "inversion.png") as im:
         assert im.size == (int(1.5 * 3 * 50), int(1.5 * 2 * 50))  # 3 columns, 2 rows of 1.5 inches
     saved = torch.load(tmp_path / "inv" / "inversion.pt")
@@ -37,4 +37,4 @@ def test_inversion_loss_falls_and_grid_has_a_column_per_target(tmp_path):
     cfg = tiny_config(epochs=1, head={"kind": "none"})
     pre = pretrain(cfg, tmp_path / "pre-nohead", ListSink())
     cfg = replace(cfg, inversion=replace(cfg.inversion, **small))
-    assert inversion(cfg, pre, tmp_path / "inv2", ListSink())["targets"] == ["h"]
+    assert inversion(cfg, pre, tmp_path / "inv2", ListSink()).info["targets"] == ["h"]

@@ -18,13 +18,13 @@ def test_probe_leaves_backbone_unchanged(tmp_path, mode):
     cfg = tiny_config(method="none")
     cfg = replace(cfg, linear_probe=replace(cfg.linear_probe, mode=mode))
     up = pretrain(cfg, tmp_path / "pre", ListSink())
-    before = checkpoint.load(up["checkpoint"])["backbone"]
+    before = checkpoint.load(up.checkpoint)["backbone"]
     sink = ListSink()
     result = linear_probe(cfg, up, tmp_path / "probe", sink)
-    after = checkpoint.load(up["checkpoint"])["backbone"]
+    after = checkpoint.load(up.checkpoint)["backbone"]
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert result["protocol"] == mode and 0 <= result["top1"] <= 100
-    assert len(sink.series("val_top1")) == 3 and sink.series("top1") == [result["top1"]]
+    assert result.info["protocol"] == mode and 0 <= result.metrics["top1"] <= 100
+    assert len(sink.series("val_top1")) == 3 and sink.series("top1") == [result.metrics["top1"]]
 
 
 def test_sanity_check_catches_a_moved_bn_statistic():

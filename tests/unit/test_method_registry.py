@@ -5,6 +5,7 @@ clipping) and its own config field. It is planned, costed and trained through th
 the shipped methods."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -99,10 +100,37 @@ def test_a_registered_method_is_validated_identified_and_costed(registered):
 
 def test_unregistered_it_is_refused_with_the_registered_names():
     from pipeline.spec import build_stage_config
+    from trainers.methods import METHODS
 
     problems: list = []
     build_stage_config({"pretrain": {"method": "tiny"}}, problems)
-    assert len(problems) == 1 and "valid values: none, instdisc, mocov1, mocov2, simclr, byol, supervised" in str(problems[0])
+    assert len(problems) == 1 and f"valid values: {', '.join(METHODS)}" in str(problems[0])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(build=None), "has fields, a preset, a cost or a head but no build: it would run as random init"),
+    (dict(cost_units=0), "needs cost_units > 0"),
+    (dict(negatives="queue"), "has queue negatives, so its Config needs the field K"),
+    (dict(views=3), "views must be 1 or 2"),
+    (dict(preset={"warmup_freeze_epochs": 2}), "preset sets its own fields ['warmup_freeze_epochs']"),
+])
+def test_a_record_that_could_not_run_as_written_is_refused_naming_the_field(fields, message):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=re.escape(f"trainers/methods/tiny.py: METHOD {message}")):
+        dataclasses.replace(TINY, **fields)
+
+
+def test_a_config_field_named_like_a_common_field_is_refused(monkeypatch):
+    import dataclasses
+
+    from pipeline.spec import build_stage_config
+    from trainers.methods import METHODS
+
+    Clash = dataclasses.make_dataclass("Clash", [("lr", float, dataclasses.field(default=0.5))], frozen=True)
+    monkeypatch.setitem(METHODS, "tiny", dataclasses.replace(TINY, config=Clash))
+    with pytest.raises(TypeError, match=r"trainers/methods/tiny.py: Config fields \['lr'\] are common pretrain fields"):
+        build_stage_config({"pretrain": {"method": "tiny"}}, [])
 
 
 def test_the_loop_passes_step_and_epoch_runs_the_hook_then_clips(registered, tmp_path):
@@ -110,7 +138,7 @@ def test_the_loop_passes_step_and_epoch_runs_the_hook_then_clips(registered, tmp
     from trainers.sink import ListSink
 
     result = pretrain(_config(), tmp_path, ListSink())
-    assert result["epochs_trained"] == 2
+    assert result.epochs_trained == 2
     # 32 images, batch 16: two steps per epoch, counted over the run
     assert calls["at"] == [(0, 0, 2, 2), (1, 0, 2, 2), (2, 1, 2, 2), (3, 1, 2, 2)]
     # after_backward ran before the optimizer step: epoch 0's prototypes did not move, epoch 1's did

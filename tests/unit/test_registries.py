@@ -32,17 +32,23 @@ def test_no_pipeline_module_names_a_method_or_a_stage_kind():
     assert not found, "\n".join(found)
 
 
-def test_a_grid_is_validated_planned_and_costed_without_torch():
+def test_sslgrid_plan_works_without_torch(tmp_path):
+    """A login node without torch: `sslgrid plan` validates, plans, costs and checks the data of every
+    shipped grid, and of an ImageFolder tree (whose mismatched classes it names)."""
+    for split, cls in (("train", "a"), ("train", "b"), ("val", "a")):
+        (tmp_path / "tree" / split / cls).mkdir(parents=True)
+        (tmp_path / "tree" / split / cls / "x.jpg").write_bytes(b"")
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-            "import pipeline.spec, pipeline.stages, pipeline.plan, pipeline.cost\n"
-            "from pipeline.grid import load_grid\n"
-            "from pipeline.plan import build_plan, describe\n"
-            "for g in ('quickstart', 'methods', 'paper', 'paper-mini'):\n"
-            "    rows = describe(build_plan(load_grid(f'grids/{g}.yaml', workdir='/tmp/x', tracking_uri='sqlite:////tmp/x.db')))\n"
-            "    assert rows\n"
-            "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+            "from pipeline.cli import main\n"
+            "where = ['--workdir', sys.argv[1] + '/wd', '--tracking-uri', f'sqlite:///{sys.argv[1]}/m.db']\n"
+            "codes = [main(['plan', f'grids/{g}.yaml', *where]) for g in ('quickstart', 'methods', 'paper', 'paper-mini')]\n"
+            "codes.append(main(['plan', 'grids/quickstart.yaml', '-o', 'dataset.name=imagefolder', '-o',\n"
+            "                   f'dataset.root={sys.argv[1]}/tree', *where]))\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "print('codes', codes)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0 and "codes [0, 0, 0, 0, 0]" in out.stdout, out.stdout[-3000:] + out.stderr
+    assert "missing from val/: b/" in out.stdout
 
 
 def test_each_record_is_filed_under_its_own_name():

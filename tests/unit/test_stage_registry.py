@@ -26,12 +26,13 @@ STAGE_KINDS["count"] = StageKind("count", CountSpec, "count_eval:count", lambda 
 
 EVALUATOR = '''
 from trainers import checkpoint
+from trainers.results import EvalResult
 
 
 def count(cfg, upstream, workdir, sink):
-    n = len(checkpoint.load(upstream["checkpoint"])["backbone"]) * cfg.count.scale
+    n = len(checkpoint.load(upstream.checkpoint)["backbone"]) * cfg.count.scale
     sink.log({"tensors": n}, step=0)
-    return {"tensors": n}
+    return EvalResult({"tensors": n})
 '''
 
 DRIVER = '''
@@ -62,7 +63,7 @@ assert rows["count"]["what"] == "scale=2.0" and rows["count"]["GPU-h"] == "?", r
 pre, count = plan.ordered()
 up = STAGE_KINDS["pretrain"](pre.config, [], pre.directory(grid.workdir), ListSink())
 result = STAGE_KINDS["count"](count.config, [up], count.directory(grid.workdir), ListSink())
-assert result["tensors"] > 0 and result["tensors"] % 2 == 0, result
+assert result.metrics["tensors"] > 0 and result.metrics["tensors"] % 2 == 0, result
 import pandas as pd
 assert "count_tensors" in cell_table(plan, pd.DataFrame()).columns
 print("ok")

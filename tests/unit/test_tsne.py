@@ -21,9 +21,9 @@ def test_tsne_writes_three_panels_and_logs_a_silhouette_per_condition(tmp_path):
     png = tmp_path / "tsne" / "tsne.png"
     with Image.open(png) as im:
         assert im.size == (3 * 4 * 50, 4 * 50)  # three 4-inch panels at 50 dpi
-    assert result["samples"] == 40
+    assert result.metrics["samples"] == 40
     for name in ("none", "weak", "strong"):
-        assert -1.0 <= result[f"silhouette_{name}"] <= 1.0
+        assert -1.0 <= result.metrics[f"silhouette_{name}"] <= 1.0
     (step, logged), = sink.metrics
     assert set(logged) == {"silhouette_none", "silhouette_weak", "silhouette_strong"}
     # the same spec and seed give the same numbers (the stage is cached by identity)

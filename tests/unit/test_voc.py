@@ -10,6 +10,7 @@ import pytest
 
 from evaluators.voc import (LISTED, VOC_CLASSES, VocError, VocWarning, read_classes, read_sets, read_split,
                             read_train_test, voc_dir, voc_problems)
+from trainers.results import PretrainResult
 
 GOOD = (("dog", "10", "20", "50", "60"),)
 
@@ -192,7 +193,7 @@ def test_detection_stage_refuses_invalid_boxes_before_training(tmp_path):
     # no checkpoint exists: the error must come from reading the sets, before the model is built
     with pytest.raises(VocError, match=r"000001\.xml: object 1 of 1 \('dog', xmin 50, ymin 20, xmax 10, ymax 60\): "
                                        r"xmax < xmin"):
-        detection(cfg, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", None)
+        detection(cfg, PretrainResult(str(tmp_path / "absent.pt"), 64, 1), tmp_path / "stage", None)
 
 
 def test_a_class_written_two_ways_is_one_class_and_the_rare_spelling_is_refused(tmp_path):
@@ -221,5 +222,5 @@ def test_boxes_dropped_by_the_stage_are_told_through_its_sink(tmp_path):
                                          test_set="2007/test", invalid_boxes="drop"))
     sink = ListSink()
     with pytest.raises(FileNotFoundError):  # no checkpoint: it stops when building the model, after the sets
-        detection(cfg, {"checkpoint": str(tmp_path / "absent.pt")}, tmp_path / "stage", sink)
+        detection(cfg, PretrainResult(str(tmp_path / "absent.pt"), 64, 1), tmp_path / "stage", sink)
     assert len(sink.warnings) == 1 and "000001.xml: object 1 of 2 ('dog', xmin 50" in sink.warnings[0]

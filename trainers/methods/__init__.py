@@ -1,23 +1,19 @@
 """The pretraining methods, one module each, in one explicit table.
 
 Adding a method is one module here (its ``Config``, ``build`` and ``METHOD`` record; see
-trainers/methods/base.py) plus one line below. Nothing registers itself by being imported, and
+trainers/methods/base.py) plus its name in ``NAMES``. Nothing registers itself by being imported:
+the table is read from the modules named below, in this order (the order of error messages), and
 importing this package imports no torch.
 """
 from __future__ import annotations
 
-from trainers.methods import byol, instdisc, mocov1, mocov2, none, simclr, supervised
+import importlib
+
 from trainers.methods.base import Method
 
-METHODS: dict[str, Method] = {
-    "none": none.METHOD,
-    "instdisc": instdisc.METHOD,
-    "mocov1": mocov1.METHOD,
-    "mocov2": mocov2.METHOD,
-    "simclr": simclr.METHOD,
-    "byol": byol.METHOD,
-    "supervised": supervised.METHOD,
-}
+NAMES = ("none", "instdisc", "mocov1", "mocov2", "simclr", "byol", "supervised")
+
+METHODS: dict[str, Method] = {name: importlib.import_module(f"trainers.methods.{name}").METHOD for name in NAMES}
 DEFAULT = "mocov2"  # the paper's baseline; PretrainSpec's defaults are its recipe
 
 

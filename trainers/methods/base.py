@@ -122,10 +122,29 @@ class Method:
     identity_common: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.negatives not in NEGATIVE_KINDS + (None,):
-            raise ValueError(f"method {self.name}: negatives must be one of {NEGATIVE_KINDS} or None")
+        """Raises ValueError (TypeError for ``config``) naming the method and the field for a record
+        that could not run as written: every mistake here would otherwise fail silently later
+        (a method planned as random init, a queue without K, inversion without z)."""
+        def bad(message: str) -> ValueError:
+            return ValueError(f"trainers/methods/{self.name}.py: METHOD {message}")
+
         if not dataclasses.is_dataclass(self.config):
-            raise TypeError(f"method {self.name}: config must be a dataclass")
+            raise TypeError(f"trainers/methods/{self.name}.py: METHOD config must be a dataclass")
+        own = {f.name for f in dataclasses.fields(self.config)}
+        if self.negatives not in NEGATIVE_KINDS + (None,):
+            raise bad(f"negatives must be one of {', '.join(NEGATIVE_KINDS)} or None")
+        if self.negatives in ("queue", "bank") and "K" not in own:
+            raise bad(f"has {self.negatives} negatives, so its Config needs the field K")
+        if self.views not in (1, 2):
+            raise bad("views must be 1 or 2 (the loader draws one or two views per image)")
+        if self.build is None and (own or self.preset or self.cost_units or self.head_prefix):
+            raise bad("has fields, a preset, a cost or a head but no build: it would run as random init")
+        if self.build is not None and self.cost_units <= 0:
+            raise bad("needs cost_units > 0 (forward-pass equivalents per image; pipeline/cost.py)")
+        if "head" in own and self.head_prefix is None:
+            raise bad("has a head but no head_prefix: inversion could not find z in its checkpoint")
+        if any(name in own for name in self.preset):
+            raise bad(f"preset sets its own fields {sorted(own & set(self.preset))}: give them as Config defaults")
 
     @property
     def trains(self) -> bool:
