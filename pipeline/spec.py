@@ -331,13 +331,11 @@ def build_pretrain(data: Any, path: str, problems: list[Problem]) -> PretrainSpe
     valid = _check_scalar(str, name, f"{path}.method", dict(fields["method"].metadata), problems) is not None \
         and name in METHOD_RECORDS
     # an unknown method's cell is still checked field by field, so that every problem shows at once
+    _check_records()
     record = METHOD_RECORDS[name] if valid else None
     merged = deep_merge(deep_merge(record.preset, to_dict(record.config())), data) if record else dict(data)
     common = set(fields) - {"config"}
     own = set(record.fields) if record else set()
-    if own & common:  # the spec would hold two values of one name, and train with the common one
-        raise TypeError(f"trainers/methods/{name}.py: Config fields {sorted(own & common)} are common pretrain "
-                        f"fields (pipeline/spec.py PretrainSpec); rename them")
     others = {n: r for r in METHOD_RECORDS.values() for n in r.fields if n not in own}
     hints = typing.get_type_hints(PretrainSpec)
     common_values, own_values = {}, {}
@@ -363,6 +361,22 @@ def build_pretrain(data: Any, path: str, problems: list[Problem]) -> PretrainSpe
         return None
     common_values["config"] = config
     return build_dataclass(PretrainSpec, common_values, path, problems)
+
+
+def _check_records() -> None:
+    """What a method's record can only be checked against here, for every registered method (one
+    bad record would change other methods' grids): its own fields must not share a common field's
+    name, and ``identity_common`` must name common fields. Raises TypeError naming the file."""
+    common = {f.name for f in dataclasses.fields(PretrainSpec)} - {"config"}
+    for name, record in METHOD_RECORDS.items():
+        clash = set(record.fields) & (common | {"config"})
+        if clash:  # the spec would hold two values of one name, and train with the common one
+            raise TypeError(f"trainers/methods/{name}.py: Config fields {sorted(clash)} are common pretrain fields "
+                            f"(pipeline/spec.py PretrainSpec); rename them")
+        unknown = set(record.identity_common or ()) - common
+        if unknown:
+            raise TypeError(f"trainers/methods/{name}.py: METHOD identity_common names {sorted(unknown)}, which are "
+                            f"not common pretrain fields (pipeline/spec.py PretrainSpec)")
 
 
 def build_stage_config(raw: dict, problems: list[Problem]) -> StageConfig | None:

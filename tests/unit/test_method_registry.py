@@ -108,7 +108,8 @@ def test_unregistered_it_is_refused_with_the_registered_names():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(build=None), "has fields, a preset, a cost or a head but no build: it would run as random init"),
+    (dict(build=None), "has fields and a cost but no build: it would run as random init"),
+    (dict(build="trainers.methods.tiny"), "build = 'trainers.methods.tiny' must be \"module:function\""),
     (dict(cost_units=0), "needs cost_units > 0"),
     (dict(negatives="queue"), "has queue negatives, so its Config needs the field K"),
     (dict(views=3), "views must be 1 or 2"),
@@ -129,8 +130,17 @@ def test_a_config_field_named_like_a_common_field_is_refused(monkeypatch):
 
     Clash = dataclasses.make_dataclass("Clash", [("lr", float, dataclasses.field(default=0.5))], frozen=True)
     monkeypatch.setitem(METHODS, "tiny", dataclasses.replace(TINY, config=Clash))
-    with pytest.raises(TypeError, match=r"trainers/methods/tiny.py: Config fields \['lr'\] are common pretrain fields"):
-        build_stage_config({"pretrain": {"method": "tiny"}}, [])
+    for method in ("tiny", "simclr"):  # a grid of another method would lose its lr to tiny's field
+        with pytest.raises(TypeError, match=r"trainers/methods/tiny.py: Config fields \['lr'\] are common pretrain"):
+            build_stage_config({"pretrain": {"method": method, "lr": 0.5}}, [])
+    monkeypatch.setitem(METHODS, "tiny", dataclasses.replace(TINY, identity_common=("lrr", "seed")))
+    with pytest.raises(TypeError, match=r"identity_common names \['lrr'\], which are not common pretrain fields"):
+        build_stage_config({"pretrain": {"method": "simclr"}}, [])
+    NoDefault = dataclasses.make_dataclass("NoDefault", [("K", int)], frozen=True)
+    with pytest.raises(ValueError, match="config field K has no default"):
+        dataclasses.replace(TINY, config=NoDefault)
+    with pytest.raises(TypeError, match=r"config must be a dataclass class \(Config, not Config\(\)\)"):
+        dataclasses.replace(TINY, config=Config())
 
 
 def test_the_loop_passes_step_and_epoch_runs_the_hook_then_clips(registered, tmp_path):

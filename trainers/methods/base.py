@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
@@ -128,17 +129,26 @@ class Method:
         def bad(message: str) -> ValueError:
             return ValueError(f"trainers/methods/{self.name}.py: METHOD {message}")
 
-        if not dataclasses.is_dataclass(self.config):
-            raise TypeError(f"trainers/methods/{self.name}.py: METHOD config must be a dataclass")
+        if not (isinstance(self.config, type) and dataclasses.is_dataclass(self.config)):
+            raise TypeError(f"trainers/methods/{self.name}.py: METHOD config must be a dataclass class (Config, "
+                            f"not Config())")
         own = {f.name for f in dataclasses.fields(self.config)}
+        for f in dataclasses.fields(self.config):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise bad(f"config field {f.name} has no default: a Config's defaults are the method's recipe")
+        if self.build is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.build):
+            raise bad(f"build = {self.build!r} must be \"module:function\", e.g. \"trainers.methods.{self.name}:build\"")
         if self.negatives not in NEGATIVE_KINDS + (None,):
             raise bad(f"negatives must be one of {', '.join(NEGATIVE_KINDS)} or None")
         if self.negatives in ("queue", "bank") and "K" not in own:
             raise bad(f"has {self.negatives} negatives, so its Config needs the field K")
         if self.views not in (1, 2):
             raise bad("views must be 1 or 2 (the loader draws one or two views per image)")
-        if self.build is None and (own or self.preset or self.cost_units or self.head_prefix):
-            raise bad("has fields, a preset, a cost or a head but no build: it would run as random init")
+        if self.build is None:
+            found = [what for what, there in (("fields", own), ("a preset", self.preset), ("a cost", self.cost_units),
+                                              ("a head_prefix", self.head_prefix)) if there]
+            if found:
+                raise bad(f"has {' and '.join(found)} but no build: it would run as random init")
         if self.build is not None and self.cost_units <= 0:
             raise bad("needs cost_units > 0 (forward-pass equivalents per image; pipeline/cost.py)")
         if "head" in own and self.head_prefix is None:
