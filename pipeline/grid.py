@@ -466,7 +466,7 @@ def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
         if kind.preflight is None:
             continue
         for cell in grid.cells:
-            section = getattr(cell.config, kind.section)
+            section = getattr(cell.config, kind.name)
             if not (kind.name == ROOT or grid.evaluates(kind.name, cell.name)) or (kind.name, section) in checked:
                 continue
             checked.add((kind.name, section))

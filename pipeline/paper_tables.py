@@ -24,14 +24,9 @@ PENDING = "pending"
 
 
 def _head(p) -> str | None:
-    """The cell's head kind, None for a method without a head."""
-    head = getattr(p.config, "head", None)
+    """The cell's head kind, None for a method without a head (its own fields read as the spec's)."""
+    head = getattr(p, "head", None)
     return None if head is None else head.kind
-
-
-def _own(p, name: str) -> object:
-    """The method's own field ``name`` (trainers/methods/), None for a method without it."""
-    return getattr(p.config, name, None)
 
 
 TABLE1 = [  # (row, predicate on the cell's pretrain config, paper top-1)
@@ -44,12 +39,12 @@ TABLE1 = [  # (row, predicate on the cell's pretrain config, paper top-1)
 TABLE2A_PAPER = {"mocov2": [64.4, 63.7, 47.1], "supervised": [75.5, 74.8, 52.0]}
 TABLE2B_PAPER = {"mocov2": [63.1, 63.9, 64.2, 64.3], "supervised": [75.8, 75.7, 75.6, 74.6]}
 TABLE3 = [
-    ("MoCov2", lambda p: _head(p) == "mlp" and p.augment.blur and p.schedule == "cosine" and _own(p, "m") != 0.5,
+    ("MoCov2", lambda p: _head(p) == "mlp" and p.augment.blur and p.schedule == "cosine" and getattr(p, "m", None) != 0.5,
      (67.3, 67.5)),
     ("(a) without MLP projection head", lambda p: _head(p) != "mlp", (61.7, 63.6)),
     ("(b) without GaussianBlur", lambda p: not p.augment.blur, (65.5, 66.4)),
     ("(c) without cosine learning schedule", lambda p: p.schedule != "cosine", (67.2, 67.3)),
-    ("(d) with smaller momentum (0.5) in momentum encoder", lambda p: _own(p, "m") == 0.5, (59.8, 64.5)),
+    ("(d) with smaller momentum (0.5) in momentum encoder", lambda p: getattr(p, "m", None) == 0.5, (59.8, 64.5)),
 ]
 
 
@@ -118,7 +113,7 @@ def table3(plan: Plan, look: _Lookup, compare: bool) -> pd.DataFrame | None:
     cells = _cells(plan, "table3")
     if not cells:
         return None
-    ks = sorted({_own(c.config.pretrain, "K") for c in cells} - {None})
+    ks = sorted({getattr(c.config.pretrain, "K", None) for c in cells} - {None})
     if len(ks) != 2:
         return None
     small, large = ks
@@ -126,7 +121,7 @@ def table3(plan: Plan, look: _Lookup, compare: bool) -> pd.DataFrame | None:
     for name, pred, paper in TABLE3:
         row = {"Method": name}
         for k, label in ((small, f"K={small}"), (large, f"K={large}")):
-            c = _find([c for c in cells if _own(c.config.pretrain, "K") == k], pred)
+            c = _find([c for c in cells if getattr(c.config.pretrain, "K", None) == k], pred)
             row[label] = look.top1(c) if c else "-"
         if compare:
             row["paper K=512"], row["paper K=65536"] = paper
@@ -143,7 +138,7 @@ def fig4(plan: Plan, look: _Lookup) -> pd.DataFrame | None:
     for c in cells:
         p = c.config.pretrain
         line = p.record.title
-        if getattr(_own(p, "negatives"), "sampling", None) == "hard":
+        if getattr(getattr(p, "negatives", None), "sampling", None) == "hard":
             line += " + hard negatives"
         k = p.negatives_count
         rows.append({"method": line, "K": k, "top1": look.top1(c)})

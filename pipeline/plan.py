@@ -72,7 +72,7 @@ def _pretrain_stage(cfg: StageConfig) -> Stage:
 
 
 def _eval_stage(kind: str, cfg: StageConfig, upstream: Stage) -> Stage:
-    section = getattr(cfg, STAGE_KINDS[kind].section)
+    section = getattr(cfg, kind)
     # the pretrain section rides along for stages that rebuild the head (inversion); the identity
     # has it through the upstream key
     spec = {"dataset": to_dict(cfg.dataset), "backbone": to_dict(cfg.backbone), ROOT: to_dict(cfg.pretrain),
@@ -107,7 +107,7 @@ def describe(plan: Plan) -> list[dict[str, Any]]:
         res = plan.grid.resources[s.kind]
         kind = STAGE_KINDS[s.kind]
         detail = kind.summary(s.config)
-        precision = getattr(getattr(s.config, kind.section), "precision", None)
+        precision = getattr(getattr(s.config, s.kind), "precision", None)
         if precision and (s.kind != ROOT or s.config.pretrain.record.trains):
             detail += f" {precision}"
         hours = gpu_hours(s.kind, s.config)

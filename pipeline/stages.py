@@ -128,7 +128,7 @@ class InversionSpec:
 class StageKind:
     """One kind of stage.
 
-    - ``section``: the StageConfig field holding its spec, of class ``spec``.
+    - ``name``: also the StageConfig field holding its spec, of class ``spec``.
     - ``run``: "module:function", called as ``function(cfg, *upstream, workdir, sink) -> result``
       with the frozen StageConfig, the upstream stages' results (none for the root, the
       pretraining's PretrainResult for an evaluation), the stage folder and a metrics sink.
@@ -156,10 +156,6 @@ class StageKind:
     preflight: Callable[[Any], list[tuple[str, str]]] | None = None
     uses_cache: Callable[[Any], bool] | None = None
     result: type = EvalResult
-
-    @property
-    def section(self) -> str:
-        return self.name
 
     def function(self) -> Callable[..., dict]:
         """The run function, imported now (this imports torch)."""
@@ -234,7 +230,7 @@ StageConfig = dataclasses.make_dataclass(
     "StageConfig",
     [("dataset", DatasetSpec, dataclasses.field(default=DatasetSpec())),
      ("backbone", BackboneSpec, dataclasses.field(default=BackboneSpec()))]
-    + [(k.section, k.spec, dataclasses.field(default=k.spec())) for k in STAGE_KINDS.values()],
+    + [(k.name, k.spec, dataclasses.field(default=k.spec())) for k in STAGE_KINDS.values()],
     frozen=True,
     namespace={"__module__": __name__,  # so that pickle finds it here (Ray, submitit)
                "__doc__": "Everything a cell configures: dataset, backbone and one section per stage kind "

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from trainers.files import atomic_write
-from trainers.folders import (IMAGE_EXTENSIONS, DataError, _hidden, _names, class_folders,  # noqa: F401
+from trainers.folders import (IMAGE_EXTENSIONS, DataError, _names, class_folders,  # noqa: F401  (re-exported)
                               image_files, imagefolder_classes)
 
 if TYPE_CHECKING:
