@@ -51,8 +51,15 @@ def parser() -> argparse.ArgumentParser:
                                          "(implies --backend ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local cluster (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs of the private local cluster (default: all)")
-    p = sub.add_parser("status", help="each stage's state, MLflow run and key metrics")
+    p = sub.add_parser("status", help="each stage's state, progress, loss, top-1, SLURM job, elapsed time and ETA "
+                                      "(from MLflow: it works without the work directory), MLflow run and error")
     _common(p)
+    p.add_argument("--watch", action="store_true",
+                   help="a live table, read again every --interval seconds, until the grid is finished (every stage "
+                        "finished or failed, and no driver runs it); Ctrl-C stops watching (exit 130)")
+    p.add_argument("--once", action="store_true", help="print one frame of that table and exit")
+    p.add_argument("--interval", type=float, default=10.0, metavar="SECONDS",
+                   help="seconds between reads of the tracking store with --watch (default: 10)")
     p = sub.add_parser("cancel", help="scancel the grid's queued and running SLURM jobs")
     _common(p)
     p = sub.add_parser("report", help="the grid's results as a table, and the paper's tables and Fig. 4 for "
@@ -92,7 +99,9 @@ def _load(args: argparse.Namespace, check_data: bool = True) -> Plan:
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     plan = _load(args, check_data=False)
-    table = Table(title=f"{plan.grid.name}: {len(plan.grid.cells)} cells")
+    groups = plan.grid.replicates()
+    counts = plan.grid.seed_counts
+    table = Table(title=f"{plan.grid.name}: {_cells_text(plan)}")
     rows = describe(plan)
     for col in rows[0]:
         table.add_column(col)
@@ -111,11 +120,27 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     console.print(f"estimated GPU-hours (V100-class, see pipeline/cost.py): "
                   f"{sum(h for h in hours.values() if h is not None):.4g} after dedup, {naive:.4g} without"
                   + (f"; not counted: {not_counted}" if unknown else ""))
+    if counts != {1}:
+        first = {k for reps in groups.values() for k in plan.cells[reps[0].name].values()}
+        one = sum(hours[k] or 0.0 for k in first)
+        seed_lists = sorted({", ".join(str(c.seed) for c in reps) for reps in groups.values()})
+        console.print(f"replicates: {len(groups)} cells, each run once per seed ({'; '.join(seed_lists)}): "
+                      f"{len(plan.grid.cells)} runs; GPU-hours of one seed {one:.4g}, of all seeds "
+                      f"{sum(h for h in hours.values() if h is not None):.4g}. The report gives each cell's mean "
+                      f"and 95% interval over its seeds", highlight=False)
     console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
     _warn_shuffle_bn(plan, console)
     for where, problem in data_problems(plan.grid):
         console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)")
     return 0
+
+
+def _cells_text(plan: Plan) -> str:
+    """``16 cells × 3 seeds (48 runs)``, or ``3 cells`` without replicates."""
+    counts, n = plan.grid.seed_counts, len(plan.grid.replicates())
+    if counts == {1}:
+        return f"{n} cells"
+    return f"{n} cells × {'/'.join(map(str, sorted(counts)))} seeds ({len(plan.grid.cells)} runs)"
 
 
 def _warn_shuffle_bn(plan, console: Console) -> None:
@@ -235,7 +260,7 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
 
     # the stages import this copy of the code, whatever happens to the checkout while they run
     code = snapshot(plan.grid.workdir)
-    console.print(f"[bold]{plan.grid.name}[/]: {len(plan.grid.cells)} cells, {plan.naive_count} stages, "
+    console.print(f"[bold]{plan.grid.name}[/]: {_cells_text(plan)}, {plan.naive_count} stages, "
                   f"{len(plan.stages)} after dedup · workdir {plan.grid.workdir}")
     exp_id, parent_id, run_ids = prepare_runs(plan)
     c = client(plan.grid.tracking_uri)
@@ -277,6 +302,7 @@ def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: 
     """Print what ran, what failed and why, the report (written and logged on the parent run) and
     where the MLflow UI shows it; returns the failed outcomes."""
     from pipeline.report import write_report
+    from pipeline.tracking import REPORT, ui_page
 
     failed = [o for o in outcomes.values() if o.state in ("failed", "upstream_failed")]
     cached = sum(o.state == "cached" for o in outcomes.values())
@@ -287,10 +313,11 @@ def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: 
     text, files = write_report(plan, parent_id)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {files[0]}")
+    page = ui_page(exp_id, parent_id, REPORT)  # the report, rendered; not MLflow's GenAI pages
     if plan.grid.tracking_uri.startswith(("http://", "https://")):
-        console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#/experiments/{exp_id}/runs")
+        console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#{page}")
     else:
-        console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#/experiments/{exp_id}/runs")
+        console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#{page}")
     return failed
 
 
@@ -349,7 +376,7 @@ def unwritable(grid: Grid) -> str | None:
     if db is not None:
         places.append(("--tracking-uri", db.parent))
     if any(c.config.dataset.name == "synthetic" or any(
-            k.uses_cache is not None and (k.name == ROOT or grid.evaluates(k.name, c.name)) and k.uses_cache(c.config)
+            k.uses_cache is not None and (k.name == ROOT or grid.evaluates(k.name, c)) and k.uses_cache(c.config)
             for k in STAGE_KINDS.values()) for c in grid.cells):
         from trainers.data import cache_dir
 
@@ -398,44 +425,20 @@ def store_problem(uri: str) -> str | None:
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from pipeline.slurm import slurm_job
-    from pipeline.execute import stage_live, stage_state
-    from pipeline.lock import WORKDIR_LOCK, describe, held
-    from pipeline.report import stage_runs
+    """The stages' table (pipeline/watch.py): plain, one frame and each stage's MLflow run and error;
+    ``--once``, one frame; ``--watch``, redrawn until the grid is finished."""
+    from pipeline.watch import show, watch
 
+    if not args.interval > 0:
+        console.print(f"[red]--interval: {args.interval:g} is not a number of seconds above 0.[/] Pass e.g. "
+                      f"--interval 10.", highlight=False)
+        return EXIT_USAGE
     plan = _load(args, check_data=False)
     if _nothing_tracked(plan, args, console):
         return 0
-    lock_holder = held(plan.grid.workdir / WORKDIR_LOCK)
-    if lock_holder:
-        console.print(f"running: {lock_holder.get('command', 'sslgrid run')} ({describe(lock_holder)})", highlight=False)
-    df = stage_runs(plan)
-    table = Table(title=f"{plan.grid.name}")
-    for col in ("stage", "key", "cells", "state", "slurm job", "mlflow run", "mlflow status", "metrics", "error"):
-        table.add_column(col, overflow="fold")
-    for s in plan.ordered():
-        info = stage_state(s, plan.grid.workdir)
-        state = info["state"]
-        if state == "started":
-            state = f"started {info['done']}/{info['total']}"
-        run_id = status = metrics = ""
-        if s.key in df.index:
-            row = df.loc[s.key]
-            run_id, status = row["run_id"], row["status"]
-            if status in ("RUNNING", "SCHEDULED") and state != "done" and plan.grid.workdir.exists() \
-                    and not (lock_holder and status == "SCHEDULED") and not stage_live(s, plan.grid.workdir):
-                status += " (nothing runs it)"  # a driver or worker killed outright could not say so
-            names = STAGE_KINDS[s.kind].status_metrics
-            metrics = " ".join(f"{n}={row[f'metrics.{n}']:.3f}" for n in names
-                               if f"metrics.{n}" in row and row[f"metrics.{n}"] == row[f"metrics.{n}"])
-        error = info.get("error", "")
-        if not error and s.key in df.index and "tags.sslgrid.error" in df.columns and state != "done":
-            error = df.at[s.key, "tags.sslgrid.error"]
-            error = error if isinstance(error, str) else ""  # NaN: a run without the tag
-        job = (slurm_job(s, plan.grid.workdir) or {}).get("job_id", "")
-        table.add_row(s.kind, s.key, ", ".join(s.cells), state, job, run_id, status, metrics, str(error))
-    console.print(table)
-    return 0
+    if args.watch or args.once:
+        return watch(plan, console, args.interval, once=args.once)
+    return show(plan, console)
 
 
 def _nothing_tracked(plan: Plan, args: argparse.Namespace, console: Console, need_store: bool = False) -> bool:
@@ -541,7 +544,7 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_ui(args: argparse.Namespace, console: Console) -> int:
     from pipeline.grid import DEFAULT_TRACKING_URI, _absolute_uri
-    from pipeline.tracking import client, store_exists
+    from pipeline.tracking import client, landing_page, store_exists
 
     uri, experiment = args.tracking_uri, None
     if args.grid:
@@ -556,9 +559,11 @@ def cmd_ui(args: argparse.Namespace, console: Console) -> int:
     if experiment:
         exp = client(uri).get_experiment_by_name(experiment)
         if exp is not None:
-            url += f"#/experiments/{exp.experiment_id}/runs"  # the runs table, not the GenAI overview page
+            url += f"#{landing_page(uri, exp.experiment_id, experiment)}"  # the report, not the GenAI pages
     console.print(f"MLflow UI on {uri}\nopen {url}  (Ctrl-C stops it)")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    # one worker serves one person's browser; MLflow's default 4 each import MLflow, which doubles the start-up
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port), "--workers", "1"]
     return subprocess.call(cmd)
 
 

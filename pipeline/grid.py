@@ -12,6 +12,8 @@ A grid file (YAML)::
       pretrain.head.kind: [mlp, none]
     cells:                           # explicit extra cells (not crossed with the axes)
       - {name: random-init, pretrain.method: none}
+    seeds: [0, 1, 2]                 # optional: every cell once per seed (or ``repeats: 3``, seeds 0..2);
+                                     # a study may set its own
     evaluations: [linear_probe]      # stages that follow every pretraining; or a mapping from
                                      # stage to ``all`` or to the cells it follows:
                                      #   {linear_probe: all, detection: [head.kind=mlp, random-init]}
@@ -40,7 +42,9 @@ from pipeline.spec import (Problem, Resources, SlurmSpec, build_dataclass, build
 from pipeline.stages import DEFAULT_EVALUATIONS, EVALUATIONS, ROOT, STAGE_KINDS, StageConfig, process_problems
 
 TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "studies", "evaluations",
-            "resources", "cluster")
+            "resources", "cluster", "seeds", "repeats")
+STUDY_KEYS = ("defaults", "axes", "cells", "description", "seeds", "repeats")
+REPLICATE = "@seed="  # a replicate's name: <cell>@seed=<seed>
 KINDS = tuple(STAGE_KINDS)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -57,10 +61,22 @@ class GridError(Exception):
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of one cell of the grid: with several seeds (``seeds:``/``repeats:``), one replicate.
+
+    ``name`` is unique in the grid (a replicate's is ``<base>@seed=<seed>``); ``base`` is the cell's
+    name as the grid file and ``evaluations:`` give it, shared by its replicates; ``seed`` is the
+    replicate's seed (every section's ``seed``), None when the grid gives no seeds."""
+
     name: str
     config: StageConfig
     values: dict[str, Any]  # the dotted keys this cell sets (its axis values and explicit values)
     study: str = ""  # the named study it belongs to ("" for the grid's top-level axes and cells)
+    base: str = ""  # "" means ``name``
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.base:
+            object.__setattr__(self, "base", self.name)
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,23 @@ class Grid:
     cluster: dict[str, SlurmSpec]  # "default" and stage kinds
     evaluation_cells: dict[str, frozenset[str]] = None  # evaluations that follow only these cells
 
-    def evaluates(self, kind: str, cell: str) -> bool:
+    def evaluates(self, kind: str, cell: Cell | str) -> bool:
+        """Whether evaluation ``kind`` follows ``cell`` (a Cell, or a cell's base name)."""
+        base = cell.base if isinstance(cell, Cell) else cell
         return kind in self.evaluations and (not self.evaluation_cells or kind not in self.evaluation_cells
-                                             or cell in self.evaluation_cells[kind])
+                                             or base in self.evaluation_cells[kind])
+
+    def replicates(self) -> dict[str, tuple[Cell, ...]]:
+        """Base cell name → its replicates (one per seed; one Cell for a grid without seeds), in grid order."""
+        out: dict[str, list[Cell]] = {}
+        for c in self.cells:
+            out.setdefault(c.base, []).append(c)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @property
+    def seed_counts(self) -> set[int]:
+        """The distinct numbers of replicates per base cell ({1} without seeds)."""
+        return {len(r) for r in self.replicates().values()}
 
 
 def head_of(key: str) -> str:
@@ -158,6 +188,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     defaults = _nested(defaults, "defaults", problems.items)
     raw_cells, all_names = _raw_cells(doc, only_studies, problems)
     cells = _build_cells(raw_cells, defaults, cfg_over, problems)
+    cells = _replicate(cells, raw_cells, defaults, cfg_over, problems)
     evaluations, evaluation_cells = _evaluations(doc.get("evaluations", list(DEFAULT_EVALUATIONS)), all_names,
                                                  problems.items)
     resources, cluster = _resources(doc, problems)
@@ -217,6 +248,8 @@ def _apply_overrides(doc: dict, overrides: list[str]) -> dict[str, Any]:
         head = key.split(".", 1)[0]
         (top_over if head in TOP_KEYS and head != "defaults" else cfg_over)[key.removeprefix("defaults.")] = value
     for key, value in top_over.items():
+        if key in ("seeds", "repeats"):  # -o repeats=3 replaces the file's seeds, and the other way round
+            doc.pop("repeats" if key == "seeds" else "seeds", None)
         if key.startswith(("resources.", "cluster.")):
             node = doc.setdefault(head_of(key), {})
             parts = key.split(".")[1:]
@@ -242,20 +275,24 @@ def _check_top_level(doc: dict, path: Path, problems: _Problems) -> Any:
 
 
 def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems) -> tuple[list[tuple], list[str]]:
-    """(name, study, values, where) of every cell of the grid and its studies, those of
-    ``only_studies`` when given; and the names of all cells (evaluations may name any of them)."""
-    raw_cells = _expand(doc, "", problems.items)
+    """(name, study, values, where, seeds) of every cell of the grid and its studies, those of
+    ``only_studies`` when given; and the names of all cells (evaluations may name any of them).
+    ``seeds``: the study's ``seeds``/``repeats``, else the grid's, else None."""
+    top_seeds = _seeds(doc, "", problems)
+    raw_cells = [(*c, top_seeds) for c in _expand(doc, "", problems.items)]
     studies = doc.get("studies") or {}
     if not isinstance(studies, dict):
         problems.add("", Problem("studies", studies, "must map study names to {defaults, axes, cells}"))
         studies = {}
     for sname, sdoc in studies.items():
-        if not isinstance(sdoc, dict) or set(sdoc) - {"defaults", "axes", "cells", "description"}:
-            problems.add("", Problem(f"studies.{sname}", sdoc, "a study is a mapping with defaults, axes and cells"))
+        if not isinstance(sdoc, dict) or set(sdoc) - set(STUDY_KEYS):
+            problems.add("", Problem(f"studies.{sname}", sdoc, f"a study is a mapping with {', '.join(STUDY_KEYS)}"))
             continue
-        raw_cells += _expand(sdoc, str(sname), problems.items)
+        seeds = _seeds(sdoc, f"studies.{sname}.", problems)
+        seeds = top_seeds if seeds is None else seeds
+        raw_cells += [(*c, seeds) for c in _expand(sdoc, str(sname), problems.items)]
     if not raw_cells:
-        raw_cells.append(("default", "", {}, {}))
+        raw_cells.append(("default", "", {}, {}, top_seeds))
     all_names = [c[0] for c in raw_cells]
     if only_studies:
         known = sorted({c[1] for c in raw_cells if c[1]})
@@ -274,7 +311,7 @@ def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems) -> tuple
 def _build_cells(raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any], problems: _Problems) -> list[Cell]:
     """Each cell's values over the defaults, ``-o`` values over both, built into a StageConfig."""
     cells: list[Cell] = []
-    for label, study, values, where in raw_cells:
+    for label, study, values, where, _ in raw_cells:
         values = {**values, **{k: v for k, v in cfg_over.items() if k in values}}
         try:
             raw = _merge_flat(defaults, {**values, **cfg_over})
@@ -288,6 +325,68 @@ def _build_cells(raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any
         if config is not None:
             cells.append(Cell(label, config, values, study))
     return cells
+
+
+def _seeds(section: dict, at: str, problems: _Problems) -> list[int] | None:
+    """A grid's or study's replicate seeds: ``seeds: [0, 1, 2]`` (distinct non-negative integers) or
+    ``repeats: N`` (seeds 0..N-1); None when it gives neither; the study's win over the grid's."""
+    seeds, repeats = section.get("seeds"), section.get("repeats")
+    if seeds is not None and repeats is not None:
+        problems.add("", Problem(f"{at}seeds", seeds, f"and {at}repeats ({repeats}) are both set; keep one "
+                                 f"(repeats: N means seeds: [0, ..., N-1])"))
+        return None
+    if repeats is not None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            problems.add("", Problem(f"{at}repeats", repeats, "must be a whole number >= 1 (runs of every cell, "
+                                     "seeds 0..N-1)"))
+            return None
+        return list(range(repeats))
+    if seeds is None:
+        return None
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)):
+        problems.add("", Problem(f"{at}seeds", seeds, "must be a non-empty list of whole numbers >= 0, e.g. [0, 1, 2]"))
+        return None
+    if len(set(seeds)) != len(seeds):
+        problems.add("", Problem(f"{at}seeds", seeds, "lists a seed twice; each seed is one replicate"))
+        return None
+    return list(seeds)
+
+
+def _seed_fields(cfg: StageConfig) -> list[str]:
+    """The sections whose ``seed`` a replicate sets: the pretraining and every evaluation that has
+    one (not ``dataset.seed``, which draws the synthetic set: every replicate sees the same data)."""
+    return [k for k in STAGE_KINDS if "seed" in {f.name for f in dataclasses.fields(getattr(cfg, k))}]
+
+
+def _replicate(cells: list[Cell], raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any],
+               problems: _Problems) -> list[Cell]:
+    """Each cell once per seed of its study (or of the grid): the replicate's every section ``seed``
+    is that seed, so seed 0 is the stage a grid without seeds runs. A grid that sets a section's
+    ``seed`` itself and also gives seeds is refused: which one would count is not clear."""
+    seeds_of = {(label, study): seeds for label, study, *_, seeds in raw_cells}
+    out: list[Cell] = []
+    flat_defaults = flatten(defaults)
+    for cell in cells:
+        seeds = seeds_of.get((cell.name, cell.study))
+        if seeds is None:
+            out.append(cell)
+            continue
+        fields = _seed_fields(cell.config)
+        set_here = [f"{k}.seed" for k in fields
+                    if f"{k}.seed" in cell.values or f"{k}.seed" in flat_defaults or f"{k}.seed" in cfg_over]
+        if set_here:
+            given = {**flat_defaults, **cell.values, **cfg_over}[set_here[0]]
+            problems.add("", Problem(set_here[0], given, f"is set, and the grid also gives seeds/repeats, which set "
+                                     f"{', '.join(f + '.seed' for f in fields)} of every replicate; remove one of the "
+                                     f"two"))
+            continue
+        for seed in seeds:
+            config = dataclasses.replace(cell.config, **{
+                k: dataclasses.replace(getattr(cell.config, k), seed=seed) for k in fields})
+            name = cell.name if len(seeds) == 1 else f"{cell.name}{REPLICATE}{seed}"
+            out.append(Cell(name, config, {**cell.values, f"{ROOT}.seed": seed}, cell.study, cell.name, seed))
+    return out
 
 
 def _resources(doc: dict, problems: _Problems) -> tuple[dict[str, Resources], dict[str, SlurmSpec]]:
@@ -467,7 +566,7 @@ def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
             continue
         for cell in grid.cells:
             section = getattr(cell.config, kind.name)
-            if not (kind.name == ROOT or grid.evaluates(kind.name, cell.name)) or (kind.name, section) in checked:
+            if not (kind.name == ROOT or grid.evaluates(kind.name, cell)) or (kind.name, section) in checked:
                 continue
             checked.add((kind.name, section))
             for field_name, message in kind.preflight(cell.config):

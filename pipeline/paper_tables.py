@@ -2,8 +2,9 @@
 
 A table is drawn when the grid has the study it needs (``table1``, ``table2a``, ``table2b``, ``table3``,
 ``fig4``, as in grids/paper.yaml and grids/paper-mini.yaml); rows and columns are found from each
-cell's resolved config, not from its name. Values are the linear probe's top-1. A cell whose stages
-have not finished shows as ``pending``. With ``compare=True`` the paper's own numbers (Appalaraju et
+cell's resolved config, not from its name. Values are the linear probe's top-1, as mean ± the
+half-width of the 95% interval over the cell's seeds (pipeline/stats.py; "(n=1)" where one seed gives
+no interval). A cell whose stages have not finished shows as ``pending``. With ``compare=True`` the paper's own numbers (Appalaraju et
 al., arXiv 2012.00868, Tables 1–3) are printed beside ours.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pandas as pd
 
 from pipeline.grid import Cell
 from pipeline.plan import Plan
-from pipeline.report import metric
+from pipeline.report import Values
 from trainers.files import atomic_write
 from trainers.methods import METHODS
 
@@ -49,20 +50,32 @@ TABLE3 = [
 
 
 def _fmt(v: object) -> str:
+    from pipeline.stats import Estimate
+
+    if isinstance(v, Estimate):
+        return v.text(1)
     return f"{v:.1f}" if isinstance(v, float) else str(v)
 
 
 class _Lookup:
-    def __init__(self, plan: Plan, df: pd.DataFrame):
-        self.plan, self.df = plan, df
+    """A cell's linear-probe top-1 over its seeds (an Estimate), or pending."""
 
-    def top1(self, cell: Cell) -> float | str:
-        value = metric(self.df, self.plan.cells[cell.name].get("linear_probe"), "top1")
-        return PENDING if value is None else value
+    def __init__(self, plan: Plan, values: Values):
+        self.plan, self.values = plan, values
+
+    def seeds(self, cell: Cell) -> dict[int, float]:
+        return self.values.get(cell.base, {}).get(("linear_probe", "top1"), {})
+
+    def top1(self, cell: Cell):
+        from pipeline.stats import estimate
+
+        est = estimate(list(self.seeds(cell).values()))
+        return PENDING if est is None else est
 
 
 def _cells(plan: Plan, study: str) -> list[Cell]:
-    return [c for c in plan.grid.cells if c.study == study]
+    """The study's cells, one per base cell (its first replicate: the config without the seed)."""
+    return [reps[0] for reps in plan.grid.replicates().values() if reps[0].study == study]
 
 
 def _find(cells: list[Cell], pred: Callable) -> Cell | None:
@@ -87,21 +100,32 @@ def _delta(v: object, base: object) -> str:
     return f"{v - base:+.1f}" if isinstance(v, float) and isinstance(base, float) else ""
 
 
+def _delta_est(look: _Lookup, cell: Cell | None, base: Cell | None) -> str:
+    """cell − base, paired by seed; ``*`` when its 95% interval excludes 0 (pipeline/stats.py)."""
+    from pipeline.stats import difference
+
+    if cell is None or base is None:
+        return ""
+    d = difference(look.seeds(cell), look.seeds(base))
+    if d is None:
+        return ""
+    return f"{d.mean:+.1f}" + (f" ± {d.half:.1f}" if d.half is not None else "") + ("*" if d.excludes_zero() else "")
+
+
 def table2(plan: Plan, look: _Lookup, compare: bool, study: str, field: Callable, columns: list,
            labels: list[str], paper: dict[str, list[float]]) -> pd.DataFrame | None:
-    """Rows: methods, each followed by its Δ to the first column, as the paper prints them."""
+    """Rows: methods, each followed by its Δ to the first column, as the paper prints them (ours
+    paired by seed, ± the 95% interval's half-width, ``*`` when that interval excludes 0)."""
     cells = _cells(plan, study)
     if not cells:
         return None
     rows = []
     for method in ("mocov2", "supervised"):
-        vals = []
-        for col in columns:
-            c = _find(cells, lambda p: p.method == method and field(p) == col)
-            vals.append(look.top1(c) if c else "-")
-        rows.append({"Method": METHODS[method].title, **{lab: v for lab, v in zip(labels, vals)}})
-        rows.append({"Method": "  Δ", **{lab: _delta(v, vals[0]) if i else "" for i, (lab, v)
-                                        in enumerate(zip(labels, vals))}})
+        found = [_find(cells, lambda p: p.method == method and field(p) == col) for col in columns]
+        rows.append({"Method": METHODS[method].title, **{lab: look.top1(c) if c else "-"
+                                                         for lab, c in zip(labels, found)}})
+        rows.append({"Method": "  Δ", **{lab: _delta_est(look, c, found[0]) if i else "" for i, (lab, c)
+                                        in enumerate(zip(labels, found))}})
         if compare:
             rows.append({"Method": "  paper", **dict(zip(labels, paper[method]))})
             rows.append({"Method": "  paper Δ", **{lab: _delta(v, paper[method][0]) if i else "" for i, (lab, v)
@@ -145,26 +169,50 @@ def fig4(plan: Plan, look: _Lookup) -> pd.DataFrame | None:
     return pd.DataFrame(rows).sort_values(["method", "K"]).reset_index(drop=True)
 
 
+def _estimates_to_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """A table for CSV: each Estimate as its mean, with ``<col> ci_low``, ``<col> ci_high`` and
+    ``<col> n`` beside it (the interval empty when n = 1)."""
+    from pipeline.stats import Estimate
+
+    out = pd.DataFrame(index=df.index)
+    for col in df.columns:
+        vals = df[col]
+        out[col] = [v.mean if isinstance(v, Estimate) else v for v in vals]
+        if any(isinstance(v, Estimate) for v in vals):
+            for part in ("low", "high"):
+                out[f"{col} ci_{part}"] = [getattr(v, part) if isinstance(v, Estimate) else None for v in vals]
+            out[f"{col} n"] = [v.n if isinstance(v, Estimate) else 0 for v in vals]
+    return out
+
+
 def plot_fig4(df: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+    """Top-1 against K per method: the mean over seeds, and a band of its 95% interval where a
+    point has several seeds (``df``: fig4's table, top1 as Estimates or pending)."""
+    from pipeline.plots import pyplot
+    from pipeline.stats import Estimate
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for method, part in df.groupby("method"):
-        done = part[part["top1"].map(lambda v: isinstance(v, float))]
-        if len(done):
-            ax.plot(done["K"], done["top1"].astype(float), marker="o", label=method,
-                    linestyle="--" if "hard" in method else "-")
+        done = part[part["top1"].map(lambda v: isinstance(v, Estimate))]
+        if not len(done):
+            continue
+        ests = list(done["top1"])
+        line, = ax.plot(done["K"], [e.mean for e in ests], marker="o", label=method,
+                        linestyle="--" if "hard" in method else "-")
+        banded = [(k, e) for k, e in zip(done["K"], ests) if e.low is not None]
+        if banded:
+            ax.fill_between([k for k, _ in banded], [e.low for _, e in banded], [e.high for _, e in banded],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("number of negatives K (log scale)")
     ax.set_ylabel("linear probe top-1 (%)")
-    ax.set_title("Fig. 4: top-1 against K")
+    n = sorted({e.n for e in df["top1"] if isinstance(e, Estimate)})
+    ax.set_title("Fig. 4: top-1 against K" + (f" (bands: 95% CI, n={'/'.join(map(str, n))})" if n and max(n) > 1 else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_write(path) as tmp:
-        fig.savefig(tmp)
+        fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
@@ -181,7 +229,7 @@ def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> list[Path]:
 
     from pipeline.tracking import client
 
-    cells = sorted(plan.grid.cells, key=lambda c: c.study != "table1")
+    cells = sorted((reps[0] for reps in plan.grid.replicates().values()), key=lambda c: c.study != "table1")
     moco = [c for c in cells if c.config.pretrain.record.negatives == "queue" and "inversion" in plan.cells[c.name]]
     picked = {kind: next((c for c in moco if _head(c.config.pretrain) == kind), None) for kind in ("none", "mlp")}
     if None in picked.values():
@@ -194,11 +242,9 @@ def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> list[Path]:
                 return []
             path = client(plan.grid.tracking_uri).download_artifacts(df.at[key, "run_id"], "inversion.pt", tmp)
             data[kind] = torch.load(path)
-    import matplotlib
+    from pipeline.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("original", data["mlp"]["originals"]), ("h, no head", data["none"]["h"]),
               ("h, MLP head", data["mlp"]["h"]), ("z, MLP head", data["mlp"].get("z"))]
     panels = [(t, v) for t, v in panels if v is not None]
@@ -229,10 +275,14 @@ def render(df: pd.DataFrame) -> str:
     return df.map(_fmt).to_markdown(index=False, disable_numparse=True)
 
 
-def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False) -> tuple[str, list[Path]]:
+def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False, values: Values | None = None
+                 ) -> tuple[str, list[Path]]:
     """Markdown of every table the grid's studies allow, and the files written (CSV per table,
-    fig4.png and fig4.csv)."""
-    look = _Lookup(plan, df)
+    fig4.png and fig4.csv). Values are means ± the 95% interval's half-width over seeds; ``values``
+    (pipeline/report.py ``replicate_values``) is read from ``df`` when not given."""
+    from pipeline.report import replicate_values
+
+    look = _Lookup(plan, replicate_values(plan, df) if values is None else values)
     tables = {
         "Table 1: projection head (MoCo v2)": ("table1", table1(plan, look, compare)),
         "Table 2a: random cropping (min/max size)": ("table2a", table2(
@@ -249,7 +299,7 @@ def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False)
             continue
         parts.append(f"### {title}\n\n{render(table)}")
         files.append(out / f"{name}.csv")
-        table.to_csv(files[-1], index=False)
+        _estimates_to_columns(table).to_csv(files[-1], index=False)
     f2 = fig2(plan, df, out)
     if f2:
         files += f2
@@ -258,8 +308,8 @@ def paper_tables(plan: Plan, df: pd.DataFrame, out: Path, compare: bool = False)
     f4 = fig4(plan, look)
     if f4 is not None:
         files += [out / "fig4.csv", out / "fig4.png"]
-        f4.to_csv(files[-2], index=False)
+        _estimates_to_columns(f4).to_csv(files[-2], index=False)
         plot_fig4(f4, files[-1])
         wide = f4.pivot_table(index="method", columns="K", values="top1", aggfunc="first").reset_index()
-        parts.append(f"### Fig. 4: top-1 against K (plot: {files[-1].name})\n\n{render(wide.fillna('-'))}")
+        parts.append(f"### Fig. 4: top-1 against K\n\n{render(wide.fillna('-'))}\n\n![fig4]({files[-1].name})")
     return "\n\n".join(parts), files

@@ -87,7 +87,7 @@ def build_plan(grid: Grid) -> Plan:
     naive = 0
     for cell in grid.cells:
         pre = _pretrain_stage(cell.config)
-        chain = [pre] + [_eval_stage(kind, cell.config, pre) for kind in grid.evaluations if grid.evaluates(kind, cell.name)]
+        chain = [pre] + [_eval_stage(kind, cell.config, pre) for kind in grid.evaluations if grid.evaluates(kind, cell)]
         naive += len(chain)
         cells[cell.name] = {}
         for stage in chain:

@@ -8,7 +8,7 @@ import pandas as pd
 
 from pipeline.plan import Plan
 from pipeline.stages import ROOT, STAGE_KINDS
-from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, store_exists
+from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, show_report, store_exists
 from trainers.files import atomic_write, write_text
 
 PENDING = "pending"
@@ -47,67 +47,211 @@ def metric(df: pd.DataFrame, key: str | None, name: str) -> float | None:
     return float(df.at[key, col])
 
 
-def cell_table(plan: Plan, df: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per cell: its grid values, what it pretrained, and each evaluation's headline metric.
-    A cell whose stages have not finished shows as pending, not as missing."""
+Values = dict[str, dict[tuple[str, str], dict[int, float]]]  # base cell → (kind, metric) → seed → value
+
+
+def _metrics_of(kind: str) -> tuple[str, ...]:
+    return ("loss",) if kind == ROOT else STAGE_KINDS[kind].reported
+
+
+def replicate_values(plan: Plan, df: pd.DataFrame) -> Values:
+    """Every finished value, by cell, metric and seed: base cell name (pipeline/grid.py ``Cell.base``)
+    → (stage kind, metric) → {seed: value}. A replicate's seed is its pretraining's seed, so cells
+    of a grid without ``seeds:`` pair up too. Missing stages and metrics are absent."""
+    out: Values = {}
+    for base, reps in plan.grid.replicates().items():
+        cell_values = out.setdefault(base, {})
+        for cell in reps:
+            for kind, key in plan.cells[cell.name].items():
+                for name in _metrics_of(kind):
+                    val = metric(df, key, name)
+                    if val is not None:
+                        cell_values.setdefault((kind, name), {})[cell.config.pretrain.seed] = val
+    return out
+
+
+def _state(statuses: list[str]) -> str:
+    return ("failed" if any(s in ("FAILED", "KILLED") for s in statuses) else
+            "done" if all(s == "FINISHED" for s in statuses) else
+            "running" if any(s == "RUNNING" for s in statuses) else PENDING)
+
+
+def _columns(plan: Plan) -> list[tuple[str, str, str]]:
+    """(column, stage kind, metric) of the cell table: the pretraining's loss, then each
+    evaluation's reported metrics, the headline as ``<kind>_<metric>``."""
+    cols = [(f"{ROOT}_loss", ROOT, "loss")]
+    for kind in plan.grid.evaluations:
+        headline, *more = STAGE_KINDS[kind].reported
+        cols += [(f"{kind}_{headline}", kind, headline)] + [(m, kind, m) for m in more]
+    return cols
+
+
+def cell_table(plan: Plan, df: pd.DataFrame | None = None, values: Values | None = None) -> pd.DataFrame:
+    """One row per cell (its replicates together): its grid values, what it pretrained, its seeds,
+    and each metric as an ``Estimate`` (mean and 95% interval over the seeds, pipeline/stats.py).
+    A metric no seed has finished yet shows as pending; a stage the grid does not run, as "-"."""
+    from pipeline.stats import estimate
+
     df = stage_runs(plan) if df is None else df
+    values = replicate_values(plan, df) if values is None else values
     value_keys: list[str] = []
     for cell in plan.grid.cells:
-        value_keys += [k for k in cell.values if k not in value_keys]
+        value_keys += [k for k in cell.values if k not in value_keys and not (cell.seed is not None and k == f"{ROOT}.seed")]
     rows = []
-    for cell in plan.grid.cells:
-        keys = plan.cells[cell.name]
-        statuses = [str(df.at[k, "status"]) if k in df.index else "SCHEDULED" for k in keys.values()]
-        state = ("failed" if any(s in ("FAILED", "KILLED") for s in statuses) else
-                 "done" if all(s == "FINISHED" for s in statuses) else
-                 "running" if any(s == "RUNNING" for s in statuses) else PENDING)
+    for base, reps in plan.grid.replicates().items():
+        cell = reps[0]
+        statuses = [str(df.at[k, "status"]) if k in df.index else "SCHEDULED"
+                    for c in reps for k in plan.cells[c.name].values()]
         p = cell.config.pretrain
         trains = p.record.trains
         head = getattr(p.config, "head", None)
-        row = {"cell": cell.name}
+        row = {"cell": base}
         row.update({k: cell.values.get(k, "") for k in value_keys})
         row.update({"method": p.method, "head": head.kind if head is not None and trains else "-",
-                    "K": p.negatives_count or "-", "epochs": p.epochs if trains else 0})
-        loss = metric(df, keys[ROOT], "loss")
-        row[f"{ROOT}_loss"] = loss if loss is not None else (PENDING if trains else "-")
-        for kind in plan.grid.evaluations:
-            headline, *more = STAGE_KINDS[kind].reported
-            for column, name in [(f"{kind}_{headline}", headline)] + [(m, m) for m in more]:
-                if kind not in keys:  # the grid does not evaluate this cell this way
-                    row[column] = "-"
-                    continue
-                val = metric(df, keys[kind], name)
-                row[column] = val if val is not None else PENDING
-        row["state"] = state
+                    "K": p.negatives_count or "-", "epochs": p.epochs if trains else 0,
+                    "seeds": ",".join(str(c.config.pretrain.seed) for c in reps)})
+        for column, kind, name in _columns(plan):
+            if kind not in plan.cells[cell.name] or (kind == ROOT and not trains):
+                row[column] = "-"  # the grid does not run this stage for this cell
+                continue
+            est = estimate(list(values.get(base, {}).get((kind, name), {}).values()))
+            finished = all(k in df.index and df.at[k, "status"] == "FINISHED"
+                           for k in (plan.cells[c.name][kind] for c in reps))
+            # a finished stage without the metric did not compute it (e.g. a kNN stage from before top1_k20)
+            row[column] = est if est is not None else "-" if finished else PENDING
+        done = sum(_state([str(df.at[k, "status"]) if k in df.index else "SCHEDULED"
+                           for k in plan.cells[c.name].values()]) == "done" for c in reps)
+        state = _state(statuses)
+        row["state"] = state if len(reps) == 1 or state in ("done", "failed") else f"{state} ({done}/{len(reps)} seeds done)"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+def _fmt(v: object) -> str:
+    from pipeline.stats import Estimate
+
+    if isinstance(v, Estimate):
+        return v.text(2)
+    if isinstance(v, float):
+        return f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}"
+    return str(v)
+
+
 def render(table: pd.DataFrame) -> str:
-    shown = table.map(lambda v: (f"{v:.2f}" if v == 0 or abs(v) >= 0.01 else f"{v:.1e}") if isinstance(v, float) else v)
-    return shown.to_markdown(index=False, disable_numparse=True)
+    return table.map(_fmt).to_markdown(index=False, disable_numparse=True)
+
+
+def numeric(table: pd.DataFrame) -> pd.DataFrame:
+    """The table for report.csv: each Estimate column as its mean, and beside it ``<col>_ci_low``,
+    ``<col>_ci_high`` (empty when n = 1) and ``<col>_n``."""
+    from pipeline.stats import Estimate
+
+    out = pd.DataFrame(index=table.index)
+    for col in table.columns:
+        cells = table[col]
+        if not any(isinstance(v, Estimate) for v in cells):
+            out[col] = cells
+            continue
+        out[col] = [v.mean if isinstance(v, Estimate) else v for v in cells]
+        out[f"{col}_ci_low"] = [v.low if isinstance(v, Estimate) else None for v in cells]
+        out[f"{col}_ci_high"] = [v.high if isinstance(v, Estimate) else None for v in cells]
+        out[f"{col}_n"] = [v.n if isinstance(v, Estimate) else 0 for v in cells]
+    return out
+
+
+def baselines(plan: Plan) -> dict[str, str]:
+    """Study name ("" for the grid's own cells) → its baseline cell: the study's first cell, i.e.
+    the first value of every axis (grids list the paper's baseline first, as its tables do)."""
+    out: dict[str, str] = {}
+    for base, reps in plan.grid.replicates().items():
+        out.setdefault(reps[0].study, base)
+    return out
+
+
+def differences(plan: Plan, values: Values) -> pd.DataFrame:
+    """Each cell against its study's baseline, on every evaluation's headline metric: the
+    difference (cell − baseline), paired by seed where the seeds match, with its 95% interval;
+    ``marked`` only when the interval excludes 0 (pipeline/stats.py ``difference``)."""
+    from pipeline.stats import difference
+
+    rows = []
+    base_of = baselines(plan)
+    for base, reps in plan.grid.replicates().items():
+        ref = base_of[reps[0].study]
+        if ref == base:
+            continue
+        for kind in plan.grid.evaluations:
+            name = STAGE_KINDS[kind].reported[0]
+            a = values.get(base, {}).get((kind, name))
+            b = values.get(ref, {}).get((kind, name))
+            if not a or not b:
+                continue
+            d = difference(a, b)
+            rows.append({"cell": base, "baseline": ref, "metric": f"{kind}_{name}", "difference": f"{d.mean:+.2f}",
+                         "95% interval": d.interval(2), "n": d.n, "paired": "by seed" if d.paired else "no",
+                         "marked": "*" if d.excludes_zero() else ""})
+    return pd.DataFrame(rows)
+
+
+def _notes(plan: Plan) -> list[str]:
+    """Each evaluation's ``report_note`` (pipeline/stages.py), once per distinct text."""
+    notes: list[str] = []
+    for kind in plan.grid.evaluations:
+        note = STAGE_KINDS[kind].report_note
+        for cell in plan.grid.cells:
+            if note is not None and plan.grid.evaluates(kind, cell) and f"- {note(cell.config)}" not in notes:
+                notes.append(f"- {note(cell.config)}")
+    return ["\n".join(notes)] if notes else []
+
+
+def _seed_note(plan: Plan) -> str:
+    counts = plan.grid.seed_counts
+    if counts == {1}:
+        return ("One seed per cell (n=1): no confidence interval exists, so no difference below is settled. "
+                "Give the grid `seeds: [0, 1, 2]` or `repeats: 3` (or run with `-o repeats=3`) to get "
+                "95% intervals; seed 0's finished stages are reused.")
+    return (f"Each cell ran with {'/'.join(map(str, sorted(counts)))} seeds: values are the mean ± the half-width "
+            f"of the 95% Student-t interval over seeds (scipy.stats); n=1 means no interval.")
 
 
 def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bool = False
                  ) -> tuple[str, list[Path]]:
     """Markdown text, and the files written under ``<workdir>/report/`` (logged on the grid's
-    parent run when its id is given): the cell table, then the paper's tables and Fig. 4 for the
-    grid's named studies (pipeline/paper_tables.py)."""
+    parent run, with the claims' verdicts as its tags, when it has one): the cell table (mean ± 95%
+    interval over seeds), a bar chart per study, the differences to each study's baseline, the
+    paper's claims checked (pipeline/claims.py), then the paper's tables and figures for the grid's
+    named studies (pipeline/paper_tables.py)."""
+    from pipeline.claims import section as claims_section
     from pipeline.paper_tables import paper_tables
+    from pipeline.plots import study_charts
 
     df = stage_runs(plan)
-    table = cell_table(plan, df)
-    text = render(table)
+    values = replicate_values(plan, df)
+    table = cell_table(plan, df, values)
     out = plan.grid.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md", out / "report.csv"]
     with atomic_write(files[1]) as tmp:
-        table.to_csv(tmp, index=False)
-    extra, more = paper_tables(plan, df, out, compare_paper)
+        numeric(table).to_csv(tmp, index=False)
+    parts = [f"# {plan.grid.name}", _seed_note(plan), "## Cells", render(table)] + _notes(plan)
+    charts = study_charts(plan, values, out)
+    parts += [f"![{path.stem}]({path.name})" for path in charts]
+    files += charts
+    diffs = differences(plan, values)
+    if len(diffs):
+        parts += ["## Differences to each study's baseline",
+                  "Cell − baseline (the study's first cell), paired by seed; `*` marks a difference whose 95% "
+                  "interval excludes 0, and only those.", diffs.to_markdown(index=False, disable_numparse=True)]
+    claims_text, claims_files, verdicts = claims_section(plan.grid, values, out)
+    if claims_text:
+        parts.append(claims_text)
+        files += claims_files
+    extra, more = paper_tables(plan, df, out, compare_paper, values)
     if extra:
-        text = f"{text}\n\n{extra}"
-    write_text(files[0], f"# {plan.grid.name}\n\n{text}\n")
+        parts += ["## The paper's tables", extra]
     files += more
+    text = "\n\n".join(parts)
+    write_text(files[0], text + "\n")
     if parent_run_id is None:
         exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
         if exp is not None:
@@ -117,4 +261,9 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
         c = client(plan.grid.tracking_uri)
         for f in files:
             c.log_artifact(parent_run_id, str(f), artifact_path="report")
+        show_report(plan.grid.tracking_uri, parent_run_id, text, [f for f in files if f.suffix == ".png"])
+        if verdicts:
+            from mlflow.entities import RunTag
+
+            c.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in verdicts.items()])
     return text, files

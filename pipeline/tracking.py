@@ -21,6 +21,17 @@ ERROR = "sslgrid.error"
 WARNINGS_TAG = "sslgrid.warnings"
 DRIVER = "sslgrid.driver"  # on the parent run: JSON {pid, host, time, workdir, lock} of the driver running it
 MAX_ARTIFACT_BYTES = 50 * 2**20  # larger checkpoints are referenced by path, not copied
+# The experiment tag by which MLflow 3's UI tells model training from GenAI experiments. Values: enum
+# ExperimentKind in mlflow/server/js/src/experiment-tracking/constants.ts (GENAI_DEVELOPMENT =
+# "genai_development", CUSTOM_MODEL_DEVELOPMENT = "custom_model_development").
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# 3.17 ignores that tag for its pages: they follow the sidebar's GenAI / model-training switch (default
+# GenAI, remembered per browser), which this URL parameter overrides. Enum WorkflowType in
+# mlflow/server/js/src/common/contexts/WorkflowTypeContext.tsx; tests/integration/test_ui_browser.py checks it.
+UI_WORKFLOW = "workflowType=machine_learning"
+REPORT = "report/report.md"  # the grid's report on its parent run (pipeline/report.py write_report)
+NOTE = "mlflow.note.content"  # a run's description, rendered as Markdown on its page (mlflow/utils/mlflow_tags.py)
+MAX_NOTE_CHARS = 8000  # MLflow truncates a run tag's value to this (MAX_TAG_VAL_LENGTH, mlflow/utils/validation.py)
 
 
 def client(uri: str):
@@ -70,7 +81,7 @@ def ensure_experiment(uri: str, name: str) -> str:
         # keep artifacts beside the database, not relative to whichever directory a worker runs in
         location = Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlruns").as_uri()
     try:
-        return c.create_experiment(name, artifact_location=location)
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
     except Exception:  # created meanwhile by another driver
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -139,6 +150,8 @@ def prepare_runs(plan: Plan) -> tuple[str, str, dict[str, str]]:
     open_store(uri)
     c = client(uri)
     exp_id = ensure_experiment(uri, g.name)
+    if EXPERIMENT_KIND not in c.get_experiment(exp_id).tags:  # tracked by a release before the tag
+        c.set_experiment_tag(exp_id, EXPERIMENT_KIND, MODEL_TRAINING)
     parent, existing = find_runs(uri, exp_id, g.name)
     if parent is None:
         parent = c.create_run(exp_id, run_name=g.name, tags={ROLE: "grid", GRID: g.name, "sslgrid.grid_file": str(g.path)})
@@ -168,6 +181,47 @@ def prepare_runs(plan: Plan) -> tuple[str, str, dict[str, str]]:
     return exp_id, parent.info.run_id, run_ids
 
 
+def ui_page(experiment_id: str, run_id: str | None = None, artifact: str | None = None) -> str:
+    """The UI route (after ``#``) of a run's artifact, or of a run's page, or without a run of the
+    experiment's runs table; in the machine-learning workspace (``UI_WORKFLOW``)."""
+    page = f"/experiments/{experiment_id}/runs"
+    if run_id:
+        page += f"/{run_id}" + (f"/artifacts/{artifact}" if artifact else "")
+    return f"{page}?{UI_WORKFLOW}"
+
+
+def landing_page(uri: str, experiment_id: str, grid: str) -> str:
+    """Where ``sslgrid ui`` opens a grid: its report (``REPORT``, rendered as Markdown, tables in
+    full, on the parent run's Artifacts tab), else its parent run, else the experiment's runs table."""
+    parent, _ = find_runs(uri, experiment_id, grid)
+    if parent is None:
+        return ui_page(experiment_id)
+    logged = {f.path for f in client(uri).list_artifacts(parent.info.run_id, REPORT.rpartition("/")[0])}
+    return ui_page(experiment_id, parent.info.run_id, REPORT if REPORT in logged else None)
+
+
+def show_report(uri: str, run_id: str, markdown: str, images: list[Path]) -> None:
+    """Make ``markdown`` (the grid's report) the description of the run ``run_id``, which the UI
+    renders on the run's page. ``images`` were logged under the run's ``report/`` artifacts: links to
+    them by file name point at the server's ``get-artifact`` endpoint (relative to the UI's page, so
+    that a ``--static-prefix`` works too), and those the text does not show are appended. Longer
+    than a tag holds, the text is cut at a line and says where the rest is."""
+    from urllib.parse import quote
+
+    def src(image: Path) -> str:
+        return f"get-artifact?path={quote(f'report/{image.name}')}&run_uuid={run_id}"
+
+    for image in images:
+        markdown = markdown.replace(f"]({image.name})", f"]({src(image)})")
+    shown = [f"![{i.stem}]({src(i)})" for i in images if src(i) not in markdown]
+    note = "\n\n".join([markdown, *shown])
+    if len(note) > MAX_NOTE_CHARS:
+        tail = f"\n\n*Cut to fit an MLflow tag: the whole report is `{REPORT}` under Artifacts.*"
+        room = MAX_NOTE_CHARS - len(tail) - sum(len(i) + 2 for i in shown)
+        note = "\n\n".join([markdown[:max(room, 0)].rsplit("\n", 1)[0] + tail, *shown])
+    client(uri).set_tag(run_id, NOTE, note[:MAX_NOTE_CHARS])
+
+
 def numeric(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -175,12 +229,16 @@ def numeric(result: dict) -> dict[str, float]:
 class MlflowSink:
     """The sink a stage is given: metrics and artifacts go to its MLflow run; progress to a small
     JSON file in the stage directory, which the driver polls (it works on every backend that shares
-    the work directory, SLURM included)."""
+    the work directory, SLURM included), and to the run's ``sslgrid.progress`` tag, which
+    ``sslgrid status`` reads on machines without the work directory (pipeline/watch.py)."""
+
+    PROGRESS_TAG = "sslgrid.progress"
 
     def __init__(self, uri: str, run_id: str, stage_dir: Path):
         self.c = client(uri)
         self.run_id = run_id
         self.stage_dir = StageDir(stage_dir)
+        self.first_progress: tuple[int, float] | None = None  # (done, time) of this attempt's first report
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -196,7 +254,16 @@ class MlflowSink:
             self.c.log_artifact(self.run_id, str(path))
 
     def progress(self, done: int, total: int) -> None:
-        write_json(self.stage_dir.progress, {"done": done, "total": total, "time": time.time()})
+        """``done`` of ``total`` units (epochs, iterations) finished, at ``time`` (Unix seconds); with
+        ``start_done``/``start_time``, this attempt's first report (a resumed stage starts at its
+        checkpoint's epoch), so that a rate counts only the units this attempt did."""
+        now = time.time()
+        if self.first_progress is None:
+            self.first_progress = (done, now)
+        record = {"done": done, "total": total, "time": now,
+                  "start_done": self.first_progress[0], "start_time": self.first_progress[1]}
+        write_json(self.stage_dir.progress, record)
+        self.c.set_tag(self.run_id, self.PROGRESS_TAG, json.dumps(record, sort_keys=True))
 
     def warn(self, message: str) -> None:
         """Appended to ``warnings.log`` in the stage folder (the driver prints it when the stage ends)

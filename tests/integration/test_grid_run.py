@@ -9,7 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from tests.integration.helpers import REPO, all_runs, cli_args, history, sslgrid, stage_runs, write_grid
 
@@ -54,6 +57,24 @@ def test_tiny_grid_runs_then_rerun_is_a_noop(tmp_path):
     report = sslgrid(grid, tmp_path, sub="report")
     assert report.returncode == 0 and "linear_probe_top1" in report.stdout
     assert (tmp_path / "runs" / "report" / "report.csv").exists()
+
+    # the same grid with two seeds: seed 0 is the finished work, seed 1 runs; the report's mean and
+    # 95% interval are scipy's over the two probes' top-1 in MLflow
+    two = sslgrid(grid, tmp_path, "-o", "repeats=2")
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "ran 4, cached 4, failed 0" in two.stdout and "2 cells × 2 seeds (4 runs)" in two.stdout
+    probes = {r.data.tags["sslgrid.cells"]: r.data.metrics["top1"] for r in stage_runs(tmp_path)
+              if r.data.tags["sslgrid.stage"] == "linear_probe"}
+    mlp = [probes["head.kind=mlp@seed=0"], probes["head.kind=mlp@seed=1"]]
+    csv = pd.read_csv(tmp_path / "runs" / "report" / "report.csv").set_index("cell")
+    low, high = stats.t.interval(0.95, 1, loc=sum(mlp) / 2, scale=stats.sem(mlp))
+    assert csv.at["head.kind=mlp", "linear_probe_top1"] == pytest.approx(sum(mlp) / 2)
+    assert (csv.at["head.kind=mlp", "linear_probe_top1_ci_low"], csv.at["head.kind=mlp", "linear_probe_top1_ci_high"]) \
+        == pytest.approx((low, high))
+    assert csv.at["head.kind=mlp", "seeds"] == "0,1" and csv.at["head.kind=mlp", "linear_probe_top1_n"] == 2
+    parent = [r for r in all_runs(tmp_path) if r.data.tags.get("sslgrid.role") == "grid"][0]
+    logged = {a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parent.info.run_id, "report")}
+    assert {"report/cells.png", "report/report.md", "report/report.csv"} <= logged
 
 
 def _one_run_per_key(tmp: Path) -> None:

@@ -53,7 +53,9 @@ def test_tables_from_a_real_store(tmp_path):
     text, files = paper_tables(plan, stage_runs(plan), out, compare=True)
 
     t1 = pd.read_csv(out / "table1.csv")
-    assert list(t1.columns) == ["Method", "Top-1 (ours)", "Top-1 (paper)"] and len(t1) == 5
+    assert list(t1.columns) == ["Method", "Top-1 (ours)", "Top-1 (ours) ci_low", "Top-1 (ours) ci_high",
+                                "Top-1 (ours) n", "Top-1 (paper)"] and len(t1) == 5
+    assert t1["Top-1 (ours) ci_low"].isna().all() and set(t1["Top-1 (ours) n"]) == {0, 1}  # one seed: no interval
     ours = dict(zip(t1["Method"], t1["Top-1 (ours)"]))
     assert float(ours["MoCov2"]) == finished["table1/head.kind=mlp"]
     assert float(ours["(a) without projection head"]) == finished["table1/head.kind=none"]
@@ -61,7 +63,8 @@ def test_tables_from_a_real_store(tmp_path):
     assert list(t1["Top-1 (paper)"]) == [64.4, 59.2, 62.9, 63.9, 62.2]
 
     t3 = pd.read_csv(out / "table3.csv")
-    assert list(t3.columns) == ["Method", "K=16", "K=64", "paper K=512", "paper K=65536"] and len(t3) == 5
+    assert [c for c in t3.columns if " ci_" not in c and not c.endswith(" n")] == [
+        "Method", "K=16", "K=64", "paper K=512", "paper K=65536"] and len(t3) == 5
     row = t3.set_index("Method")
     assert float(row.at["MoCov2", "K=16"]) == finished["table3/K=16"]
     assert float(row.at["(a) without MLP projection head", "K=16"]) == finished["table3/no-mlp-16"]

@@ -1,0 +1,125 @@
+"""Replicates → estimates: a cell's mean with a Student-t 95% confidence interval over its seeds, and
+the difference of two cells (or a contrast of several), paired by seed where the seeds match.
+
+Every number comes from scipy.stats (``ttest_1samp``, ``ttest_rel``, ``ttest_ind`` and their
+``confidence_interval``); nothing here computes a standard error by hand. Values are whatever the
+metric's unit is (top-1 in percent, AP in points). With one seed there is no interval: ``low`` and
+``high`` are None and the text says so.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+LEVEL = 0.95
+HOLDS, REVERSED, INCONCLUSIVE = "holds", "reversed", "inconclusive"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over ``n`` replicates and its ``LEVEL`` confidence interval (None when n < 2)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+    paired: bool = False  # a difference computed seed by seed
+
+    @property
+    def half(self) -> float | None:
+        """Half the interval's width (the "±"), None without an interval."""
+        return None if self.low is None else (self.high - self.low) / 2
+
+    def excludes_zero(self) -> bool:
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+    def text(self, digits: int = 2, sign: bool = False) -> str:
+        """``41.20 ± 1.31 (n=3)``, or ``41.20 (n=1)`` where no interval exists."""
+        fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+        if self.half is None:
+            return f"{fmt.format(self.mean)} (n={self.n})"
+        return f"{fmt.format(self.mean)} ± {self.half:.{digits}f} (n={self.n})"
+
+    def interval(self, digits: int = 2) -> str:
+        """``[-0.52, 3.10]``, or ``no interval (n=1)``."""
+        if self.low is None:
+            return f"no interval (n={self.n})"
+        return f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def _ci(result) -> tuple[float, float]:
+    ci = result.confidence_interval(LEVEL)
+    return float(ci.low), float(ci.high)
+
+
+def estimate(values: Sequence[float]) -> Estimate | None:
+    """Mean and Student-t interval of ``values`` (one per seed); None for no values. Identical values
+    give a zero-width interval."""
+    from scipy import stats
+
+    values = [float(v) for v in values]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return Estimate(mean, None, None, 1)
+    if max(values) == min(values):
+        return Estimate(mean, mean, mean, len(values))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical values: scipy warns, still answers
+        low, high = _ci(stats.ttest_1samp(values, 0.0))
+    return Estimate(mean, low, high, len(values))
+
+
+def contrast(terms: Sequence[tuple[float, Mapping[int, float]]]) -> Estimate | None:
+    """Σ coef · metric over ``terms`` of (coef, {seed: value}); e.g. [(1, a), (-1, b)] is a − b.
+
+    Paired by seed when the cells share at least one seed: each shared seed gives one value of the
+    contrast, and the interval is a one-sample t over them (scipy ``ttest_1samp``; for two cells this
+    is ``ttest_rel``). Otherwise a two-cell difference uses Welch's t (``ttest_ind`` with unequal
+    variances), and anything else has no interval. None when a cell has no value."""
+    from scipy import stats
+
+    if any(not values for _, values in terms):
+        return None
+    common = set.intersection(*(set(values) for _, values in terms))
+    if common:
+        per_seed = [sum(c * values[s] for c, values in terms) for s in sorted(common)]
+        est = estimate(per_seed)
+        return Estimate(est.mean, est.low, est.high, est.n, paired=True)
+    means = [sum(v.values()) / len(v) for _, v in terms]
+    mean = sum(c * m for (c, _), m in zip(terms, means))
+    sizes = [len(v) for _, v in terms]
+    if len(terms) == 2 and {c for c, _ in terms} == {1.0, -1.0} and min(sizes) >= 2:
+        (ca, a), (_, b) = terms
+        a, b = (a, b) if ca > 0 else (b, a)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            low, high = _ci(stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False))
+        if math.isnan(low):  # both cells without spread
+            low = high = mean
+        return Estimate(mean, low, high, min(sizes))
+    return Estimate(mean, None, None, min(sizes))
+
+
+def difference(a: Mapping[int, float], b: Mapping[int, float]) -> Estimate | None:
+    """a − b (each {seed: value}), paired by seed where the seeds match (see ``contrast``)."""
+    return contrast([(1.0, a), (-1.0, b)])
+
+
+def verdict(d: Estimate | None, margin: float | None = None) -> str:
+    """A directional claim (the contrast is > 0): **holds** when the interval lies above 0,
+    **reversed** when it lies below 0, else **inconclusive** (also with no interval, n = 1).
+    With ``margin`` (a claim that two things are the same): **holds** when the interval lies inside
+    [−margin, margin], **reversed** when it lies wholly outside it, else inconclusive."""
+    if d is None or d.low is None:
+        return INCONCLUSIVE
+    if margin is None:
+        return HOLDS if d.low > 0 else REVERSED if d.high < 0 else INCONCLUSIVE
+    if -margin <= d.low and d.high <= margin:
+        return HOLDS
+    if d.low > margin or d.high < -margin:
+        return REVERSED
+    return INCONCLUSIVE
