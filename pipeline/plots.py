@@ -80,7 +80,8 @@ def _draw(plt, panels: list, title: str, path: Path) -> None:
         ax.set_xticks(list(xs))
         ax.set_xticklabels([lab for lab, *_ in bars], rotation=30, ha="right", fontsize=8)
         ns = sorted({est.n for _, est, _, _ in bars})
-        ax.set_title(f"{metric} (mean, 95% CI; n={'/'.join(map(str, ns))})", fontsize=9)
+        ax.set_title(f"{metric} (one seed: no interval)" if ns == [1] else
+                     f"{metric} (mean, 95% CI; n={'/'.join(map(str, ns))})", fontsize=9)
         ax.set_ylabel(metric, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -159,27 +159,53 @@ def numeric(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _resolved(cell, key: str):
+    """The value a dotted key resolves to in the cell's config (None when the cell's method has no
+    such field, e.g. ``pretrain.K`` of SimCLR)."""
+    node = cell.config
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
 def baselines(plan: Plan) -> dict[str, str]:
-    """Study name ("" for the grid's own cells) → its baseline cell: the study's first cell, i.e.
-    the first value of every axis (grids list the paper's baseline first, as its tables do)."""
+    """Each cell's baseline row (base names; a study's first cell has none).
+
+    A study's first cell sets the study's axis keys (the first value of every axis, as the paper's
+    tables put their baseline first). A cell that changes something beyond those keys (an explicit
+    cell, such as table3's ``no-mlp-K1024``) is compared with the axis cell that resolves to the same
+    axis values (``K=1024``); an axis cell, with the one that differs only in the last axis (table2a's
+    supervised 2%/10% with supervised 20%/100%, as the paper prints its Δ rows). Where no such cell
+    exists, the study's first cell. The grid's cells outside studies form one group the same way."""
+    groups: dict[str, list] = {}
+    for reps in plan.grid.replicates().values():
+        groups.setdefault(reps[0].study, []).append(reps[0])
+    seed = f"{ROOT}.seed"
     out: dict[str, str] = {}
-    for base, reps in plan.grid.replicates().items():
-        out.setdefault(reps[0].study, base)
+    for cells in groups.values():
+        first = cells[0]
+        axes = [k for k in first.values if k != seed]
+        plain = [c for c in cells if not set(c.values) - set(axes) - {seed}]
+        for c in cells[1:]:
+            if set(c.values) - set(axes) - {seed}:
+                keys = axes
+            else:
+                keys = axes[:-1]
+            match = next((b for b in plain if b is not c and all(_resolved(b, k) == _resolved(c, k) for k in keys)
+                          and (b is first or keys != axes[:-1] or b.values.get(axes[-1]) == first.values.get(axes[-1]))),
+                         first)
+            out[c.base] = match.base
     return out
 
 
 def differences(plan: Plan, values: Values) -> pd.DataFrame:
-    """Each cell against its study's baseline, on every evaluation's headline metric: the
-    difference (cell − baseline), paired by seed where the seeds match, with its 95% interval;
+    """Each cell against its baseline row (``baselines``), on every evaluation's headline metric:
+    the difference (cell − baseline), paired by seed where the seeds match, with its 95% interval;
     ``marked`` only when the interval excludes 0 (pipeline/stats.py ``difference``)."""
-    from pipeline.stats import difference
+    from pipeline.stats import difference, number
 
     rows = []
-    base_of = baselines(plan)
-    for base, reps in plan.grid.replicates().items():
-        ref = base_of[reps[0].study]
-        if ref == base:
-            continue
+    for base, ref in baselines(plan).items():
         for kind in plan.grid.evaluations:
             name = STAGE_KINDS[kind].reported[0]
             a = values.get(base, {}).get((kind, name))
@@ -187,7 +213,7 @@ def differences(plan: Plan, values: Values) -> pd.DataFrame:
             if not a or not b:
                 continue
             d = difference(a, b)
-            rows.append({"cell": base, "baseline": ref, "metric": f"{kind}_{name}", "difference": f"{d.mean:+.2f}",
+            rows.append({"cell": base, "baseline": ref, "metric": f"{kind}_{name}", "difference": number(d.mean, 2, sign=True),
                          "95% interval": d.interval(2), "n": d.n, "paired": "by seed" if d.paired else "no",
                          "marked": "*" if d.excludes_zero() else ""})
     return pd.DataFrame(rows)
@@ -240,8 +266,11 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
     diffs = differences(plan, values)
     if len(diffs):
         parts += ["## Differences to each study's baseline",
-                  "Cell − baseline (the study's first cell), paired by seed; `*` marks a difference whose 95% "
-                  "interval excludes 0, and only those.", diffs.to_markdown(index=False, disable_numparse=True)]
+                  "Cell − its baseline row, paired by seed. A cell's baseline row is the study's cell with the "
+                  "first value of its last axis (the paper's Δ rows), or, for a cell that changes something "
+                  "else, the axis cell with the same axis values (table3's no-mlp-K1024 against K=1024). `*` "
+                  "marks a difference whose 95% interval excludes 0, and only those.",
+                  diffs.to_markdown(index=False, disable_numparse=True)]
     claims_text, claims_files, verdicts = claims_section(plan.grid, values, out)
     if claims_text:
         parts.append(claims_text)

@@ -37,16 +37,25 @@ class Estimate:
 
     def text(self, digits: int = 2, sign: bool = False) -> str:
         """``41.20 ± 1.31 (n=3)``, or ``41.20 (n=1)`` where no interval exists."""
-        fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+        mean = number(self.mean, digits, sign)
         if self.half is None:
-            return f"{fmt.format(self.mean)} (n={self.n})"
-        return f"{fmt.format(self.mean)} ± {self.half:.{digits}f} (n={self.n})"
+            return f"{mean} (n={self.n})"
+        return f"{mean} ± {number(self.half, digits)} (n={self.n})"
 
     def interval(self, digits: int = 2) -> str:
         """``[-0.52, 3.10]``, or ``no interval (n=1)``."""
         if self.low is None:
             return f"no interval (n={self.n})"
-        return f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return f"[{number(self.low, digits)}, {number(self.high, digits)}]"
+
+
+def number(x: float, digits: int = 2, sign: bool = False) -> str:
+    """``x`` with ``digits`` decimals, or in scientific notation when that would show it as 0
+    (an inversion loss of 3e-4)."""
+    plus = "+" if sign else ""
+    if x != 0 and abs(x) < 10 ** -digits:
+        return f"{x:{plus}.1e}"
+    return f"{x:{plus}.{digits}f}"
 
 
 def _ci(result) -> tuple[float, float]:

@@ -8,7 +8,7 @@ from scipy import stats
 
 from pipeline.grid import GridError, load_grid
 from pipeline.plan import build_plan
-from pipeline.report import cell_table, differences, numeric, replicate_values, stage_runs, write_report
+from pipeline.report import baselines, cell_table, differences, numeric, replicate_values, stage_runs, write_report
 from pipeline.stats import contrast, difference, estimate, verdict
 from pipeline.tracking import client, prepare_runs
 
@@ -176,3 +176,20 @@ def test_stats_against_scipy_and_verdicts():
     ref = stats.ttest_1samp(per_seed, 0).confidence_interval(0.95)
     assert c.mean == pytest.approx(sum(per_seed) / 3) and (c.low, c.high) == pytest.approx((ref.low, ref.high))
     assert isinstance(pd.DataFrame([{"x": c}]).iloc[0]["x"], type(c))
+
+
+def test_each_cell_is_compared_with_its_baseline_row():
+    """The paper's tables compare a row with the baseline of its own column: table3's variants at the
+    same K, table2a's supervised crops with supervised 20%/100%, fig4's hard negatives with plain MoCo v2
+    at the same K; a study's first cell has none."""
+    from pathlib import Path
+
+    grid = load_grid(Path(__file__).resolve().parents[2] / "grids" / "paper-mini.yaml", ["repeats=2"])
+    base = baselines(build_plan(grid))
+    assert base["table3/no-mlp-K1024"] == "table3/K=1024" and base["table3/m0.5-K64"] == "table3/K=64"
+    assert base["table3/K=1024"] == "table3/K=64" and "table3/K=64" not in base
+    crop = "table2a/method={},augment.crop_scale=[{}]"
+    assert base[crop.format("supervised", "0.02, 0.1")] == crop.format("supervised", "0.2, 1.0")
+    assert base[crop.format("supervised", "0.2, 1.0")] == crop.format("mocov2", "0.2, 1.0")
+    assert base["fig4/hard-K64"] == "fig4/method=mocov2,K=64"
+    assert base["table1/head.kind=narrow"] == "table1/head.kind=mlp"
