@@ -185,14 +185,16 @@ def _estimates_to_columns(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def plot_fig4(df: pd.DataFrame, path: Path) -> None:
+def plot_fig4(df: pd.DataFrame, path: Path) -> int:
     """Top-1 against K per method: the mean over seeds, and a band of its 95% interval where a
-    point has several seeds (``df``: fig4's table, top1 as Estimates or pending)."""
+    point has several seeds (``df``: fig4's table, top1 as Estimates or pending). Returns the
+    number of bands drawn."""
     from pipeline.plots import pyplot
     from pipeline.stats import Estimate
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    bands = 0
     for method, part in df.groupby("method"):
         done = part[part["top1"].map(lambda v: isinstance(v, Estimate))]
         if not len(done):
@@ -204,6 +206,7 @@ def plot_fig4(df: pd.DataFrame, path: Path) -> None:
         if banded:
             ax.fill_between([k for k, _ in banded], [e.low for _, e in banded], [e.high for _, e in banded],
                             color=line.get_color(), alpha=0.2, linewidth=0)
+            bands += 1
     ax.set_xscale("log", base=2)
     ax.set_xlabel("number of negatives K (log scale)")
     ax.set_ylabel("linear probe top-1 (%)")
@@ -214,6 +217,7 @@ def plot_fig4(df: pd.DataFrame, path: Path) -> None:
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+    return bands
 
 
 def fig2(plan: Plan, df: pd.DataFrame, out: Path) -> list[Path]:

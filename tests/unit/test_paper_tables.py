@@ -78,3 +78,16 @@ def test_tables_from_a_real_store(tmp_path):
         assert im.size == (600, 400)
     assert "Table 2a" not in text  # the grid has no table2a study
     assert "### Table 1" in text and "### Table 3" in text and "### Fig. 4" in text
+
+
+def test_fig4_draws_a_95_percent_band_where_points_have_several_seeds(tmp_path):
+    from pipeline.paper_tables import plot_fig4
+    from pipeline.stats import estimate
+
+    df = pd.DataFrame([{"method": "MoCo v2", "K": 32, "top1": estimate([40.0, 42.0, 41.0])},
+                       {"method": "MoCo v2", "K": 64, "top1": estimate([41.0, 41.5, 43.0])},
+                       {"method": "MoCo", "K": 32, "top1": estimate([30.0])},  # one seed: no band
+                       {"method": "MoCo", "K": 64, "top1": "pending"}])
+    assert plot_fig4(df, tmp_path / "fig4.png") == 1
+    with Image.open(tmp_path / "fig4.png") as im:
+        assert im.size == (600, 400)
