@@ -123,7 +123,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     if counts != {1}:
         first = {k for reps in groups.values() for k in plan.cells[reps[0].name].values()}
         one = sum(hours[k] or 0.0 for k in first)
-        seed_lists = sorted({", ".join(str(c.seed) for c in reps) for reps in groups.values()})
+        seed_lists = sorted({"one run" if reps[0].seed is None else ", ".join(str(c.seed) for c in reps)
+                             for reps in groups.values()})
         console.print(f"replicates: {len(groups)} cells, each run once per seed ({'; '.join(seed_lists)}): "
                       f"{len(plan.grid.cells)} runs; GPU-hours of one seed {one:.4g}, of all seeds "
                       f"{sum(h for h in hours.values() if h is not None):.4g}. The report gives each cell's mean "
@@ -429,7 +430,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     ``--once``, one frame; ``--watch``, redrawn until the grid is finished."""
     from pipeline.watch import show, watch
 
-    if not args.interval > 0:
+    if args.watch and not 0 < args.interval < float("inf"):
         console.print(f"[red]--interval: {args.interval:g} is not a number of seconds above 0.[/] Pass e.g. "
                       f"--interval 10.", highlight=False)
         return EXIT_USAGE

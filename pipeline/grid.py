@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec import (Problem, Resources, SlurmSpec, build_dataclass, build_stage_config, flatten,
+from pipeline.spec import (MAX_SEED, Problem, Resources, SlurmSpec, build_dataclass, build_stage_config, flatten,
                            resolve_precision)
 from pipeline.stages import DEFAULT_EVALUATIONS, EVALUATIONS, ROOT, STAGE_KINDS, StageConfig, process_problems
 
@@ -178,7 +178,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     path = Path(path)
     source = str(path)
     doc = _read(path)
-    cfg_over = _apply_overrides(doc, overrides)
+    cfg_over, cli_top = _apply_overrides(doc, overrides)
     problems = _Problems()
     name = _check_top_level(doc, path, problems)
     defaults = doc.get("defaults") or {}
@@ -186,7 +186,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
         problems.add("", Problem("defaults", defaults, "must be a mapping with dataset/backbone/pretrain/linear_probe"))
         defaults = {}
     defaults = _nested(defaults, "defaults", problems.items)
-    raw_cells, all_names = _raw_cells(doc, only_studies, problems)
+    raw_cells, all_names = _raw_cells(doc, only_studies, problems, cli_top)
     cells = _build_cells(raw_cells, defaults, cfg_over, problems)
     cells = _replicate(cells, raw_cells, defaults, cfg_over, problems)
     evaluations, evaluation_cells = _evaluations(doc.get("evaluations", list(DEFAULT_EVALUATIONS)), all_names,
@@ -238,19 +238,27 @@ def _read(path: Path) -> dict:
     return doc
 
 
-def _apply_overrides(doc: dict, overrides: list[str]) -> dict[str, Any]:
+def _apply_overrides(doc: dict, overrides: list[str]) -> tuple[dict[str, Any], set[str]]:
     """Write ``-o`` values of top-level keys into ``doc``; return those of cell fields (dotted key →
-    value), which apply to every cell over its own values."""
+    value), which apply to every cell over its own values, and the top-level keys given."""
     top_over: dict[str, Any] = {}
     cfg_over: dict[str, Any] = {}
     for text in overrides:
         key, value = parse_override(text)
         head = key.split(".", 1)[0]
         (top_over if head in TOP_KEYS and head != "defaults" else cfg_over)[key.removeprefix("defaults.")] = value
+    if {"seeds", "repeats"} <= set(top_over):
+        raise GridError("command line", [("", Problem("-o seeds", top_over["seeds"], f"and -o repeats "
+                                                      f"({top_over['repeats']}) are both given; keep one"))])
     for key, value in top_over.items():
-        if key in ("seeds", "repeats"):  # -o repeats=3 replaces the file's seeds, and the other way round
-            doc.pop("repeats" if key == "seeds" else "seeds", None)
-        if key.startswith(("resources.", "cluster.")):
+        if key in ("seeds", "repeats"):
+            # -o sets it everywhere, as any -o does: the file's seeds or repeats, the grid's and every study's, go
+            for section in [doc] + [sd for sd in (doc.get("studies") or {}).values() if isinstance(sd, dict)]:
+                section.pop("seeds", None)
+                section.pop("repeats", None)
+        if key.startswith("studies."):
+            _set_in_study(doc, key, value)
+        elif key.startswith(("resources.", "cluster.")):
             node = doc.setdefault(head_of(key), {})
             parts = key.split(".")[1:]
             for part in parts[:-1]:
@@ -258,7 +266,27 @@ def _apply_overrides(doc: dict, overrides: list[str]) -> dict[str, Any]:
             node[parts[-1]] = value
         else:
             doc[key] = value
-    return cfg_over
+    return cfg_over, set(top_over)
+
+
+def _set_in_study(doc: dict, key: str, value: Any) -> None:
+    """``-o studies.<study>.<key>[.<dotted field>]=value``: e.g. ``studies.table1.repeats=5`` or
+    ``studies.table2b.defaults.pretrain.augment.color_p=0.5`` (a study's defaults and axes take
+    dotted fields as they are). Raises GridError for a study the file does not have."""
+    parts = key.split(".", 3)
+    studies = doc.get("studies") if isinstance(doc.get("studies"), dict) else {}
+    if len(parts) < 3 or parts[1] not in studies or not isinstance(studies[parts[1]], dict):
+        close = difflib.get_close_matches(parts[1] if len(parts) > 1 else "", list(studies), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise GridError("command line", [("", Problem(f"-o {key}", value, f"{hint}expected -o studies.<study>.<key>=value "
+                                                      f"with a study of the file: {', '.join(studies) or 'none'}"))])
+    study = studies[parts[1]]
+    if len(parts) == 3:
+        study[parts[2]] = value
+    else:
+        section = study.setdefault(parts[2], {})
+        if isinstance(section, dict):
+            section[parts[3]] = value
 
 
 def _check_top_level(doc: dict, path: Path, problems: _Problems) -> Any:
@@ -274,11 +302,12 @@ def _check_top_level(doc: dict, path: Path, problems: _Problems) -> Any:
     return name
 
 
-def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems) -> tuple[list[tuple], list[str]]:
+def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems, cli: set[str] = frozenset()
+               ) -> tuple[list[tuple], list[str]]:
     """(name, study, values, where, seeds) of every cell of the grid and its studies, those of
     ``only_studies`` when given; and the names of all cells (evaluations may name any of them).
     ``seeds``: the study's ``seeds``/``repeats``, else the grid's, else None."""
-    top_seeds = _seeds(doc, "", problems)
+    top_seeds = _seeds(doc, "", problems, cli)
     raw_cells = [(*c, top_seeds) for c in _expand(doc, "", problems.items)]
     studies = doc.get("studies") or {}
     if not isinstance(studies, dict):
@@ -303,6 +332,10 @@ def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems) -> tuple
                 problems.add("", Problem("--study", name, f"{hint}studies in this grid: {', '.join(known) or 'none'}"))
         raw_cells = [c for c in raw_cells if c[1] in only_studies]
     names = [c[0] for c in raw_cells]
+    for n in names:
+        if REPLICATE in n:
+            problems.add("", Problem("cells", n, f"a cell's name may not contain '{REPLICATE}', which names the "
+                                     f"replicates of a cell with seeds; rename it"))
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.add("", Problem("cells", dup, "two cells share this name; give each a distinct name:"))
     return raw_cells, all_names
@@ -312,6 +345,10 @@ def _build_cells(raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any
     """Each cell's values over the defaults, ``-o`` values over both, built into a StageConfig."""
     cells: list[Cell] = []
     for label, study, values, where, _ in raw_cells:
+        for key in ("seeds", "repeats"):
+            if key in values:
+                problems.add(f"cell {label}: ", Problem(key, values.pop(key), "is not a cell field: give seeds or "
+                                                        "repeats at the grid's top level or in a study"))
         values = {**values, **{k: v for k, v in cfg_over.items() if k in values}}
         try:
             raw = _merge_flat(defaults, {**values, **cfg_over})
@@ -327,28 +364,34 @@ def _build_cells(raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any
     return cells
 
 
-def _seeds(section: dict, at: str, problems: _Problems) -> list[int] | None:
-    """A grid's or study's replicate seeds: ``seeds: [0, 1, 2]`` (distinct non-negative integers) or
-    ``repeats: N`` (seeds 0..N-1); None when it gives neither; the study's win over the grid's."""
+MAX_REPEATS = 1000  # replicates of one cell; more is a typo, not a study
+
+
+def _seeds(section: dict, at: str, problems: _Problems, cli: set[str] = frozenset()) -> list[int] | None:
+    """A grid's or study's replicate seeds: ``seeds: [0, 1, 2]`` (distinct integers in 0..MAX_SEED)
+    or ``repeats: N`` (seeds 0..N-1, N <= MAX_REPEATS); None when it gives neither; the study's win
+    over the grid's (``-o`` sets them everywhere). ``cli``: the keys given with ``-o``."""
     seeds, repeats = section.get("seeds"), section.get("repeats")
+    origin = "-o: " if {"seeds", "repeats"} & cli and not at else ""
     if seeds is not None and repeats is not None:
-        problems.add("", Problem(f"{at}seeds", seeds, f"and {at}repeats ({repeats}) are both set; keep one "
-                                 f"(repeats: N means seeds: [0, ..., N-1])"))
+        problems.add(origin, Problem(f"{at}seeds", seeds, f"and {at}repeats ({repeats}) are both set; keep one "
+                                     f"(repeats: N means seeds: [0, ..., N-1])"))
         return None
     if repeats is not None:
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            problems.add("", Problem(f"{at}repeats", repeats, "must be a whole number >= 1 (runs of every cell, "
-                                     "seeds 0..N-1)"))
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATS:
+            problems.add(origin, Problem(f"{at}repeats", repeats, f"must be a whole number from 1 to {MAX_REPEATS} "
+                                         f"(runs of every cell, seeds 0..N-1)"))
             return None
         return list(range(repeats))
     if seeds is None:
         return None
-    if (not isinstance(seeds, list) or not seeds
-            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)):
-        problems.add("", Problem(f"{at}seeds", seeds, "must be a non-empty list of whole numbers >= 0, e.g. [0, 1, 2]"))
+    if (not isinstance(seeds, list) or not seeds or len(seeds) > MAX_REPEATS
+            or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= MAX_SEED for x in seeds)):
+        problems.add(origin, Problem(f"{at}seeds", seeds, f"must be a list of 1 to {MAX_REPEATS} whole numbers "
+                                     f"from 0 to {MAX_SEED}, e.g. [0, 1, 2]"))
         return None
     if len(set(seeds)) != len(seeds):
-        problems.add("", Problem(f"{at}seeds", seeds, "lists a seed twice; each seed is one replicate"))
+        problems.add(origin, Problem(f"{at}seeds", seeds, "lists a seed twice; each seed is one replicate"))
         return None
     return list(seeds)
 
@@ -365,6 +408,7 @@ def _replicate(cells: list[Cell], raw_cells: list[tuple], defaults: dict, cfg_ov
     is that seed, so seed 0 is the stage a grid without seeds runs. A grid that sets a section's
     ``seed`` itself and also gives seeds is refused: which one would count is not clear."""
     seeds_of = {(label, study): seeds for label, study, *_, seeds in raw_cells}
+    where_of = {(label, study): where for label, study, _, where, _ in raw_cells}
     out: list[Cell] = []
     flat_defaults = flatten(defaults)
     for cell in cells:
@@ -375,17 +419,22 @@ def _replicate(cells: list[Cell], raw_cells: list[tuple], defaults: dict, cfg_ov
         fields = _seed_fields(cell.config)
         set_here = [f"{k}.seed" for k in fields
                     if f"{k}.seed" in cell.values or f"{k}.seed" in flat_defaults or f"{k}.seed" in cfg_over]
+        for field_name in set_here:  # each place that sets one, named
+            given = {**flat_defaults, **cell.values, **cfg_over}[field_name]
+            origin = _origin(field_name, cell.values, where_of[(cell.name, cell.study)], set(cfg_over))
+            problems.add(origin, Problem(field_name, given, f"is set, and the grid also gives seeds/repeats, which "
+                                         f"set {', '.join(f + '.seed' for f in fields)} of every replicate; remove "
+                                         f"one of the two"))
         if set_here:
-            given = {**flat_defaults, **cell.values, **cfg_over}[set_here[0]]
-            problems.add("", Problem(set_here[0], given, f"is set, and the grid also gives seeds/repeats, which set "
-                                     f"{', '.join(f + '.seed' for f in fields)} of every replicate; remove one of the "
-                                     f"two"))
             continue
         for seed in seeds:
             config = dataclasses.replace(cell.config, **{
                 k: dataclasses.replace(getattr(cell.config, k), seed=seed) for k in fields})
             name = cell.name if len(seeds) == 1 else f"{cell.name}{REPLICATE}{seed}"
             out.append(Cell(name, config, {**cell.values, f"{ROOT}.seed": seed}, cell.study, cell.name, seed))
+    names = [c.name for c in out]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.add("", Problem("cells", dup, "two replicates share this name; rename one of the cells"))
     return out
 
 
@@ -433,6 +482,9 @@ def _evaluations(node: Any, cell_names: list[str], problems: list[tuple[str, Pro
             if name not in cell_names:
                 close = difflib.get_close_matches(str(name), cell_names, n=1)
                 hint = f"did you mean '{close[0]}'? " if close else ""
+                if REPLICATE in str(name) and str(name).split(REPLICATE)[0] in cell_names:
+                    hint = (f"name the cell without '{REPLICATE}…' ('{str(name).split(REPLICATE)[0]}'): an evaluation "
+                            f"follows every seed of the cells it names. ")
                 problems.append(("", Problem(f"evaluations.{ev}", name, f"{hint}no such cell; cells: {', '.join(cell_names)}")))
         only[ev] = frozenset(map(str, which))
     return tuple(kinds), only

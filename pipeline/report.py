@@ -12,6 +12,10 @@ from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, show_
 from trainers.files import atomic_write, write_text
 
 PENDING = "pending"
+# what write_report writes under <workdir>/report/ (an earlier report's files it no longer writes are
+# removed; the copies logged on the parent run stay, as MLflow keeps artifacts)
+REPORT_FILES = ("report.md", "report.csv", "claims.csv", "study-*.png", "cells.png", "table*.csv", "fig*.png",
+                "fig*.csv")
 
 
 def stage_runs(plan: Plan) -> pd.DataFrame:
@@ -71,9 +75,11 @@ def replicate_values(plan: Plan, df: pd.DataFrame) -> Values:
 
 
 def _state(statuses: list[str]) -> str:
-    return ("failed" if any(s in ("FAILED", "KILLED") for s in statuses) else
+    """A cell's state from its stage runs' MLflow statuses: failed, killed (stopped, e.g. by
+    Ctrl-C: a rerun resumes it), done, running or pending."""
+    return ("failed" if "FAILED" in statuses else "killed" if "KILLED" in statuses else
             "done" if all(s == "FINISHED" for s in statuses) else
-            "running" if any(s == "RUNNING" for s in statuses) else PENDING)
+            "running" if "RUNNING" in statuses else PENDING)
 
 
 def _columns(plan: Plan) -> list[tuple[str, str, str]]:
@@ -94,9 +100,11 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None, values: Values | None
 
     df = stage_runs(plan) if df is None else df
     values = replicate_values(plan, df) if values is None else values
+    # the grid's values, less those the row shows resolved anyway (method, head, K, epochs, seeds)
+    shown = {f"{ROOT}.{k}" for k in ("method", "head.kind", "K", "epochs", "seed")}
     value_keys: list[str] = []
     for cell in plan.grid.cells:
-        value_keys += [k for k in cell.values if k not in value_keys and not (cell.seed is not None and k == f"{ROOT}.seed")]
+        value_keys += [k for k in cell.values if k not in value_keys and k not in shown]
     rows = []
     for base, reps in plan.grid.replicates().items():
         cell = reps[0]
@@ -122,7 +130,7 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None, values: Values | None
         done = sum(_state([str(df.at[k, "status"]) if k in df.index else "SCHEDULED"
                            for k in plan.cells[c.name].values()]) == "done" for c in reps)
         state = _state(statuses)
-        row["state"] = state if len(reps) == 1 or state in ("done", "failed") else f"{state} ({done}/{len(reps)} seeds done)"
+        row["state"] = state if len(reps) == 1 or state == "done" else f"{state} ({done}/{len(reps)} seeds done)"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -236,8 +244,9 @@ def _seed_note(plan: Plan) -> str:
         return ("One seed per cell (n=1): no confidence interval exists, so no difference below is settled. "
                 "Give the grid `seeds: [0, 1, 2]` or `repeats: 3` (or run with `-o repeats=3`) to get "
                 "95% intervals; seed 0's finished stages are reused.")
-    return (f"Each cell ran with {'/'.join(map(str, sorted(counts)))} seeds: values are the mean ± the half-width "
-            f"of the 95% Student-t interval over seeds (scipy.stats); n=1 means no interval.")
+    return (f"Cells have {' or '.join(map(str, sorted(counts)))} seeds each (the seeds column). Values are the mean "
+            f"± the half-width of the 95% Student-t interval over the seeds that finished (n; scipy.stats); "
+            f"with n=1, or seeds that all agree, no interval exists.")
 
 
 def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bool = False
@@ -281,6 +290,9 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
     files += more
     text = "\n\n".join(parts)
     write_text(files[0], text + "\n")
+    for stale in set(out.iterdir()) - set(files):  # an earlier report's plots and tables of studies now gone
+        if stale.is_file() and any(stale.match(p) for p in REPORT_FILES):
+            stale.unlink()
     if parent_run_id is None:
         exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
         if exp is not None:
@@ -291,8 +303,13 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
         for f in files:
             c.log_artifact(parent_run_id, str(f), artifact_path="report")
         show_report(plan.grid.tracking_uri, parent_run_id, text, [f for f in files if f.suffix == ".png"])
-        if verdicts:
-            from mlflow.entities import RunTag
+        from mlflow.entities import RunTag
 
+        from pipeline.claims import TAG_PREFIX
+
+        old = [k for k in c.get_run(parent_run_id).data.tags if k.startswith(TAG_PREFIX) and k not in verdicts]
+        for k in old:  # claims an earlier report checked that this grid no longer tests
+            c.delete_tag(parent_run_id, k)
+        if verdicts:
             c.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in verdicts.items()])
     return text, files

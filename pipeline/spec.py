@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from pipeline.stages import StageConfig
 
 _f = param  # the field helper; trainers/methods/base.py documents the metadata
+# the largest seed: NumPy's and scikit-learn's random_state take 32 bits, and the loop's per-epoch seed
+# (trainers/loop.py, seed * 1_000_003 + epoch) must stay a 64-bit integer
+MAX_SEED = 2**31 - 1
 ROOT = "pretrain"  # the section, and the stage kind, of the pretraining every evaluation follows
 
 
@@ -58,7 +61,7 @@ class DatasetSpec:
     image_size: int = _f(32, min=8, max=1024)
     num_train: int = _f(4000, min=1, doc="synthetic only")
     num_val: int = _f(1000, min=1, doc="synthetic only")
-    seed: int = _f(0, doc="synthetic only")
+    seed: int = _f(0, min=0, max=MAX_SEED, doc="synthetic only")
     max_train: Optional[int] = _f(None, min=1, doc="subsample the train split")
     max_val: Optional[int] = _f(None, min=1, doc="subsample the val split")
     download: bool = _f(False, identity=False)
@@ -121,7 +124,7 @@ class PretrainSpec:
     milestones: tuple[int, ...] = _f((120, 160), min=0)
     warmup_epochs: float = _f(0.0, min=0.0)
     augment: AugmentSpec = AugmentSpec()
-    seed: int = _f(0)
+    seed: int = _f(0, min=0, max=MAX_SEED)
     precision: str = _precision()
     knn_every: int = _f(0, min=0, identity=False, doc="online monitor: log knn_top1 (k 200, T 0.1) on the val "
                                                    "split every N epochs and after the last; 0: off")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipeline import cost
-from pipeline.spec import ROOT, BackboneSpec, DatasetSpec, PretrainSpec, Problem, _f, _precision
+from pipeline.spec import MAX_SEED, ROOT, BackboneSpec, DatasetSpec, PretrainSpec, Problem, _f, _precision
 from trainers.results import EvalResult, PretrainResult
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class ProbeSpec:
     # legacy true: probes before the field dropped each epoch's last partial batch (256 of 300 images)
     drop_last: bool = _f(False, legacy=True, doc="false trains on every image each epoch, as main_lincls; true "
                          "drops the last partial batch, as probe stages did before this field")
-    seed: int = _f(0)
+    seed: int = _f(0, min=0, max=MAX_SEED)
     precision: str = _precision()
 
 
@@ -69,7 +69,7 @@ class TsneSpec:
 
     samples: int = _f(500, min=10, doc="val images embedded (fewer if the split is smaller)")
     perplexity: float = _f(30.0, min=1.0)
-    seed: int = _f(0)
+    seed: int = _f(0, min=0, max=MAX_SEED)
     dpi: int = _f(100, min=30, identity=False)
 
 
@@ -80,7 +80,7 @@ class SyntheticVocSpec:
     trainval: int = _f(600, min=1)
     test: int = _f(200, min=1)
     size: int = _f(64, min=16, doc="canvas side in pixels")
-    seed: int = _f(0)
+    seed: int = _f(0, min=0, max=MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class DetectionSpec:
     proposals_train: int = _f(2000, min=1, doc="RPN proposals kept per image in training (pre- and post-NMS)")
     proposals_test: int = _f(1000, min=1, doc="RPN proposals kept per image at test time")
     norm: str = _f("train", choices=("train", "frozen"))
-    seed: int = _f(0)
+    seed: int = _f(0, min=0, max=MAX_SEED)
     precision: str = _precision()
     log_every: int = _f(20, min=1, identity=False)
     ckpt_every: int = _f(500, min=1, identity=False)
@@ -130,7 +130,7 @@ class InversionSpec:
     images: int = _f(4, min=1, doc="val images inverted")
     iterations: int = _f(2000, min=1, doc="Adam steps per image and target")
     lr: float = _f(1e-3, min=0.0)
-    seed: int = _f(0)
+    seed: int = _f(0, min=0, max=MAX_SEED)
     dpi: int = _f(100, min=30, identity=False)
 
 

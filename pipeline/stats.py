@@ -35,17 +35,20 @@ class Estimate:
     def excludes_zero(self) -> bool:
         return self.low is not None and (self.low > 0 or self.high < 0)
 
+    def _why(self) -> str:
+        return f"n={self.n}" + (", all equal" if self.n > 1 else "")
+
     def text(self, digits: int = 2, sign: bool = False) -> str:
-        """``41.20 ± 1.31 (n=3)``, or ``41.20 (n=1)`` where no interval exists."""
+        """``41.20 ± 1.31 (n=3)``, or ``41.20 (n=1)`` / ``17.00 (n=3, all equal)`` where no interval exists."""
         mean = number(self.mean, digits, sign)
         if self.half is None:
-            return f"{mean} (n={self.n})"
+            return f"{mean} ({self._why()})"
         return f"{mean} ± {number(self.half, digits)} (n={self.n})"
 
     def interval(self, digits: int = 2) -> str:
-        """``[-0.52, 3.10]``, or ``no interval (n=1)``."""
+        """``[-0.52, 3.10]``, or ``no interval (n=1)`` / ``no interval (n=3, all equal)``."""
         if self.low is None:
-            return f"no interval (n={self.n})"
+            return f"no interval ({self._why()})"
         return f"[{number(self.low, digits)}, {number(self.high, digits)}]"
 
 
@@ -65,7 +68,8 @@ def _ci(result) -> tuple[float, float]:
 
 def estimate(values: Sequence[float]) -> Estimate | None:
     """Mean and Student-t interval of ``values`` (one per seed); None for no values. Identical values
-    give a zero-width interval."""
+    (top-1 on a small val set moves in steps, so seeds can agree exactly) give no interval: a
+    zero-width one would call any difference certain."""
     from scipy import stats
 
     values = [float(v) for v in values]
@@ -75,7 +79,7 @@ def estimate(values: Sequence[float]) -> Estimate | None:
     if len(values) == 1:
         return Estimate(mean, None, None, 1)
     if max(values) == min(values):
-        return Estimate(mean, mean, mean, len(values))
+        return Estimate(mean, None, None, len(values))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical values: scipy warns, still answers
         low, high = _ci(stats.ttest_1samp(values, 0.0))
@@ -107,8 +111,8 @@ def contrast(terms: Sequence[tuple[float, Mapping[int, float]]]) -> Estimate | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             low, high = _ci(stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False))
-        if math.isnan(low):  # both cells without spread
-            low = high = mean
+        if math.isnan(low) or low == high:  # both cells without spread: no interval (see ``estimate``)
+            low = high = None
         return Estimate(mean, low, high, min(sizes))
     return Estimate(mean, None, None, min(sizes))
 

@@ -160,8 +160,19 @@ def runs_table(plan: Plan, frame: Frame) -> Table:
 
 
 def finished(frame: Frame) -> bool:
-    """Whether the grid is over: every stage finished, failed or killed, and no driver runs it."""
-    return frame.driver is None and all(v.state in TERMINAL for v in frame.stages.values())
+    """Whether watching can end: no driver runs the grid and no stage is running (each is done,
+    failed or killed, or pending or stopped with nothing left to run it: a rerun would resume it).
+    A stage still running without its driver (a SLURM job) is waited for."""
+    return frame.driver is None and not any(v.state == "running" for v in frame.stages.values())
+
+
+def ending(frame: Frame) -> str:
+    """What the watch says when it stops: the grid is done, or how many stages nothing runs."""
+    left = [v for v in frame.stages.values() if v.state not in TERMINAL]
+    if not left:
+        return "the grid is over: every stage finished, failed or was killed"
+    return (f"{len(left)} stages are not finished and nothing runs them (no `sslgrid run` drives this grid); "
+            f"`sslgrid run` with the same grid resumes them")
 
 
 def grid_driver(plan: Plan) -> dict[str, Any] | None:
@@ -270,8 +281,9 @@ def show(plan: Plan, console: Console) -> int:
 
 def watch(plan: Plan, console: Console, interval: float = 10.0, once: bool = False) -> int:
     """``--once``: print one frame. ``--watch``: a live table that reads the store every ``interval``
-    seconds (elapsed and ETA tick every second in between) and returns 0 once the grid is
-    ``finished``; Ctrl-C returns 130. On a console that is not a terminal, rich's Live prints the
+    seconds (elapsed and ETA tick every second in between) and returns 0 once ``finished`` (the grid
+    is over, or nothing runs it any more: a watch started before ``sslgrid run`` ends at once);
+    Ctrl-C returns 130. On a console that is not a terminal, rich's Live prints the
     last frame only."""
     from rich.live import Live
 
@@ -288,6 +300,7 @@ def watch(plan: Plan, console: Console, interval: float = 10.0, once: bool = Fal
                     live.update(frame_table(plan, replace(frame, now=time.time())), refresh=True)
                 frame = read_frame(plan)
                 live.update(frame_table(plan, frame), refresh=True)
+        console.print(ending(frame), highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         console.print("stopped watching; the grid itself is not affected")
         return 130

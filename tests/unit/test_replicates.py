@@ -80,17 +80,60 @@ def test_a_study_sets_its_own_seeds_and_o_repeats_replaces_the_files(tmp_path):
 
 @pytest.mark.parametrize("seeds, overrides, field, message", [
     ("seeds: [0, 0]", (), "seeds", "lists a seed twice"),
-    ("seeds: []", (), "seeds", "non-empty list"),
-    ("repeats: 0", (), "repeats", "whole number >= 1"),
+    ("seeds: []", (), "seeds", "a list of 1 to 1000 whole numbers from 0 to 2147483647"),
+    ("seeds: [0, 2147483648]", (), "seeds", "a list of 1 to 1000 whole numbers from 0 to 2147483647"),
+    ("seeds: [0.5]", (), "seeds", "a list of 1 to 1000"),
+    ("seeds: 3", (), "seeds", "a list of 1 to 1000"),
+    ("repeats: 0", (), "repeats", "whole number from 1 to 1000"),
+    ("", ("repeats=100000000000",), "-o: repeats", "whole number from 1 to 1000"),
+    ("repeats: true", (), "repeats", "whole number from 1 to 1000"),
     ("seeds: [0, 1]\nrepeats: 2", (), "seeds", "are both set"),
-    ("seeds: [0, 1]", ("pretrain.seed=3",), "pretrain.seed", "remove one of the two"),
-    ("seeds: [0, 1]", ("linear_probe.seed=3",), "linear_probe.seed", "remove one of the two"),
+    ("seeds: [0, 1]", ("pretrain.seed=3",), "-o: pretrain.seed", "remove one of the two"),
+    ("seeds: [0, 1]", ("linear_probe.seed=3",), "-o: linear_probe.seed", "remove one of the two"),
+    ("", ("pretrain.seed=-1",), "pretrain.seed", "must be >= 0"),
 ])
 def test_bad_seeds_are_refused_naming_the_field(tmp_path, seeds, overrides, field, message):
     with pytest.raises(GridError) as err:
         _grid(tmp_path, seeds=seeds, overrides=overrides)
     text = str(err.value)
     assert "g.yaml" in text and f"{field} = " in text and message in text, text
+
+
+def test_every_place_that_sets_a_seed_is_named_and_replicate_names_cannot_collide(tmp_path):
+    text = GRID.replace("{seeds}", "seeds: [0, 1]").replace(
+        "pretrain: {epochs: 1, batch_size: 16, K: 32}", "pretrain: {epochs: 1, batch_size: 16, K: 32, seed: 3}")
+    text = text.replace("  - {name: random-init, pretrain.method: none}",
+                        "  - {name: random-init, pretrain.method: none, linear_probe.seed: 4}\n"
+                        "  - {name: 'x@seed=1'}\n  - {name: y, seeds: [1]}")
+    (tmp_path / "g.yaml").write_text(text)
+    with pytest.raises(GridError) as err:
+        load_grid(tmp_path / "g.yaml")
+    msg = str(err.value)
+    assert "defaults.pretrain.seed = 3" in msg
+    assert "cells[0] (random-init): linear_probe.seed = 4" in msg
+    assert "'x@seed=1': a cell's name may not contain '@seed='" in msg
+    assert "cell y: seeds = [1]: is not a cell field" in msg
+    # -o gives seeds and repeats at once: refused, not "the later one wins"
+    (tmp_path / "h.yaml").write_text(GRID.replace("{seeds}", ""))
+    with pytest.raises(GridError, match="both given"):
+        load_grid(tmp_path / "h.yaml", ["seeds=[5, 6]", "repeats=2"])
+    # an evaluation that names a replicate is told to name the cell
+    bad = GRID.replace("{seeds}", "seeds: [0, 1]").replace("knn: [table1/head.kind=mlp]",
+                                                          "knn: [table1/head.kind=mlp@seed=1]")
+    (tmp_path / "e.yaml").write_text(bad)
+    with pytest.raises(GridError, match="name the cell without '@seed="):
+        load_grid(tmp_path / "e.yaml")
+
+
+def test_o_sets_seeds_everywhere_and_one_studys_with_its_path(tmp_path):
+    text = GRID.replace("{seeds}", "seeds: [0, 1]").replace("  table1:\n", "  table1:\n    seeds: [5]\n")
+    (tmp_path / "g.yaml").write_text(text)
+    every = load_grid(tmp_path / "g.yaml", ["repeats=3"]).replicates()
+    assert [c.seed for c in every["table1/head.kind=mlp"]] == [0, 1, 2] == [c.seed for c in every["random-init"]]
+    one = load_grid(tmp_path / "g.yaml", ["studies.table1.seeds=[7, 8]"]).replicates()
+    assert [c.seed for c in one["table1/head.kind=mlp"]] == [7, 8] and [c.seed for c in one["random-init"]] == [0, 1]
+    with pytest.raises(GridError, match="did you mean 'table1'"):
+        load_grid(tmp_path / "g.yaml", ["studies.tabel1.repeats=2"])
 
 
 def _finish(plan, run_ids, key, value, name="top1"):
@@ -162,14 +205,19 @@ def test_stats_against_scipy_and_verdicts():
     ref = stats.ttest_ind([41.0, 44.5], [39.0, 40.5, 41.5], equal_var=False).confidence_interval(0.95)
     assert not w.paired and (w.low, w.high) == pytest.approx((ref.low, ref.high))
     assert estimate([40.0]).low is None and estimate([40.0]).text() == "40.00 (n=1)"
-    assert estimate([]) is None and estimate([3.0, 3.0]).half == 0.0
+    assert estimate([]) is None and estimate([3.0, 3.0]).half is None
+    assert estimate([3.0, 3.0]).text() == "3.00 (n=2, all equal)"
+    # seeds that agree exactly (top-1 moves in steps on a small val set) settle nothing
+    same_steps = difference({0: 17.0, 1: 17.5, 2: 16.0}, {0: 16.5, 1: 17.0, 2: 15.5})
+    assert same_steps.low is None and not same_steps.excludes_zero() and verdict(same_steps) == "inconclusive"
+    assert verdict(difference({0: 2.0, 1: 2.0}, {2: 1.0, 3: 1.0})) == "inconclusive"  # Welch, no spread
     # verdicts: reversed, inconclusive, holds; and the "same" claims with a margin
     assert verdict(difference({0: 1.0, 1: 1.2, 2: 0.9}, {0: 5.0, 1: 5.1, 2: 5.3})) == "reversed"
     assert verdict(difference({0: 1.0, 1: 5.0}, {0: 3.0, 1: 2.0})) == "inconclusive"
     assert verdict(difference({0: 5.0, 1: 5.2, 2: 5.1}, {0: 1.0, 1: 1.1, 2: 1.3})) == "holds"
     assert verdict(difference({0: 5.0}, {0: 1.0})) == "inconclusive"  # n = 1
     same = difference({0: 5.0, 1: 5.1, 2: 5.2}, {0: 5.05, 1: 5.0, 2: 5.2})
-    assert verdict(same, margin=1.0) == "holds" and verdict(difference(a, {k: v - 9 for k, v in a.items()}), 1.0) == "reversed"
+    assert verdict(same, margin=1.0) == "holds" and verdict(difference(a, {0: 31.8, 1: 35.6, 2: 32.9}), 1.0) == "reversed"
     # a contrast of four cells, paired: the per-seed values' one-sample interval
     c = contrast([(1, a), (-1, b), (-1, {0: 1.0, 1: 2.0, 2: 3.0}), (1, {0: 0.0, 1: 0.0, 2: 0.0})])
     per_seed = [a[s] - b[s] - (s + 1.0) for s in range(3)]
@@ -193,3 +241,25 @@ def test_each_cell_is_compared_with_its_baseline_row():
     assert base[crop.format("supervised", "0.2, 1.0")] == crop.format("mocov2", "0.2, 1.0")
     assert base["fig4/hard-K64"] == "fig4/method=mocov2,K=64"
     assert base["table1/head.kind=narrow"] == "table1/head.kind=mlp"
+
+
+def test_a_later_report_drops_an_earlier_ones_plots_and_claim_verdicts(tmp_path):
+    plan = build_plan(_grid(tmp_path, seeds=""))
+    _, parent, run_ids = prepare_runs(plan)
+    _finish(plan, run_ids, plan.cells["table1/head.kind=mlp"]["linear_probe"], 41.0)
+    _finish(plan, run_ids, plan.cells["table1/head.kind=none"]["linear_probe"], 39.0)
+    _, files = write_report(plan, parent)
+    out = plan.grid.workdir / "report"
+    assert (out / "study-table1.png").exists() and (out / "claims.csv").exists()
+    c = client(plan.grid.tracking_uri)
+    assert "sslgrid.claim.table1.mlp-beats-none" in c.get_run(parent).data.tags
+    # the same runs, the study renamed: no table1 study, so no table1 claims, plot or table
+    (tmp_path / "g.yaml").write_text((tmp_path / "g.yaml").read_text().replace("table1", "heads"))
+    renamed = build_plan(load_grid(tmp_path / "g.yaml", workdir=str(tmp_path / "runs"),
+                                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    (out / "notes.txt").write_text("mine")  # not the report's: kept
+    text, _ = write_report(renamed, parent)
+    assert "## Claims" not in text and (out / "study-heads.png").exists()
+    assert not (out / "study-table1.png").exists() and not (out / "claims.csv").exists()
+    assert (out / "notes.txt").exists()
+    assert not any(k.startswith("sslgrid.claim.") for k in c.get_run(parent).data.tags)

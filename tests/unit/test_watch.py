@@ -110,6 +110,19 @@ def test_watch_on_a_finished_grid_prints_a_frame_and_exits(tmp_path, monkeypatch
     assert "4 finished" in out and "4.651" in out and out.count("done") == 4
 
 
+def test_watch_ends_when_nothing_runs_the_grid_and_says_so(tmp_path, monkeypatch, capsys):
+    """Stages left pending with no driver (a grid never run, or one whose driver was killed outright):
+    nothing will ever finish them, so the watch ends at once and says how to resume them."""
+    plan, run_ids, args = _store(tmp_path)
+    _finish_all(plan, run_ids, tmp_path, but=_stage(plan, "linear_probe", "b"))
+    monkeypatch.chdir(tmp_path)
+    t0 = time.monotonic()
+    assert main(["status", *args, "--watch", "--interval", "0.2"]) == 0
+    assert time.monotonic() - t0 < 10
+    out = _flat(capsys.readouterr().out)
+    assert "1 stages are not finished and nothing runs them" in out and "resumes them" in out
+
+
 @pytest.mark.timeout(60)
 def test_watch_exits_once_the_running_stage_finishes_and_the_driver_lets_go(tmp_path, monkeypatch, capsys):
     plan, run_ids, args = _store(tmp_path)
