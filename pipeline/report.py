@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.claims import TAG_PREFIX as CLAIM_TAG
+from pipeline.claims import section as claims_section
 from pipeline.plan import Plan
 from pipeline.stages import ROOT, STAGE_KINDS
 from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, show_report, store_exists
@@ -256,7 +258,6 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
     interval over seeds), a bar chart per study, the differences to each study's baseline, the
     paper's claims checked (pipeline/claims.py), then the paper's tables and figures for the grid's
     named studies (pipeline/paper_tables.py)."""
-    from pipeline.claims import section as claims_section
     from pipeline.paper_tables import paper_tables
     from pipeline.plots import study_charts
 
@@ -303,13 +304,17 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
         for f in files:
             c.log_artifact(parent_run_id, str(f), artifact_path="report")
         show_report(plan.grid.tracking_uri, parent_run_id, text, [f for f in files if f.suffix == ".png"])
-        from mlflow.entities import RunTag
-
-        from pipeline.claims import TAG_PREFIX
-
-        old = [k for k in c.get_run(parent_run_id).data.tags if k.startswith(TAG_PREFIX) and k not in verdicts]
-        for k in old:  # claims an earlier report checked that this grid no longer tests
-            c.delete_tag(parent_run_id, k)
-        if verdicts:
-            c.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in verdicts.items()])
+        _log_verdicts(c, parent_run_id, verdicts)
     return text, files
+
+
+def _log_verdicts(c, run_id: str, verdicts: dict[str, str]) -> None:
+    """The claims' verdicts as the run's ``sslgrid.claim.<id>`` tags, replacing an earlier report's
+    (a claim this grid no longer tests loses its tag)."""
+    from mlflow.entities import RunTag
+
+    for k in c.get_run(run_id).data.tags:
+        if k.startswith(CLAIM_TAG) and k not in verdicts:
+            c.delete_tag(run_id, k)
+    if verdicts:
+        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in verdicts.items()])
