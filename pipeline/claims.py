@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import stats
+from pipeline.sequential import ClaimLooks, Design, verdicts
 from pipeline.stages import ROOT
 from pipeline.stats import Estimate
 
@@ -191,19 +191,31 @@ CLAIMS: tuple[Claim, ...] = (
 
 @dataclass(frozen=True)
 class Result:
-    """A claim checked: its verdict (``holds``, ``reversed``, ``inconclusive`` or ``not tested``), the
-    contrast's estimate over ``n`` seeds (None when not tested), the base cells of its terms (in the
-    claim's order; "" for one not found), and, when not tested, why."""
+    """A claim checked: its verdict (``holds``, ``reversed``, ``same``, ``differs``, ``inconclusive``
+    or ``not tested``), the contrast's estimate over ``n`` seeds (the look that decided it, else the
+    latest; None when not tested) with its interval at the claim's ``level``, the base cells of its
+    terms (in the claim's order; "" for one not found), the K of those cells where the claim picks K,
+    its sequential p-value ``p``, whether it is still ``open`` (undecided, seeds left to give) and,
+    when not tested, why."""
 
     claim: Claim
     verdict: str
     estimate: Estimate | None = None
     cells: tuple[str, ...] = ()
     reason: str = ""
+    p: float | None = None
+    level: float | None = None
+    open: bool = False
+    ks: tuple[int, ...] = ()
+    values: tuple[float, ...] = ()  # the contrast on each seed its cells finished, in seed order
 
     @property
     def n(self) -> int:
         return self.estimate.n if self.estimate else 0
+
+    @property
+    def tested(self) -> bool:
+        return self.verdict != NOT_TESTED
 
     def summary(self) -> str:
         """``holds: 5.20 [4.10, 6.30] n=3``; ``inconclusive: 5.20 no interval n=1``; ``not tested: <why>``."""
@@ -212,6 +224,15 @@ class Result:
             return f"{self.verdict}: {self.reason}"
         ci = "no interval" if e.low is None else f"[{e.low:.2f}, {e.high:.2f}]"
         return f"{self.verdict}: {e.mean:.2f} {ci} n={e.n}"
+
+    def line(self) -> str:
+        """One line of the verdict summary, within 80 columns for every claim id:
+        ``holds         table1.mlp-beats-none  n=5  +3.21 [1.02, 5.40]``."""
+        e = self.estimate
+        if e is None:
+            return f"{self.verdict:<13} {self.claim.id}"
+        ci = "no interval" if e.low is None else f"[{e.low:.2f}, {e.high:.2f}]"
+        return f"{self.verdict:<13} {self.claim.id}  n={e.n}  {e.mean:+.2f} {ci}"
 
 
 def _bases(grid, study: str) -> list:
@@ -236,41 +257,106 @@ def _evaluated(grid, kind: str, cell) -> bool:
     return kind == ROOT or grid.evaluates(kind, cell)
 
 
-def check_claim(grid, values: Values, claim: Claim) -> Result | None:
-    """``claim`` against the grid's cells and ``values``; None when the grid has no ``claim.study``."""
+@dataclass(frozen=True)
+class Picked:
+    """A claim's cells in a grid: the base names of its terms, the K of each where the claim picks
+    K, and why the grid cannot test it ("" when it can)."""
+
+    names: tuple[str, ...]
+    ks: tuple[int, ...]
+    why: str
+
+
+def picked(grid, claim: Claim) -> Picked | None:
+    """``claim``'s cells in ``grid``, from the grid's structure alone (no results needed); None when
+    the grid has no ``claim.study``."""
     cells = _bases(grid, claim.study)
     if not cells:
         return None
-    picked, why = [], []
+    chosen, why = [], []
     for _, sel in claim.terms:
         cell, reason = _select(cells, sel, claim.study)
-        picked.append(cell)
+        chosen.append(cell)
         if reason and reason not in why:
             why.append(reason)
-    names = tuple(c.base if c else "" for c in picked)
+    names = tuple(c.base if c else "" for c in chosen)
     found = [n for n in names if n]
     # every claim compares distinct cells; one picked twice (one K where two ranks are needed) is not a test
     if not why and len(set(found)) < len(found):
         why.append(f"{claim.study} gives one cell to two terms ({', '.join(sorted(set(found)))}): it needs more K values")
-    kind, name = claim.metric
-    for cell, base in zip(picked, names):
-        if cell is None:
-            continue
-        if not _evaluated(grid, kind, cell):
+    kind = claim.metric[0]
+    for cell, base in zip(chosen, names):
+        if cell is not None and not _evaluated(grid, kind, cell):
             why.append(f"{base}: the grid runs no {kind} on it")
-        elif not values.get(base, {}).get(claim.metric):
-            why.append(f"{base}: no {kind} {name} yet")
-    if why:
-        return Result(claim, NOT_TESTED, None, names, "; ".join(dict.fromkeys(why)))
-    est = stats.contrast([(float(coef), values[base][claim.metric]) for (coef, _), base in zip(claim.terms, names)])
-    return Result(claim, stats.verdict(est, claim.margin), est, names)
+    ks = tuple(getattr(c.config.pretrain, "K", 0) or 0 for c, (_, sel) in zip(chosen, claim.terms)
+               if c is not None and sel.k is not None)
+    return Picked(names, ks, "; ".join(dict.fromkeys(why)))
 
 
-def check(grid, values: Values, claims: tuple[Claim, ...] = CLAIMS) -> list[Result]:
-    """Every claim whose study the grid has, in ``claims``' order: tested (holds / reversed /
-    inconclusive) when all its cells have the metric for some seed, else ``not tested`` with the
-    reason. ``values``: base cell name → (stage kind, metric) → {seed: value}."""
-    return [r for c in claims if (r := check_claim(grid, values, c)) is not None]
+def per_seed(values: Values, claim: Claim, names: tuple[str, ...]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The claim's contrast on each seed all its cells finished, in seed order: (seeds, values)."""
+    series = [values.get(base, {}).get(claim.metric, {}) for base in names]
+    common = sorted(set.intersection(*(set(v) for v in series))) if series else []
+    return tuple(common), tuple(sum(float(c) * v[s] for (c, _), v in zip(claim.terms, series)) for s in common)
+
+
+RELATIVE_TIE = 1e-6  # float32 metrics agree to about 7 digits
+
+
+def tolerance(values: Values, claim: Claim, names: tuple[str, ...]) -> float:
+    """How far apart two per-seed values of the contrast may be and still count as equal: half the
+    metric's resolution when the stages logged it (top-1 moves in steps of 100 / val_images points),
+    and at least 1e-6 of the cells' values (float32 noise), summed over the terms."""
+    kind, name = claim.metric
+    res, scale = 0.0, 0.0
+    for (coef, _), base in zip(claim.terms, names):
+        cell = values.get(base, {})
+        count = cell.get((kind, "val_images"), {})
+        if name.startswith("top1") and count:
+            res = max(res, abs(coef) * 100.0 / max(1.0, min(count.values())))
+        scale += abs(coef) * max((abs(v) for v in cell.get(claim.metric, {}).values()), default=0.0)
+    return max(res / 2, RELATIVE_TIE * scale)
+
+
+def check(grid, values: Values, claims: tuple[Claim, ...] = CLAIMS, design: Any = None,
+          looks: Mapping[str, tuple[int, ...]] | None = None, family: tuple[str, ...] | None = None) -> list[Result]:
+    """Every claim whose study the grid has, in ``claims``' order, decided together (pipeline/sequential.py):
+    the claims the grid can test form one family, corrected as ``design`` says (Holm at 0.05 by
+    default). ``looks`` (claim id → the numbers of seeds it was looked at): sequential verdicts that
+    spend ``design``'s alpha over those looks (``sslgrid run --decide``); without it, one fixed-n
+    look at the seeds there are. ``family``: only these claim ids are decided (the rest: not tested).
+    A claim without results yet stays in the family (it counts for the correction) and reads
+    ``not tested``. ``values``: base cell name → (stage kind, metric) → {seed: value}, finished
+    stages only."""
+    design = design or Design()
+    rows: list[tuple[Claim, Picked]] = [(c, pk) for c in claims if (pk := picked(grid, c)) is not None]
+    members = [(c, pk) for c, pk in rows if not pk.why and (family is None or c.id in family)]
+    data = {c.id: per_seed(values, c, pk.names) for c, pk in members}
+    looked = [ClaimLooks(data[c.id][1], tuple((looks or {}).get(c.id, ())), c.margin, tolerance(values, c, pk.names))
+              for c, pk in members]
+    decided = dict(zip((c.id for c, _ in members), verdicts(looked, design, sequential=looks is not None)))
+    out: list[Result] = []
+    for c, pk in rows:
+        if pk.why or c.id not in decided:
+            why = pk.why or "not among the claims this decision decides (decide.claims)"
+            out.append(Result(c, NOT_TESTED, None, pk.names, why, ks=pk.ks))
+            continue
+        v = decided[c.id]
+        if v.n == 0:
+            missing = [f"{base}: no {c.metric[0]} {c.metric[1]} yet" for base in pk.names
+                       if not values.get(base, {}).get(c.metric)] or ["its cells share no finished seed yet"]
+            out.append(Result(c, NOT_TESTED, None, pk.names, "; ".join(missing), v.p, v.level, True, pk.ks))
+            continue
+        est = Estimate(v.mean, v.low, v.high, v.n, paired=True)
+        out.append(Result(c, v.verdict, est, pk.names, "", v.p, v.level, v.open, pk.ks, data[c.id][1]))
+    return out
+
+
+def check_claim(grid, values: Values, claim: Claim) -> Result | None:
+    """``claim`` alone (a family of one, fixed-n) against the grid's cells and ``values``; None when
+    the grid has no ``claim.study``."""
+    found = check(grid, values, (claim,))
+    return found[0] if found else None
 
 
 def _num(v: float | None) -> str:
@@ -283,44 +369,102 @@ def _paper(claim: Claim) -> str:
     return "same" if claim.margin is not None else "> 0 (no number)"
 
 
+def compared(r: Result) -> str:
+    """The cells a claim compares, as the contrast it computes: ``a − b``, ``(a − b) − (c − d)``."""
+    terms = [(coef, base or "?") for (coef, _), base in zip(r.claim.terms, r.cells)]
+    if len(terms) == 4:
+        (c1, a), (_, b), (_, c), (_, d) = terms
+        first, second = (f"{a} − {b}", f"{c} − {d}") if c1 > 0 else (f"{b} − {a}", f"{d} − {c}")
+        return f"({first}) − ({second})" if terms[2][0] < 0 else f"({first}) + ({second})"
+    plus = [b for c, b in terms if c > 0]
+    minus = [b for c, b in terms if c < 0]
+    return " + ".join(plus) + "".join(f" − {b}" for b in minus)
+
+
+def _k_note(r: Result) -> str:
+    ks = sorted(set(r.ks))
+    return f" (K here: {', '.join(map(str, ks))})" if ks else ""
+
+
 def _row(r: Result) -> list[str]:
     c, e = r.claim, r.estimate
     verdict = f"**{r.verdict}**" + (f": {r.reason}" if r.reason else "")
     if c.margin is not None:
         verdict += f" (margin ±{c.margin:g})"
-    cells = [f"{c.id}: {c.text}", c.source, _paper(c), e.text(sign=True) if e else "-",
-             e.interval() if e else "-", str(r.n) if e else "-", verdict]
+    level = "-" if r.level is None or e is None else f"{100 * (1 - (2 if c.margin is not None else 1) * r.level):.4g}%"
+    cells = [f"{c.id}: {c.text}{_k_note(r)}", compared(r), c.source, _paper(c), e.text(sign=True) if e else "-",
+             e.interval() if e else "-", level, str(r.n) if e else "-", verdict]
     return [s.replace("|", "\\|") for s in cells]
 
 
+def statistics_line(results: list[Result], design: Any, sequential: bool, looks_taken: Mapping[str, list[int]]) -> str:
+    """The report's first words on its statistics: claims tested, the correction, the looks and
+    whether the intervals are fixed-n or sequential; after several fixed-n looks, that they
+    overstate certainty."""
+    family = [r for r in results if r.level is not None]
+    tested = [r for r in family if r.tested]
+    corr = {"holm": f"Holm across the {len(family)} claims", "bonferroni": f"Bonferroni across the {len(family)} claims",
+            "none": "no correction across claims (--correction none)"}[design.correction]
+    text = (f"Statistics: {len(tested)} of {len(family)} claims tested, {corr}, family-wise alpha "
+            f"{design.alpha:g}. ")
+    if sequential:
+        text += (f"Sequential: looks at {design.start_seeds} to {design.max_seeds} seeds, alpha spent over them "
+                 f"({design.spending}" + (f", rho {design.rho:g}" if design.spending == "power" else "") +
+                 "); each interval is at its claim's share of alpha, so it holds over every look.")
+        return text
+    text += "Intervals are fixed-n (one look at the seeds there are)."
+    several = {cid: ns for cid, ns in looks_taken.items() if len(ns) > 1}
+    if several:
+        cid, ns = max(several.items(), key=lambda kv: len(kv[1]))
+        text += (f" This grid's claims were looked at before with fewer seeds ({cid}: n = "
+                 f"{', '.join(map(str, ns))}): fixed-n intervals after several looks overstate certainty. "
+                 f"`sslgrid run --decide` gives verdicts that hold over every look.")
+    return text
+
+
+def summary(results: list[Result]) -> str:
+    """The verdict summary: one line per claim the grid can test, within 80 columns, then the
+    claims it cannot test (their cells are not in the grid) by id."""
+    lines = [r.line() for r in results if r.level is not None]
+    rest = [r.claim.id for r in results if r.level is None]
+    text = "## Verdicts\n\n```\n" + "\n".join(lines) + "\n```"
+    if rest:
+        text += f"\n\nNot tested by this grid (cells or evaluations it lacks; see Claims): {', '.join(rest)}."
+    return text
+
+
 def markdown(results: list[Result]) -> str:
-    """The "## Claims" section for ``results``."""
-    head = ["claim", "source", "paper", "ours", "95% CI", "n", "verdict"]
+    """The "## Claims" section for ``results``: the wide table."""
+    head = ["claim", "compared", "source", "paper", "ours", "interval", "level", "n", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":--" for _ in head) + "|"]
     lines += ["| " + " | ".join(_row(r)) + " |" for r in results]
     return ("## Claims\n\n"
             "Each claim is a contrast of cells (linear-probe top-1 in percent points unless it says detection "
-            "AP), paired by seed, with a Student-t 95% CI over the seeds (pipeline/stats.py). A claim **holds** "
-            "when the CI lies above 0, is **reversed** when it lies below 0, and is otherwise **inconclusive**; "
-            "a \"same\" claim holds when the CI lies inside ±margin and is reversed when it lies wholly outside. "
-            "With n=1 there is no interval, so every claim is then inconclusive. Cells are picked by config "
-            "(pipeline/claims.py), K by rank; the paper's numbers are ImageNet ResNet-50, ours test the direction."
+            "AP), paired by seed. Its interval is a Student-t interval over the seeds at the claim's level "
+            "(the family's correction, and in a sequential decision the look's share of alpha; "
+            "pipeline/sequential.py). A claim **holds** when its interval lies above 0 and is **reversed** when "
+            "it lies below; a \"same\" claim is **same** when two one-sided tests place it inside ±margin and "
+            "**differs** when it lies wholly outside; otherwise **inconclusive**. Seeds whose values tie within "
+            "the metric's resolution give no interval. Cells are picked by config (pipeline/claims.py), K by "
+            "rank; the paper's numbers are ImageNet ResNet-50, ours test the direction."
             "\n\n" + "\n".join(lines))
 
 
 def write_csv(results: list[Result], path: Path) -> Path:
-    """``path`` (claims.csv): one row per result; mean, low, high, n numeric (empty when absent)."""
+    """``path`` (claims.csv): one row per result; mean, low, high, n, p, level numeric (empty when absent)."""
     from trainers.files import write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["id", "study", "claim", "source", "kind", "metric", "margin", "paper", "mean", "low", "high", "n",
-                "verdict", "reason", "cells"])
+                "p", "level", "verdict", "reason", "cells", "K"])
     for r in results:
         c, e = r.claim, r.estimate
         w.writerow([c.id, c.study, c.text, c.source, *c.metric, _num(c.margin), _num(c.paper),
                     _num(e.mean if e else None), _num(e.low if e else None), _num(e.high if e else None),
-                    r.n if e else "", r.verdict, r.reason, ";".join(r.cells)])
+                    r.n if e else "", "" if r.p is None or e is None else f"{r.p:.6g}",
+                    "" if r.level is None or e is None else f"{r.level:.6g}", r.verdict, r.reason, ";".join(r.cells),
+                    ";".join(map(str, r.ks))])
     write_text(path, buf.getvalue())
     return path
 
@@ -330,10 +474,15 @@ def tags(results: list[Result]) -> dict[str, str]:
     return {TAG_PREFIX + r.claim.id: r.summary() for r in results}
 
 
-def section(grid, values: Values, out: Path) -> tuple[str, list[Path], dict[str, str]]:
-    """The report's "## Claims" Markdown, the files written (``out``/claims.csv) and the parent run's
-    tags; ("", [], {}) when the grid has none of the claims' studies."""
-    results = check(grid, values)
+def section(grid, values: Values, out: Path, design: Any = None, looks: Mapping[str, tuple[int, ...]] | None = None,
+            looks_taken: Mapping[str, list[int]] | None = None, family: tuple[str, ...] | None = None,
+            name: str = "claims.csv") -> tuple[str, str, list[Path], dict[str, str], list[Result]]:
+    """The report's claims: its opening (the statistics line and the verdict summary), the wide
+    "## Claims" table, the files written (``out``/``name``), the parent run's tags and the results;
+    ("", "", [], {}, []) when the grid has none of the claims' studies."""
+    design = design or Design()
+    results = check(grid, values, design=design, looks=looks, family=family)
     if not results:
-        return "", [], {}
-    return markdown(results), [write_csv(results, Path(out) / "claims.csv")], tags(results)
+        return "", "", [], {}, []
+    head = statistics_line(results, design, looks is not None, looks_taken or {}) + "\n\n" + summary(results)
+    return head, markdown(results), [write_csv(results, Path(out) / name)], tags(results), results

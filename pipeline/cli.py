@@ -24,6 +24,7 @@ from pipeline.state import StateError
 from pipeline.plan import Plan, build_plan, describe
 from pipeline.stages import ROOT, STAGE_KINDS, gpu_hours
 
+
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="show the stages a grid needs; launches nothing")
     _common(p)
+    p.add_argument("--decide", action="store_true", help="the first round of `run --decide` and its worst case")
     p = sub.add_parser("run", help="run (or resume) a grid")
     _common(p)
     p.add_argument("--backend", choices=("local", "ray", "slurm"),
@@ -51,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
                                          "(implies --backend ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the private local cluster (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs of the private local cluster (default: all)")
+    p.add_argument("--decide", action="store_true",
+                   help="spend seeds only where a claim is still open: rounds of one more seed for the cells of "
+                        "open claims, with verdicts valid over every look (the grid's decide: section; "
+                        "pipeline/decide.py); resumable")
     p = sub.add_parser("status", help="each stage's state, progress, loss, top-1, SLURM job, elapsed time and ETA "
                                       "(from MLflow: it works without the work directory), MLflow run and error")
     _common(p)
@@ -66,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
                                       "its named studies (Markdown; CSV and PNG beside it)")
     _common(p)
     p.add_argument("--compare-paper", action="store_true", help="print the paper's own numbers beside ours")
+    p.add_argument("--correction", choices=("holm", "bonferroni", "none"),
+                   help="across the claims and across the starred differences (default: the grid's "
+                        "decide.correction, holm); none shows the raw per-claim verdicts")
     p = sub.add_parser("ui", help="start the MLflow UI on a grid's tracking store (loopback)")
     p.add_argument("grid", nargs="?", help="grid YAML file (for its tracking URI and experiment)")
     p.add_argument("--tracking-uri")
@@ -99,6 +108,24 @@ def _load(args: argparse.Namespace, check_data: bool = True) -> Plan:
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     plan = _load(args, check_data=False)
+    decide_lines = []
+    if args.decide:
+        from pipeline import decide as D
+
+        grid = plan.grid
+        state = D.load(grid) or D.start(grid)
+        plan = build_plan(D.grid_at(grid, state))
+        worst = build_plan(D.worst_case(grid, state))
+        d = state.settings
+        pre = lambda p: sum(s.kind == ROOT for s in p.stages.values())  # noqa: E731
+        decide_lines = [
+            f"--decide: {len(state.family)} claims decided together ({', '.join(state.family)}), family-wise alpha "
+            f"{d.alpha:g}, {d.correction}, seeds {d.start_seeds}..{d.max_seeds} ({d.spending} spending)",
+            f"{'round ' + str(state.rounds + 1) if state.rounds else 'first round'} (the table above): "
+            f"{pre(plan)} pretrainings, {len(plan.stages)} stages, {D.plan_hours(plan):.4g} GPU-hours",
+            f"worst case (every cell of the claims at {d.max_seeds} seeds): {pre(worst)} pretrainings, "
+            f"{len(worst.stages)} stages, {D.plan_hours(worst):.4g} GPU-hours"
+            + (f"; budget {d.budget_gpu_hours:g} GPU-hours" if d.budget_gpu_hours is not None else "")]
     groups = plan.grid.replicates()
     counts = plan.grid.seed_counts
     table = Table(title=f"{plan.grid.name}: {_cells_text(plan)}")
@@ -129,6 +156,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                       f"{len(plan.grid.cells)} runs; GPU-hours of one seed {one:.4g}, of all seeds "
                       f"{sum(h for h in hours.values() if h is not None):.4g}. The report gives each cell's mean "
                       f"and 95% interval over its seeds", highlight=False)
+    for line in decide_lines:
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
     _warn_shuffle_bn(plan, console)
     for where, problem in data_problems(plan.grid):
@@ -162,6 +191,13 @@ class _Refused(Exception):
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     """Validate, refuse what cannot run (exit 2, nothing launched), lock the work directory, run."""
     plan = _load(args)
+    decision = None
+    if args.decide:  # refused here (exit 2) when it cannot start or its settings changed
+        from pipeline import decide as D
+
+        grid = plan.grid
+        decision = (grid, D.load(grid) or D.start(grid))
+        plan = build_plan(D.grid_at(grid, decision[1]))
     _warn_shuffle_bn(plan, console)
     try:
         factory, preflight = _backend(args, plan, console)
@@ -176,7 +212,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
         console.print(str(err), highlight=False, soft_wrap=True)
         return EXIT_USAGE
     with lock, _terminate_as_interrupt():
-        return _run_locked(args, plan, factory, preflight, console)
+        return _run_locked(args, plan, factory, preflight, console, decision)
 
 
 def _backend(args: argparse.Namespace, plan: Plan, console: Console):
@@ -247,15 +283,18 @@ def _refusal(err: Exception, plan: Plan) -> str:
     return f"[red]{err}[/] Nothing was launched."
 
 
-def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, console: Console) -> int:
+def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, console: Console,
+                decision: tuple | None = None) -> int:
     """``sslgrid run`` once the work directory is locked. Whatever ends it (the grid finishing, a
     refusal, Ctrl-C, an exception in the driver or the report), the grid's parent run is closed and
-    no stage run is left RUNNING or SCHEDULED unless something still runs it (``settle``)."""
+    no stage run is left RUNNING or SCHEDULED unless something still runs it (``settle``).
+    ``decision``: (the grid without seeds, its pipeline/decide.py State) for ``--decide``."""
     from cluster.backend import ResourceError
     from cluster.ray_backend import ConnectError
     from pipeline.backends import BackendError
     from pipeline.execute import execute, settle
     from pipeline.lock import WORKDIR_LOCK
+    from pipeline.report import OVERRIDES as REPORT_OVERRIDES
     from pipeline.snapshot import snapshot
     from pipeline.tracking import DRIVER, client, prepare_runs
 
@@ -269,10 +308,17 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
     c.set_tag(parent_id, DRIVER, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
                                               "workdir": str(plan.grid.workdir),
                                               "lock": str(plan.grid.workdir / WORKDIR_LOCK)}))
+    c.set_tag(parent_id, REPORT_OVERRIDES, json.dumps({"overrides": list(args.override), "studies": list(args.study)}))
     parent_status, reason = "FAILED", "not run: the driver stopped on an error (see its output)"
+    live = {"plan": plan, "run_ids": run_ids}  # the latest round's, for settle
     try:
         try:
-            outcomes = execute(plan, run_ids, lambda: factory(code_dir=code), console, preflight, code=code.name)
+            if decision is None:
+                outcomes = execute(plan, run_ids, lambda: factory(code_dir=code), console, preflight, code=code.name)
+            else:
+                outcomes = _decide_rounds(decision, live, lambda: factory(code_dir=code), preflight, code.name,
+                                          parent_id, console)
+                plan = live["plan"]
         except (ResourceError, ConnectError, BackendError) as err:
             reason = f"not run: {err}"
             console.print(_refusal(err, plan), highlight=False, soft_wrap=True)
@@ -281,7 +327,7 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
             parent_status, reason = "KILLED", "interrupted: the driver was stopped (Ctrl-C or SIGTERM)"
             console.print("interrupted: finished stages are kept; rerun the same command to resume")
             return 130
-        failed = _summarise(args, plan, outcomes, parent_id, exp_id, console)
+        failed = _summarise(args, plan, outcomes, parent_id, exp_id, console, decision[1] if decision else None)
         parent_status = "FAILED" if failed else "FINISHED"
         return EXIT_FAILED if failed else 0
     finally:
@@ -289,7 +335,7 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
 
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
         try:
-            killed = settle(plan, run_ids, reason)
+            killed = settle(live["plan"], live["run_ids"], reason)
             c.set_terminated(parent_id, parent_status)
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -298,8 +344,49 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
                           highlight=False, soft_wrap=True)
 
 
+def _decide_rounds(decision: tuple, live: dict, factory, preflight, code: str, parent_id: str,
+                   console: Console) -> dict:
+    """``--decide``'s rounds (pipeline/decide.py): run the seeds, look, give open claims' cells one
+    more seed, until every claim is decided or nothing more may run. The state is saved after each
+    look (and logged on the parent run), so a killed decision resumes at its look. Returns the
+    outcomes of the last round's plan; a failed stage ends the rounds (rerun to retry it)."""
+    from pipeline import decide as D
+    from pipeline.execute import execute
+    from pipeline.report import _write_run_json, replicate_values, stage_runs
+    from pipeline.tracking import client, prepare_runs
+
+    grid, state = decision
+    c = client(grid.tracking_uri)
+    while True:
+        plan = build_plan(D.grid_at(grid, state))
+        _, _, run_ids = prepare_runs(plan)
+        live.update(plan=plan, run_ids=run_ids)
+        console.print(f"[bold]--decide[/] round {state.rounds + (0 if state.finished else 1)}: {_cells_text(plan)}, "
+                      f"{len(plan.stages)} stages, {D.plan_hours(plan):.4g} GPU-hours so far", highlight=False)
+        outcomes = execute(plan, run_ids, factory, console, preflight, code=code)
+        if state.finished or any(o.state in ("failed", "upstream_failed") for o in outcomes.values()):
+            return outcomes
+        results = D.look(grid, state, replicate_values(plan, stage_runs(plan)))
+        state.rounds += 1
+        for r in results:
+            if r.claim.id in state.family:
+                console.print(f"  {r.line()}", markup=False, highlight=False)
+        after, why = D.next_seeds(grid, state, results)
+        if why:
+            state.finished, state.why = True, why
+            console.print(f"--decide: done after {state.rounds} round(s): {why}", highlight=False)
+        else:
+            console.print(f"--decide: next, {D.describe_round(grid, state.seeds, after)}", highlight=False,
+                          soft_wrap=True)
+            state.seeds = after
+        D.save(grid, state)
+        _write_run_json(c, parent_id, D.ARTIFACT, json.loads(state.to_json()))
+        if state.finished:
+            return outcomes
+
+
 def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: str, exp_id: str,
-               console: Console) -> list:
+               console: Console, decision=None) -> list:
     """Print what ran, what failed and why, the report (written and logged on the parent run) and
     where the MLflow UI shows it; returns the failed outcomes."""
     from pipeline.report import write_report
@@ -311,7 +398,7 @@ def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: 
     console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
     for o in failed:
         console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
-    text, files = write_report(plan, parent_id)
+    text, files = write_report(plan, parent_id, decision=decision)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {files[0]}")
     page = ui_page(exp_id, parent_id, REPORT)  # the report, rendered; not MLflow's GenAI pages
@@ -534,10 +621,16 @@ def cmd_export_detectron2(args: argparse.Namespace, console: Console) -> int:
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from pipeline.report import write_report
 
+    from pipeline import decide as D
+
     plan = _load(args, check_data=False)
+    decision = D.stored(plan.grid)
+    if decision is not None:  # a --decide run: its cells at the seeds it gave them
+        plan = build_plan(D.grid_at(plan.grid, decision))
     if _nothing_tracked(plan, args, console, need_store=True):
         return 0
-    text, files = write_report(plan, compare_paper=args.compare_paper)
+    text, files = write_report(plan, compare_paper=args.compare_paper, correction=args.correction, decision=decision,
+                               overrides=list(args.override))
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"written: {', '.join(map(str, files))}")
     return 0

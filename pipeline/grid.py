@@ -39,10 +39,11 @@ from typing import Any
 
 from pipeline.spec import (MAX_SEED, Problem, Resources, SlurmSpec, build_dataclass, build_stage_config, flatten,
                            resolve_precision)
+from pipeline.sequential import Design
 from pipeline.stages import DEFAULT_EVALUATIONS, EVALUATIONS, ROOT, STAGE_KINDS, StageConfig, process_problems
 
 TOP_KEYS = ("name", "description", "workdir", "tracking_uri", "defaults", "axes", "cells", "studies", "evaluations",
-            "resources", "cluster", "seeds", "repeats")
+            "resources", "cluster", "seeds", "repeats", "decide")
 STUDY_KEYS = ("defaults", "axes", "cells", "description", "seeds", "repeats")
 REPLICATE = "@seed="  # a replicate's name: <cell>@seed=<seed>
 KINDS = tuple(STAGE_KINDS)
@@ -91,6 +92,9 @@ class Grid:
     resources: dict[str, Resources]
     cluster: dict[str, SlurmSpec]  # "default" and stage kinds
     evaluation_cells: dict[str, frozenset[str]] = None  # evaluations that follow only these cells
+    decide: Design = Design()  # the ``decide:`` section: how ``sslgrid run --decide`` spends seeds
+    only_studies: tuple[str, ...] = ()  # ``--study``: the grid was loaded with only these studies' cells
+    seeded: bool = False  # the grid file (or -o) gives seeds/repeats
 
     def evaluates(self, kind: str, cell: Cell | str) -> bool:
         """Whether evaluation ``kind`` follows ``cell`` (a Cell, or a cell's base name)."""
@@ -192,6 +196,7 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     evaluations, evaluation_cells = _evaluations(doc.get("evaluations", list(DEFAULT_EVALUATIONS)), all_names,
                                                  problems.items)
     resources, cluster = _resources(doc, problems)
+    design = _decide(doc.get("decide"), problems)
     for cell in cells:
         for p in process_problems(cell.config, resources):
             problems.add(_origin(p.field, cell.values, {}, set(cfg_over)), p)
@@ -203,7 +208,9 @@ def load_grid(path: str | Path, overrides: list[str] = (), workdir: str | None =
     uri = tracking_uri or doc.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     return Grid(name=name, path=path, description=str(doc.get("description", "")),
                 workdir=(base / wd).resolve(), tracking_uri=_absolute_uri(uri, base), cells=tuple(cells),
-                evaluations=evaluations, resources=resources, cluster=cluster, evaluation_cells=evaluation_cells)
+                evaluations=evaluations, resources=resources, cluster=cluster, evaluation_cells=evaluation_cells,
+                decide=design, only_studies=tuple(only_studies),
+                seeded=any(c[-1] is not None for c in raw_cells))
 
 
 class _Problems:
@@ -258,7 +265,7 @@ def _apply_overrides(doc: dict, overrides: list[str]) -> tuple[dict[str, Any], s
                 section.pop("repeats", None)
         if key.startswith("studies."):
             _set_in_study(doc, key, value)
-        elif key.startswith(("resources.", "cluster.")):
+        elif key.startswith(("resources.", "cluster.", "decide.")):
             node = doc.setdefault(head_of(key), {})
             parts = key.split(".")[1:]
             for part in parts[:-1]:
@@ -439,17 +446,30 @@ def _replicate(cells: list[Cell], raw_cells: list[tuple], defaults: dict, cfg_ov
 
 
 def _resources(doc: dict, problems: _Problems) -> tuple[dict[str, Resources], dict[str, SlurmSpec]]:
-    """``resources`` (every stage kind gets one; unset: the defaults) and ``cluster`` (SLURM requests)."""
+    """``resources`` (every stage kind gets one; unset: the defaults) and ``cluster`` (SLURM requests).
+
+    A stage with GPUs runs at most one process per GPU: NCCL refuses two ranks on one device at the
+    first collective, long after launch, so ``processes`` above ``gpus`` is refused here (one process
+    on a fraction of a GPU has no collective and stays allowed). A stage
+    without GPUs (``gpus: 0``) may run any number of processes (gloo). ``gpus: null`` is resolved
+    when the grid runs (1 GPU where the backend has one, else 0): pipeline/execute.py and
+    pipeline/slurm.py check it then, before anything is launched."""
     resources = _per_kind(doc, "resources", Resources, KINDS, "{cpus, gpus, processes}", problems.items)
     for kind in KINDS:
         resources.setdefault(kind, Resources())
     cluster = _per_kind(doc, "cluster", SlurmSpec, ("default",) + KINDS, "SLURM requests", problems.items)
     for kind, res in resources.items():
-        if res.gpus and res.processes and res.gpus / res.processes > 1 and not (res.gpus / res.processes).is_integer():
+        if res.gpus and res.processes and res.processes > 1 and res.processes > res.gpus:
+            whole = max(1, int(res.gpus))
+            problems.add("", Problem(f"resources.{kind}.processes", res.processes,
+                                     f"is more than the stage's {res.gpus:g} GPUs: each process needs a GPU of its "
+                                     f"own (NCCL refuses two ranks on one device). Set processes to {whole} or "
+                                     f"fewer, raise resources.{kind}.gpus to {res.processes}, or set gpus: 0 to "
+                                     f"run the {res.processes} processes on CPUs"))
+        elif res.gpus and res.processes and res.gpus / res.processes > 1 and not (res.gpus / res.processes).is_integer():
             problems.add("", Problem(f"resources.{kind}.gpus", res.gpus,
-                                     f"cannot be shared by the {res.processes} processes: each gets whole GPUs or "
-                                     f"a fraction of one; set processes to {int(res.gpus)} (one per GPU), to a "
-                                     f"divisor of {res.gpus:g}, or to a multiple of it"))
+                                     f"cannot be shared by the {res.processes} processes: each gets whole GPUs; set "
+                                     f"processes to {int(res.gpus)} (one per GPU) or to a divisor of {res.gpus:g}"))
     return resources, cluster
 
 
@@ -593,13 +613,22 @@ def _origin(field: str, values: dict[str, Any], where: dict[str, str], cli: set[
 def data_problems(grid: Grid) -> list[tuple[str, Problem]]:
     """Checks that need the file system, before anything launches (``sslgrid plan`` prints them,
     ``sslgrid run`` refuses with exit 2): each ImageFolder root holds train/ and val/ with the same
-    class folders (hidden ones are not classes), each with images; then each stage kind's own
-    ``preflight`` (pipeline/stages.py), once per distinct section, e.g. every VOC box."""
-    from trainers.folders import DataError, imagefolder_classes  # no torch: plan runs on a login node
+    class folders (hidden ones are not classes), each with images; each Fashion-MNIST root holds its
+    four idx files (trainers/fashion_mnist.py); then each stage kind's own ``preflight``
+    (pipeline/stages.py), once per distinct section, e.g. every VOC box."""
+    from trainers import fashion_mnist  # no torch: plan runs on a login node
+    from trainers.folders import DataError, imagefolder_classes
 
     problems, seen = [], set()
     for cell in grid.cells:
         ds = cell.config.dataset
+        if ds.name == "fashion_mnist" and ("fashion_mnist", ds.root) not in seen:
+            seen.add(("fashion_mnist", ds.root))
+            try:
+                fashion_mnist.find_files(ds.root)
+            except DataError as err:
+                problems.append((f"cell {cell.name}: ", Problem("dataset.root", ds.root, str(err))))
+            continue
         if ds.name == "imagefolder" and ds.root not in seen:
             seen.add(ds.root)
             missing = [split for split in ("train", "val") if not (Path(ds.root) / split).is_dir()]
@@ -630,3 +659,46 @@ def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def _decide(node: Any, problems: _Problems) -> Design:
+    """The ``decide:`` section (pipeline/sequential.py Design): the settings ``sslgrid run --decide``
+    fixes before its first seed. Claim ids are checked against pipeline/claims.py."""
+    from pipeline.claims import CLAIMS
+
+    found: list[Problem] = []
+    design = build_dataclass(Design, node, "decide", found) if node is not None else Design()
+    if design is not None:
+        found += [Problem(f"decide.{f}", v, m) for f, v, m in design.problems()]
+        ids = [c.id for c in CLAIMS]
+        for claim in design.claims or ():
+            if claim not in ids:
+                close = difflib.get_close_matches(str(claim), ids, n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                found.append(Problem("decide.claims", claim, f"{hint}no such claim; the claims are listed in "
+                                     f"pipeline/claims.py and in the report's Claims section"))
+    for p in found:
+        problems.add("", p)
+    return design if design is not None and not found else Design()
+
+
+def reseed(grid: Grid, seeds: dict[str, int]) -> Grid:
+    """``grid`` with base cell ``b`` run at seeds 0..seeds[b]-1 (cells not named keep their
+    replicates): how ``sslgrid run --decide`` gives cells more seeds. A replicate sets every
+    section's ``seed`` (``_seed_fields``), so seed 0 is the stage the grid runs without seeds, and a
+    replicate has the same identity whichever round added it."""
+    cells: list[Cell] = []
+    for base, reps in grid.replicates().items():
+        if base not in seeds:
+            cells += reps
+            continue
+        first = reps[0]
+        fields = _seed_fields(first.config)
+        count = seeds[base]
+        values = {k: v for k, v in first.values.items() if k != f"{ROOT}.seed"}
+        for seed in range(count):
+            config = dataclasses.replace(first.config, **{
+                k: dataclasses.replace(getattr(first.config, k), seed=seed) for k in fields})
+            name = base if count == 1 else f"{base}{REPLICATE}{seed}"
+            cells.append(Cell(name, config, {**values, f"{ROOT}.seed": seed}, first.study, base, seed))
+    return dataclasses.replace(grid, cells=tuple(cells))

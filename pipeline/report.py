@@ -2,10 +2,13 @@
 work directory: a user on another machine has only the tracking server."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from pipeline.claims import NOT_TESTED
 from pipeline.claims import TAG_PREFIX as CLAIM_TAG
 from pipeline.claims import section as claims_section
 from pipeline.plan import Plan
@@ -60,16 +63,23 @@ def _metrics_of(kind: str) -> tuple[str, ...]:
     return ("loss",) if kind == ROOT else STAGE_KINDS[kind].reported
 
 
+RESOLUTION = "val_images"  # logged by the probe and kNN stages: top-1 moves in steps of 100 / val_images
+
+
 def replicate_values(plan: Plan, df: pd.DataFrame) -> Values:
     """Every finished value, by cell, metric and seed: base cell name (pipeline/grid.py ``Cell.base``)
-    → (stage kind, metric) → {seed: value}. A replicate's seed is its pretraining's seed, so cells
-    of a grid without ``seeds:`` pair up too. Missing stages and metrics are absent."""
+    → (stage kind, metric) → {seed: value}. Only stages whose MLflow run FINISHED count: a running
+    or killed stage logs partial metrics (a probe's top-1 after some epochs), which are no seed. A
+    replicate's seed is its pretraining's seed, so cells of a grid without ``seeds:`` pair up too.
+    Missing stages and metrics are absent; ``val_images`` is kept where a stage logged it."""
     out: Values = {}
     for base, reps in plan.grid.replicates().items():
         cell_values = out.setdefault(base, {})
         for cell in reps:
             for kind, key in plan.cells[cell.name].items():
-                for name in _metrics_of(kind):
+                if key not in df.index or df.at[key, "status"] != "FINISHED":
+                    continue
+                for name in _metrics_of(kind) + (RESOLUTION,):
                     val = metric(df, key, name)
                     if val is not None:
                         cell_values.setdefault((kind, name), {})[cell.config.pretrain.seed] = val
@@ -124,7 +134,8 @@ def cell_table(plan: Plan, df: pd.DataFrame | None = None, values: Values | None
             if kind not in plan.cells[cell.name] or (kind == ROOT and not trains):
                 row[column] = "-"  # the grid does not run this stage for this cell
                 continue
-            est = estimate(list(values.get(base, {}).get((kind, name), {}).values()))
+            est = estimate(list(values.get(base, {}).get((kind, name), {}).values()),
+                           _tolerance(values, [base], kind, name))
             finished = all(k in df.index and df.at[k, "status"] == "FINISHED"
                            for k in (plan.cells[c.name][kind] for c in reps))
             # a finished stage without the metric did not compute it (e.g. a kNN stage from before top1_k20)
@@ -208,13 +219,26 @@ def baselines(plan: Plan) -> dict[str, str]:
     return out
 
 
-def differences(plan: Plan, values: Values) -> pd.DataFrame:
-    """Each cell against its baseline row (``baselines``), on every evaluation's headline metric:
-    the difference (cell − baseline), paired by seed where the seeds match, with its 95% interval;
-    ``marked`` only when the interval excludes 0 (pipeline/stats.py ``difference``)."""
-    from pipeline.stats import difference, number
+def _tolerance(values: Values, cells: list[str], kind: str, name: str) -> float | None:
+    """Half of top-1's resolution (100 / val_images points) over ``cells``, where their stages logged
+    it; None otherwise (pipeline/stats.py then ties values within 1e-6 of their size)."""
+    counts = [v for c in cells for v in values.get(c, {}).get((kind, RESOLUTION), {}).values()]
+    if not name.startswith("top1") or not counts:
+        return None
+    return 100.0 / max(1.0, min(counts)) / 2
 
-    rows = []
+
+def differences(plan: Plan, values: Values, alpha: float = 0.05, correction: str = "holm") -> pd.DataFrame:
+    """Each cell against its baseline row (``baselines``), on every evaluation's headline metric:
+    the difference (cell − baseline), paired by seed where the seeds match, with its 95% interval
+    and p-value; ``marked`` only where the difference is settled after ``correction`` (Holm by
+    default) across all the differences of the report (pipeline/sequential.py ``decide``)."""
+    import numpy as np
+
+    from pipeline.sequential import decide
+    from pipeline.stats import difference, difference_p, number
+
+    rows, ps = [], []
     for base, ref in baselines(plan).items():
         for kind in plan.grid.evaluations:
             name = STAGE_KINDS[kind].reported[0]
@@ -222,10 +246,16 @@ def differences(plan: Plan, values: Values) -> pd.DataFrame:
             b = values.get(ref, {}).get((kind, name))
             if not a or not b:
                 continue
-            d = difference(a, b)
+            tol = _tolerance(values, [base, ref], kind, name)
+            d = difference(a, b, tol)
+            ps.append(difference_p(a, b, tol))
             rows.append({"cell": base, "baseline": ref, "metric": f"{kind}_{name}", "difference": number(d.mean, 2, sign=True),
                          "95% interval": d.interval(2), "n": d.n, "paired": "by seed" if d.paired else "no",
-                         "marked": "*" if d.excludes_zero() else ""})
+                         "p": f"{ps[-1]:.2g}"})
+    if rows:
+        marked, _ = decide(np.array(ps), alpha, correction)
+        for row, m in zip(rows, marked):
+            row["marked"] = "*" if m else ""
     return pd.DataFrame(rows)
 
 
@@ -251,39 +281,139 @@ def _seed_note(plan: Plan) -> str:
             f"with n=1, or seeds that all agree, no interval exists.")
 
 
-def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bool = False
+LOOKS = "sslgrid/looks.json"  # on the parent run: claim id → the seed counts its verdict was looked at
+OVERRIDES = "sslgrid.overrides"  # on the parent run: the -o flags and --study of its last `sslgrid run`
+
+
+def _scope(plan: Plan) -> str:
+    """"" for the whole grid; ``-<study>[+<study>…]`` for a report of ``--study`` only."""
+    return "" if not plan.grid.only_studies else "-" + "+".join(sorted(plan.grid.only_studies))
+
+
+def check_matches(plan: Plan, df: pd.DataFrame, parent, overrides: list[str] | None) -> None:
+    """Refuse (StateError, exit 2, nothing written) a report of another plan than the grid's last
+    run: one whose ``-o`` flags differ from that run's while some of its stages were never tracked.
+    It would show those cells pending and their claims not tested. Names the last run's flags.
+    ``overrides``: the report's ``-o`` texts (None: the driver's own report, which is its plan)."""
+    from pipeline.state import StateError
+
+    if overrides is None or df.empty or parent is None or set(plan.stages) <= set(df.index):
+        return
+    try:
+        last = json.loads(parent.data.tags.get(OVERRIDES, "") or "{}")
+    except ValueError:
+        last = {}
+    if "overrides" not in last or sorted(last["overrides"]) == sorted(overrides):
+        return
+    missing = len(set(plan.stages) - set(df.index))
+    flags = " ".join([f"-o {o}" for o in last.get("overrides", [])] + [f"--study {x}" for x in last.get("studies", [])])
+    raise StateError(f"{plan.grid.path}: {missing} of this plan's {len(plan.stages)} stages were never run, and the "
+                     f"grid's last run used other -o flags: `sslgrid run {plan.grid.path}{' ' + flags if flags else ''}`. "
+                     f"The report would call those cells pending and their claims not tested. Pass the run's -o flags "
+                     f"to the report (or run this plan first). Nothing was written.")
+
+
+def _read_run_json(c, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run, or None when it has none."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = c.download_artifacts(run_id, path, tmp)
+            return json.loads(Path(local).read_text())
+    except Exception:  # MLflow raises its own, OSError or others for a missing artifact
+        return None
+
+
+def _write_run_json(c, run_id: str, path: str, obj: Any) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / Path(path).name
+        f.write_text(json.dumps(obj, indent=1, sort_keys=True))
+        c.log_artifact(run_id, str(f), artifact_path=str(Path(path).parent))
+
+
+def _parent(plan: Plan, parent_run_id: str | None):
+    if not store_exists(plan.grid.tracking_uri):
+        return None
+    c = client(plan.grid.tracking_uri)
+    if parent_run_id is not None:
+        return c.get_run(parent_run_id)
+    exp = c.get_experiment_by_name(plan.grid.name)
+    if exp is None:
+        return None
+    parent, _ = find_runs(plan.grid.tracking_uri, exp.experiment_id, plan.grid.name)
+    return parent
+
+
+def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bool = False,
+                 correction: str | None = None, decision: Any = None, overrides: list[str] | None = None
                  ) -> tuple[str, list[Path]]:
     """Markdown text, and the files written under ``<workdir>/report/`` (logged on the grid's
-    parent run, with the claims' verdicts as its tags, when it has one): the cell table (mean ± 95%
-    interval over seeds), a bar chart per study, the differences to each study's baseline, the
-    paper's claims checked (pipeline/claims.py), then the paper's tables and figures for the grid's
-    named studies (pipeline/paper_tables.py)."""
+    parent run, with the claims' verdicts as its tags, when it has one). It opens with the
+    statistics line, the verdict summary and what ``--decide`` would run next; then the cell table
+    (mean ± 95% interval over finished seeds), a bar chart per study, the differences to each
+    study's baseline (Holm across them), the paper's claims (pipeline/claims.py; sequential
+    verdicts when ``decision``, a pipeline/decide.py State, or the one stored on the parent run
+    exists), then the paper's tables and figures for the grid's named studies.
+
+    A report of ``--study`` only writes ``report-<study>.md``/``.csv`` and ``claims-<study>.csv``,
+    and touches no other study's files or tags. A claim's stored verdict tag is never replaced by
+    "not tested". Raises StateError (nothing written) when the plan matches none of the tracked
+    stages and the report's ``overrides`` are not the last run's (``check_matches``)."""
+    from pipeline import decide as D
     from pipeline.paper_tables import paper_tables
     from pipeline.plots import study_charts
+    from pipeline.sequential import Design
 
     df = stage_runs(plan)
+    parent = _parent(plan, parent_run_id)
+    check_matches(plan, df, parent, overrides)
+    c = client(plan.grid.tracking_uri) if parent is not None else None
+    if decision is None and parent is not None:
+        stored = _read_run_json(c, parent.info.run_id, D.ARTIFACT)
+        decision = D.State.from_dict(stored) if isinstance(stored, dict) else None
+    design = decision.settings if decision is not None else plan.grid.decide
+    if correction is not None:
+        design = Design(**{**D._design_dict(design), "claims": design.claims, "correction": correction})
+    looks_taken = {}
+    if parent is not None and decision is None:
+        looks_taken = _read_run_json(c, parent.info.run_id, LOOKS) or {}
     values = replicate_values(plan, df)
     table = cell_table(plan, df, values)
     out = plan.grid.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "report.md", out / "report.csv"]
+    scope = _scope(plan)
+    files = [out / f"report{scope}.md", out / f"report{scope}.csv"]
     with atomic_write(files[1]) as tmp:
         numeric(table).to_csv(tmp, index=False)
-    parts = [f"# {plan.grid.name}", _seed_note(plan), "## Cells", render(table)] + _notes(plan)
+    head, claims_table, claims_files, verdicts, results = claims_section(
+        plan.grid, values, out, design, looks=decision.looks if decision is not None else None,
+        looks_taken=looks_taken, family=tuple(decision.family) if decision is not None else None,
+        name=f"claims{scope}.csv")
+    parts = [f"# {plan.grid.name}" + (f" (study {', '.join(plan.grid.only_studies)})" if scope else "")]
+    if head:
+        parts.append(head)
+        parts.append(_next_text(plan, results, decision))
+    parts += [_seed_note(plan), "## Cells", render(table)] + _notes(plan)
     charts = study_charts(plan, values, out)
     parts += [f"![{path.stem}]({path.name})" for path in charts]
     files += charts
-    diffs = differences(plan, values)
+    diffs = differences(plan, values, design.alpha, design.correction)
     if len(diffs):
         parts += ["## Differences to each study's baseline",
                   "Cell − its baseline row, paired by seed. A cell's baseline row is the study's cell with the "
                   "first value of its last axis (the paper's Δ rows), or, for a cell that changes something "
                   "else, the axis cell with the same axis values (table3's no-mlp-K1024 against K=1024). `*` "
-                  "marks a difference whose 95% interval excludes 0, and only those.",
+                  f"marks a difference settled at family-wise {design.alpha:g} after "
+                  + ({"holm": f"Holm's correction across the {len(diffs)} differences",
+                      "bonferroni": f"Bonferroni's correction across the {len(diffs)} differences",
+                      "none": "no correction (--correction none)"}[design.correction])
+                  + ", and only those; the interval is the plain 95% one.",
                   diffs.to_markdown(index=False, disable_numparse=True)]
-    claims_text, claims_files, verdicts = claims_section(plan.grid, values, out)
-    if claims_text:
-        parts.append(claims_text)
+    if claims_table:
+        parts.append(claims_table)
         files += claims_files
     extra, more = paper_tables(plan, df, out, compare_paper, values)
     if extra:
@@ -291,30 +421,87 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
     files += more
     text = "\n\n".join(parts)
     write_text(files[0], text + "\n")
-    for stale in set(out.iterdir()) - set(files):  # an earlier report's plots and tables of studies now gone
-        if stale.is_file() and any(stale.match(p) for p in REPORT_FILES):
-            stale.unlink()
-    if parent_run_id is None:
-        exp = client(plan.grid.tracking_uri).get_experiment_by_name(plan.grid.name)
-        if exp is not None:
-            parent, _ = find_runs(plan.grid.tracking_uri, exp.experiment_id, plan.grid.name)
-            parent_run_id = parent.info.run_id if parent else None
-    if parent_run_id is not None:
-        c = client(plan.grid.tracking_uri)
+    if not scope:
+        for stale in set(out.iterdir()) - set(files):  # an earlier report's plots and tables of studies now gone
+            if stale.is_file() and any(stale.match(p) for p in REPORT_FILES):
+                stale.unlink()
+    if parent is not None:
+        run_id = parent.info.run_id
         for f in files:
-            c.log_artifact(parent_run_id, str(f), artifact_path="report")
-        show_report(plan.grid.tracking_uri, parent_run_id, text, [f for f in files if f.suffix == ".png"])
-        _log_verdicts(c, parent_run_id, verdicts)
+            c.log_artifact(run_id, str(f), artifact_path="report")
+        if not scope:
+            show_report(plan.grid.tracking_uri, run_id, text, [f for f in files if f.suffix == ".png"])
+        _log_verdicts(c, run_id, verdicts, results, whole=not scope)
+        if decision is None and results:
+            _record_looks(c, run_id, looks_taken, results)
     return text, files
 
 
-def _log_verdicts(c, run_id: str, verdicts: dict[str, str]) -> None:
-    """The claims' verdicts as the run's ``sslgrid.claim.<id>`` tags, replacing an earlier report's
-    (a claim this grid no longer tests loses its tag)."""
+def _record_looks(c, run_id: str, looks: dict[str, list[int]], results: list) -> None:
+    """Add this report's look to the history on the parent run: each tested claim's seed count,
+    where it differs from the claim's last recorded look (rereading the same seeds is no new look)."""
+    changed = False
+    for r in results:
+        if r.tested and r.n and (not looks.get(r.claim.id) or looks[r.claim.id][-1] != r.n):
+            looks.setdefault(r.claim.id, []).append(r.n)
+            changed = True
+    if changed:
+        _write_run_json(c, run_id, LOOKS, looks)
+
+
+def _next_text(plan: Plan, results: list, decision: Any) -> str:
+    """What ``sslgrid run --decide`` would do next, in one paragraph."""
+    from pipeline import decide as D
+
+    try:
+        grid = plan.grid
+        if decision is None:
+            if grid.seeded:
+                return ("Next: this grid gives its own seeds; without them (no seeds/repeats), `sslgrid run "
+                        f"{grid.path} --decide` would spend seeds only where a claim is still open.")
+            state = D.start(grid)
+            open_ids = [r.claim.id for r in results if r.claim.id in state.family and r.verdict in ("inconclusive", NOT_TESTED)]
+            if not open_ids:
+                return "Next: every claim this grid tests is decided; `--decide` would run nothing more."
+            now = {b: len(reps) for b, reps in grid.replicates().items()}
+            after = {b: max(n, now.get(b, 1)) for b, n in state.seeds.items()}
+            d = grid.decide
+            return (f"Next: `sslgrid run {grid.path} --decide` would first run {D.describe_round(grid, now, after)}, "
+                    f"then one seed at a time, up to {d.max_seeds}, only for cells of the {len(open_ids)} open "
+                    f"claim(s) ({', '.join(open_ids)}), until each is decided (family-wise alpha {d.alpha:g}, "
+                    f"{d.correction}).")
+        if decision.finished:
+            return f"Decision finished after {decision.rounds} round(s): {decision.why}. Rerunning it spends nothing."
+        base = _unseeded(grid)
+        after, why = D.next_seeds(base, decision, results)
+        if why:
+            return f"Next: nothing more to run ({why})."
+        return f"Next round of `--decide`: {D.describe_round(base, decision.seeds, after)}."
+    except Exception as err:  # the report must not fail on its forecast
+        return f"Next: (cannot forecast --decide: {err})"
+
+
+def _unseeded(grid):
+    """The grid with one replicate per cell (the seeds --decide starts from)."""
+    from pipeline.grid import reseed
+
+    return reseed(grid, {b: 1 for b in grid.replicates()})
+
+
+def _log_verdicts(c, run_id: str, verdicts: dict[str, str], results: list, whole: bool = True) -> None:
+    """The claims' verdicts as the run's ``sslgrid.claim.<id>`` tags. A tested verdict is never
+    replaced by "not tested" (a report of another plan, or before stages finished); a whole-grid
+    report removes the tags of claims the grid no longer has, a ``--study`` report touches only
+    its claims."""
     from mlflow.entities import RunTag
 
-    for k in c.get_run(run_id).data.tags:
-        if k.startswith(CLAIM_TAG) and k not in verdicts:
-            c.delete_tag(run_id, k)
-    if verdicts:
-        c.log_batch(run_id, tags=[RunTag(k, v) for k, v in verdicts.items()])
+    stored = c.get_run(run_id).data.tags
+    if whole:
+        for k in stored:
+            if k.startswith(CLAIM_TAG) and k not in verdicts:
+                c.delete_tag(run_id, k)
+    keep = {CLAIM_TAG + r.claim.id for r in results if not r.tested}
+    new = [RunTag(k, v) for k, v in verdicts.items()
+           if not (k in keep and k in stored and not stored[k].startswith(NOT_TESTED))]
+    if new:
+        c.log_batch(run_id, tags=new)

@@ -66,9 +66,13 @@ def _ci(result) -> tuple[float, float]:
     return float(ci.low), float(ci.high)
 
 
-def estimate(values: Sequence[float]) -> Estimate | None:
-    """Mean and Student-t interval of ``values`` (one per seed); None for no values. Identical values
-    (top-1 on a small val set moves in steps, so seeds can agree exactly) give no interval: a
+RELATIVE_TIE = 1e-6  # float32 metrics agree to about 7 digits: closer values are the same number
+
+
+def estimate(values: Sequence[float], tol: float | None = None) -> Estimate | None:
+    """Mean and Student-t interval of ``values`` (one per seed); None for no values. Values that tie
+    (their range at most ``tol``, default 1e-6 of their size: top-1 on a small val set moves in
+    steps, and float32 top-1 differs in the 6th digit, so seeds can agree) give no interval: a
     zero-width one would call any difference certain."""
     from scipy import stats
 
@@ -78,7 +82,9 @@ def estimate(values: Sequence[float]) -> Estimate | None:
     mean = sum(values) / len(values)
     if len(values) == 1:
         return Estimate(mean, None, None, 1)
-    if max(values) == min(values):
+    if tol is None:
+        tol = RELATIVE_TIE * max(abs(v) for v in values)
+    if max(values) - min(values) <= tol:
         return Estimate(mean, None, None, len(values))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nearly identical values: scipy warns, still answers
@@ -86,7 +92,7 @@ def estimate(values: Sequence[float]) -> Estimate | None:
     return Estimate(mean, low, high, len(values))
 
 
-def contrast(terms: Sequence[tuple[float, Mapping[int, float]]]) -> Estimate | None:
+def contrast(terms: Sequence[tuple[float, Mapping[int, float]]], tol: float | None = None) -> Estimate | None:
     """Σ coef · metric over ``terms`` of (coef, {seed: value}); e.g. [(1, a), (-1, b)] is a − b.
 
     Paired by seed when the cells share at least one seed: each shared seed gives one value of the
@@ -100,7 +106,8 @@ def contrast(terms: Sequence[tuple[float, Mapping[int, float]]]) -> Estimate | N
     common = set.intersection(*(set(values) for _, values in terms))
     if common:
         per_seed = [sum(c * values[s] for c, values in terms) for s in sorted(common)]
-        est = estimate(per_seed)
+        scale = sum(abs(c) * max(abs(v) for v in values.values()) for c, values in terms)
+        est = estimate(per_seed, RELATIVE_TIE * scale if tol is None else tol)
         return Estimate(est.mean, est.low, est.high, est.n, paired=True)
     means = [sum(v.values()) / len(v) for _, v in terms]
     mean = sum(c * m for (c, _), m in zip(terms, means))
@@ -111,15 +118,37 @@ def contrast(terms: Sequence[tuple[float, Mapping[int, float]]]) -> Estimate | N
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             low, high = _ci(stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False))
-        if math.isnan(low) or low == high:  # both cells without spread: no interval (see ``estimate``)
+        if math.isnan(low) or high - low <= RELATIVE_TIE * max(abs(low), abs(high)):  # no spread: see ``estimate``
             low = high = None
         return Estimate(mean, low, high, min(sizes))
     return Estimate(mean, None, None, min(sizes))
 
 
-def difference(a: Mapping[int, float], b: Mapping[int, float]) -> Estimate | None:
+def difference(a: Mapping[int, float], b: Mapping[int, float], tol: float | None = None) -> Estimate | None:
     """a − b (each {seed: value}), paired by seed where the seeds match (see ``contrast``)."""
-    return contrast([(1.0, a), (-1.0, b)])
+    return contrast([(1.0, a), (-1.0, b)], tol)
+
+
+def difference_p(a: Mapping[int, float], b: Mapping[int, float], tol: float | None = None) -> float:
+    """The two-sided p-value of a − b = 0: the paired t-test over the shared seeds (pipeline/sequential.py
+    ``look_pvalues``: 1 for a tie within ``tol``), else Welch's; 1 where no test exists."""
+    import numpy as np
+    from scipy import stats
+
+    from pipeline.sequential import look_pvalues
+
+    common = sorted(set(a) & set(b))
+    if common:
+        d = np.array([a[s] - b[s] for s in common])
+        if tol is None:
+            tol = RELATIVE_TIE * (max(map(abs, a.values())) + max(map(abs, b.values())))
+        return float(look_pvalues(d, None, tol)[0]) if len(d) >= 2 else 1.0
+    if min(len(a), len(b)) < 2:
+        return 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False).pvalue
+    return 1.0 if math.isnan(p) else float(p)
 
 
 def verdict(d: Estimate | None, margin: float | None = None) -> str:
