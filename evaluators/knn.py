@@ -70,7 +70,8 @@ def knn(cfg: StageConfig, upstream: PretrainResult, workdir: Path, sink: Sink) -
     """Reads ``cfg.dataset``, ``cfg.backbone`` and ``cfg.knn``; ``upstream``: the pretraining
     stage's result (its ``checkpoint``). Its result's metrics: ``top1`` at ``k`` and ``top1_k<k>``
     for each of ``more_k`` (percent, one similarity search), ``k``, ``T``, ``smallest_class`` (training
-    images of the smallest class), ``align`` and ``uniform`` (evaluators/geometry.py); ``more_k``
+    images of the smallest class), ``val_images`` (the queries top-1 is counted on: its resolution is
+    100 / val_images points), ``align`` and ``uniform`` (evaluators/geometry.py); ``more_k``
     (the list) is in its info. Warns through ``sink`` when a k exceeds the smallest class. Raises
     DataError (trainers/data.py) for unreadable data."""
     p = cfg.knn
@@ -88,7 +89,8 @@ def knn(cfg: StageConfig, upstream: PretrainResult, workdir: Path, sink: Sink) -
                              list(metrics.values()), T=p.T)  # k → percent
     top1 = {name: acc[k] for name, k in metrics.items()}
     geo = measure(backbone, val.images, aug, cfg.dataset.image_size, plain=feats["val"])
-    sink.log({**top1, **geo}, step=0)
+    # top-1's resolution is one val image (100 / val_images points): the report needs it to tell a tie
+    sink.log({**top1, **geo, "val_images": float(len(val))}, step=0)
     sink.progress(1, 1)
     return EvalResult.of({**top1, "k": p.k, "more_k": list(p.more_k), "T": p.T, "smallest_class": int(sizes.min()),
-                          **geo})
+                          "val_images": len(val), **geo})

@@ -56,8 +56,12 @@ def _precision() -> Any:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    name: str = _f("synthetic", choices=("synthetic", "imagefolder", "cifar10", "stl10"))
-    root: Optional[str] = _f(None, path=True, doc="folder with train/ and val/ (imagefolder) or the torchvision root")
+    name: str = _f("synthetic", choices=("synthetic", "imagefolder", "cifar10", "stl10", "fashion_mnist"),
+                   doc="fashion_mnist: Debian's dataset-fashion-mnist (trainers/fashion_mnist.py), 60,000 train "
+                       "and the 10,000 official test images as val, upsampled from 28 px to image_size")
+    root: Optional[str] = _f(None, path=True, doc="folder with train/ and val/ (imagefolder), the torchvision root "
+                             "(cifar10, stl10), or the folder holding Fashion-MNIST's four idx files, .gz or not "
+                             "(fashion_mnist; default /usr/share/datasets/fashion-mnist)")
     image_size: int = _f(32, min=8, max=1024)
     num_train: int = _f(4000, min=1, doc="synthetic only")
     num_val: int = _f(1000, min=1, doc="synthetic only")
@@ -428,6 +432,10 @@ def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
     if p.record.trains and p.batch_size % cfg.backbone.bn_splits:
         problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
                                 f"must divide pretrain.batch_size ({cfg.pretrain.batch_size})"))
+    for f in dataclasses.fields(cfg):  # a section's checks across its own fields (pipeline/stages.py ProbeSpec)
+        own = getattr(getattr(cfg, f.name), "problems", None)
+        if callable(own):
+            problems.extend(own())
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """Defaults: moco main_lincls.py (lr 30, batch 256, 100 epochs, x0.1 at 60/80, wd 0)."""
+    """Defaults: moco main_lincls.py (lr 30, batch 256, 100 epochs, x0.1 at 60/80, wd 0). ``repeats``
+    (issue 20): N probes on the same cached features, averaged in one stage."""
 
     mode: str = _f("cached", choices=("cached", "moco"))
     epochs: int = _f(100, min=1)
@@ -43,6 +44,20 @@ class ProbeSpec:
                          "drops the last partial batch, as probe stages did before this field")
     seed: int = _f(0, min=0, max=MAX_SEED)
     precision: str = _precision()
+    # legacy 1: every probe stage before the field trained one probe, so repeats 1 keeps its key
+    repeats: int = _f(1, min=1, max=100, legacy=1,
+                      doc="mode cached: train this many probes on the same features (seed first, then seeds derived "
+                          "from it: evaluators/linear_probe.py probe_seeds); top1 is their mean, top1_probe_sd "
+                          "their standard deviation")
+
+    def problems(self) -> list[Problem]:
+        """What the fields cannot mean together: several probes need stored features."""
+        if self.repeats > 1 and self.mode != "cached":
+            return [Problem("linear_probe.repeats", self.repeats,
+                            f"averages probes trained on the same cached features, and mode {self.mode!r} "
+                            f"augments every epoch through the backbone instead; set linear_probe.mode: cached, "
+                            f"or linear_probe.repeats: 1")]
+        return []
 
 
 @dataclass(frozen=True)
@@ -215,7 +230,8 @@ STAGE_KINDS: dict[str, StageKind] = {
         result=PretrainResult),
     "linear_probe": StageKind(
         "linear_probe", ProbeSpec, "evaluators.linear_probe:linear_probe",
-        lambda cfg: f"mode={cfg.linear_probe.mode} epochs={cfg.linear_probe.epochs}", cost.probe_hours,
+        lambda cfg: f"mode={cfg.linear_probe.mode} epochs={cfg.linear_probe.epochs}"
+                    + (f" repeats={cfg.linear_probe.repeats}" if cfg.linear_probe.repeats > 1 else ""), cost.probe_hours,
         reported=("top1",)),
     "knn": StageKind(
         "knn", KnnSpec, "evaluators.knn:knn",

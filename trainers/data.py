@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from trainers import fashion_mnist
 from trainers.files import atomic_write
 from trainers.folders import (IMAGE_EXTENSIONS, DataError, _names, class_folders,  # noqa: F401  (re-exported)
                               image_files, imagefolder_classes)
@@ -381,9 +382,12 @@ def _from_torchvision(name: str, root: Path, train: bool, download: bool) -> Ima
 def load_split(ds: DatasetSpec, split: str) -> ImageSet:
     """``split`` ("train" or "val") of the dataset ``ds`` describes: images N×3×S×S uint8 (S =
     ``ds.image_size``; a LazyImages for a streamed ImageFolder), labels N int64. ``max_train`` /
-    ``max_val`` subsample an ImageFolder (every n-th file) and CIFAR/STL (the first n); the
-    synthetic set is generated at ``num_train`` / ``num_val`` instead. Raises ValueError for another
-    split, and DataError naming the folder or file for data that cannot be read."""
+    ``max_val`` subsample an ImageFolder (every n-th file) and CIFAR/STL/Fashion-MNIST (the first
+    n); the synthetic set is generated at ``num_train`` / ``num_val`` instead. Fashion-MNIST's val
+    split is its official test split (10,000 images), upsampled from 28 px to S
+    (trainers/fashion_mnist.py). Raises ValueError for another split, and DataError naming the
+    folder or file for data that cannot be read (for Fashion-MNIST, the fix: install
+    dataset-fashion-mnist or set dataset.root)."""
     if split not in ("train", "val"):
         raise ValueError(f"split {split!r}: load_split reads 'train' or 'val'")
     size = ds.image_size
@@ -395,6 +399,9 @@ def load_split(ds: DatasetSpec, split: str) -> ImageSet:
     if ds.name == "imagefolder":
         root = Path(ds.root).expanduser()
         return load_imagefolder(root / split, size, limit, ds.in_memory, classes=imagefolder_classes(root))
+    if ds.name == "fashion_mnist":  # Debian's files, upsampled from 28 px
+        images, labels, classes = fashion_mnist.load(ds.root, split == "train", size, cache_dir(), limit)
+        return ImageSet(images, labels, classes)
     if ds.name in ("cifar10", "stl10"):
         data = _from_torchvision(ds.name, Path(ds.root), split == "train", ds.download)
         if limit is not None and len(data) > limit:

@@ -119,6 +119,8 @@ def test_knn_stage_reports_each_k_and_warns_when_k_exceeds_the_smallest_class(tm
     assert m["k"] == 200 and result.info["more_k"] == [3, 20]
     assert all(0.0 <= m[name] <= 100.0 for name in ("top1", "top1_k3", "top1_k20"))
     assert {"top1", "top1_k3", "top1_k20", "align", "uniform"} <= set(sink.metrics[0][1])
+    # top-1's resolution (issue 20): the 48 val images of tiny_config, logged and in the result
+    assert m["val_images"] == 48 and sink.series("val_images") == [48.0]
     smallest = m["smallest_class"]
     assert 3 <= smallest < 20  # 96 synthetic images in a few classes: k 200 and 20 are too many
     [w] = sink.warnings
