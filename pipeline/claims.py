@@ -413,7 +413,12 @@ def statistics_line(results: list[Result], design: Any, sequential: bool, looks_
                  "); each interval is at its claim's share of alpha, so it holds over every look.")
         return text
     text += "Intervals are fixed-n (one look at the seeds there are)."
-    several = {cid: ns for cid, ns in looks_taken.items() if len(ns) > 1}
+    taken = {cid: list(ns) for cid, ns in looks_taken.items()}
+    for r in tested:  # this report is a look too
+        ns = taken.setdefault(r.claim.id, [])
+        if r.n and (not ns or ns[-1] != r.n):
+            ns.append(r.n)
+    several = {cid: ns for cid, ns in taken.items() if len(ns) > 1}
     if several:
         cid, ns = max(several.items(), key=lambda kv: len(kv[1]))
         text += (f" This grid's claims were looked at before with fewer seeds ({cid}: n = "

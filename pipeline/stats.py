@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 LEVEL = 0.95
-HOLDS, REVERSED, INCONCLUSIVE = "holds", "reversed", "inconclusive"
 
 
 @dataclass(frozen=True)
@@ -149,19 +148,3 @@ def difference_p(a: Mapping[int, float], b: Mapping[int, float], tol: float | No
         warnings.simplefilter("ignore", RuntimeWarning)
         p = stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False).pvalue
     return 1.0 if math.isnan(p) else float(p)
-
-
-def verdict(d: Estimate | None, margin: float | None = None) -> str:
-    """A directional claim (the contrast is > 0): **holds** when the interval lies above 0,
-    **reversed** when it lies below 0, else **inconclusive** (also with no interval, n = 1).
-    With ``margin`` (a claim that two things are the same): **holds** when the interval lies inside
-    [−margin, margin], **reversed** when it lies wholly outside it, else inconclusive."""
-    if d is None or d.low is None:
-        return INCONCLUSIVE
-    if margin is None:
-        return HOLDS if d.low > 0 else REVERSED if d.high < 0 else INCONCLUSIVE
-    if -margin <= d.low and d.high <= margin:
-        return HOLDS
-    if d.low > margin or d.high < -margin:
-        return REVERSED
-    return INCONCLUSIVE

@@ -81,20 +81,26 @@ def test_one_seed_is_inconclusive_without_an_interval(mini, tmp_path):
     r = result(mini, values, "table1.mlp-beats-none")
     assert r.verdict == "inconclusive" and r.n == 1 and r.estimate.mean == 10.0
     assert "no interval" in r.summary()
-    text, _, _ = section(mini, values, tmp_path)
+    _, text, _, _, _ = section(mini, values, tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| table1.mlp-beats-none"))
     assert "no interval (n=1)" in row and "**inconclusive**" in row
 
 
-def test_same_claim_holds_within_the_margin_and_is_reversed_outside(mini):
+def test_same_claim_is_same_within_the_margin_and_differs_outside(mini):
     k64, k1024 = "fig4/method=mocov2,K=64", "fig4/method=mocov2,K=1024"
     flat = {k64: {TOP1: per_seed(40.1, 39.9, 40.05)}, k1024: {TOP1: per_seed(40.0, 40.0, 40.0)}}
-    assert result(mini, flat, "fig4.mocov2-flat-in-K").verdict == "holds"
+    claim = next(c for c in CLAIMS if c.id == "fig4.mocov2-flat-in-K")
+    r = check(mini, flat, (claim,))[0]  # a family of one: TOST at 0.05
+    assert r.verdict == "same"
+    d = [0.1, -0.1, 0.05]
+    tost = max(sps.ttest_1samp(d, -1.0, alternative="greater").pvalue, sps.ttest_1samp(d, 1.0, alternative="less").pvalue)
+    assert r.p == pytest.approx(tost)
     gap = {k64: {TOP1: per_seed(35.0, 34.8, 35.1)}, k1024: {TOP1: per_seed(40.0, 40.0, 40.0)}}
-    r = result(mini, gap, "fig4.mocov2-flat-in-K")
-    assert r.verdict == "reversed" and r.estimate.mean == pytest.approx(-5.03, abs=0.01)
+    r = check(mini, gap, (claim,))[0]
+    assert r.verdict == "differs" and r.estimate.mean == pytest.approx(-5.03, abs=0.01)
     det = {k64: {DET_AP: per_seed(13.0, 13.4, 12.9)}, k1024: {DET_AP: per_seed(13.1, 13.2, 13.0)}}
-    assert result(mini, det, "fig4.mocov2-detection-flat-in-K").verdict == "holds"
+    det_claim = next(c for c in CLAIMS if c.id == "fig4.mocov2-detection-flat-in-K")
+    assert check(mini, det, (det_claim,))[0].verdict == "same"
 
 
 def test_interaction_contrast_is_scipys_one_sample_t_on_per_seed_contrasts(mini):
@@ -107,7 +113,10 @@ def test_interaction_contrast_is_scipys_one_sample_t_on_per_seed_contrasts(mini)
               cell("mocov2", "0.02, 0.1"): {TOP1: per_seed(*moco_small)}}
     by_hand = [(sb - ss) - (mb - ms) for sb, ss, mb, ms in zip(sup_big, sup_small, moco_big, moco_small)]
     r = result(mini, values, "table2a.small-crop-hurts-supervised-more")
-    ci = sps.ttest_1samp(by_hand, 0.0).confidence_interval(0.95)
+    # paper-mini can test all 15 claims, so they are corrected together (Holm): the only claim with
+    # values has the smallest p and faces alpha / 15, and its interval is scipy's at that level
+    assert r.level == pytest.approx(0.05 / len(CLAIMS))
+    ci = sps.ttest_1samp(by_hand, 0.0).confidence_interval(1 - 0.05 / len(CLAIMS))
     assert r.estimate.mean == pytest.approx(sum(by_hand) / 3)
     assert (r.estimate.low, r.estimate.high) == pytest.approx((ci.low, ci.high))
     assert r.n == 3 and r.estimate.paired
@@ -133,7 +142,7 @@ def test_missing_value_or_cell_is_not_tested_with_its_reason(mini):
 def test_a_study_the_grid_lacks_leaves_its_claims_out():
     only = load_grid(MINI, only_studies=["table1", "fig4"])
     assert {r.claim.study for r in check(only, {})} == {"table1", "fig4"}
-    assert section(load_grid(MINI, only_studies=["baseline"]), {}, REPO / "unused") == ("", [], {})
+    assert section(load_grid(MINI, only_studies=["baseline"]), {}, REPO / "unused") == ("", "", [], {}, [])
 
 
 def test_replicates_are_grouped_by_base_name(mini):
@@ -159,15 +168,17 @@ def test_quickstart_tests_only_the_table1_claims_its_cells_allow():
 
 
 def test_section_writes_the_csv_and_tags(mini, tmp_path):
-    values = top1(mlp=(45.0, 46.0, 45.5), none=(40.0, 40.1, 40.7))
-    text, files, tags = section(mini, values, tmp_path)
-    assert text.startswith("## Claims") and "n=1 there is no interval" in text
+    values = top1(mlp=(45.0, 45.1, 45.0), none=(40.0, 40.1, 40.05))
+    head, text, files, tags, _ = section(mini, values, tmp_path)
+    assert head.startswith("Statistics: 1 of 15 claims tested, Holm across the 15 claims")
+    assert "holds         table1.mlp-beats-none  n=3  +4.98" in head
+    assert text.startswith("## Claims") and "Seeds whose values tie within the metric's resolution" in text
     assert files == [tmp_path / "claims.csv"]
     rows = {row["id"]: row for row in csv.DictReader(files[0].open())}
     assert set(rows) == {c.id for c in CLAIMS}  # paper-mini has every study
     row = rows["table1.mlp-beats-none"]
-    d = [45.0 - 40.0, 46.0 - 40.1, 45.5 - 40.7]
-    ci = sps.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    d = [45.0 - 40.0, 45.1 - 40.1, 45.0 - 40.05]
+    ci = sps.ttest_1samp(d, 0.0).confidence_interval(1 - 0.05 / 15)  # Holm: the first of 15 claims
     assert float(row["mean"]) == pytest.approx(sum(d) / 3, abs=1e-4)
     assert (float(row["low"]), float(row["high"])) == pytest.approx((ci.low, ci.high), abs=1e-4)
     assert int(row["n"]) == 3 and row["verdict"] == "holds"

@@ -9,7 +9,7 @@ from scipy import stats
 from pipeline.grid import GridError, load_grid
 from pipeline.plan import build_plan
 from pipeline.report import baselines, cell_table, differences, numeric, replicate_values, stage_runs, write_report
-from pipeline.stats import contrast, difference, estimate, verdict
+from pipeline.stats import contrast, difference, estimate
 from pipeline.tracking import client, prepare_runs
 
 GRID = """
@@ -209,15 +209,10 @@ def test_stats_against_scipy_and_verdicts():
     assert estimate([3.0, 3.0]).text() == "3.00 (n=2, all equal)"
     # seeds that agree exactly (top-1 moves in steps on a small val set) settle nothing
     same_steps = difference({0: 17.0, 1: 17.5, 2: 16.0}, {0: 16.5, 1: 17.0, 2: 15.5})
-    assert same_steps.low is None and not same_steps.excludes_zero() and verdict(same_steps) == "inconclusive"
-    assert verdict(difference({0: 2.0, 1: 2.0}, {2: 1.0, 3: 1.0})) == "inconclusive"  # Welch, no spread
-    # verdicts: reversed, inconclusive, holds; and the "same" claims with a margin
-    assert verdict(difference({0: 1.0, 1: 1.2, 2: 0.9}, {0: 5.0, 1: 5.1, 2: 5.3})) == "reversed"
-    assert verdict(difference({0: 1.0, 1: 5.0}, {0: 3.0, 1: 2.0})) == "inconclusive"
-    assert verdict(difference({0: 5.0, 1: 5.2, 2: 5.1}, {0: 1.0, 1: 1.1, 2: 1.3})) == "holds"
-    assert verdict(difference({0: 5.0}, {0: 1.0})) == "inconclusive"  # n = 1
-    same = difference({0: 5.0, 1: 5.1, 2: 5.2}, {0: 5.05, 1: 5.0, 2: 5.2})
-    assert verdict(same, margin=1.0) == "holds" and verdict(difference(a, {0: 31.8, 1: 35.6, 2: 32.9}), 1.0) == "reversed"
+    assert same_steps.low is None and not same_steps.excludes_zero()
+    assert difference({0: 2.0, 1: 2.0}, {2: 1.0, 3: 1.0}).low is None  # Welch, no spread
+    # float32 values that agree to the 6th digit tie too (pipeline/stats.py RELATIVE_TIE)
+    assert estimate([41.20000076, 41.2]).low is None and estimate([41.21, 41.2]).low is not None
     # a contrast of four cells, paired: the per-seed values' one-sample interval
     c = contrast([(1, a), (-1, b), (-1, {0: 1.0, 1: 2.0, 2: 3.0}), (1, {0: 0.0, 1: 0.0, 2: 0.0})])
     per_seed = [a[s] - b[s] - (s + 1.0) for s in range(3)]
