@@ -350,13 +350,47 @@ def _decide_rounds(decision: tuple, live: dict, factory, preflight, code: str, p
     more seed, until every claim is decided or nothing more may run. The state is saved after each
     look (and logged on the parent run), so a killed decision resumes at its look. Returns the
     outcomes of the last round's plan; a failed stage ends the rounds (rerun to retry it)."""
-    from pipeline import decide as D
-    from pipeline.execute import execute
-    from pipeline.report import _write_run_json, replicate_values, stage_runs
-    from pipeline.tracking import client, prepare_runs
+    from pipeline.tracking import client
 
     grid, state = decision
     c = client(grid.tracking_uri)
+    kept = _KeptBackend(factory)  # one Ray cluster for every round: no start-up (or its signal window) per round
+    try:
+        return _rounds(grid, state, live, kept, preflight, code, parent_id, console, c)
+    finally:
+        kept.close()
+
+
+class _KeptBackend:
+    """A backend factory whose backend is entered once and kept open across ``execute`` calls."""
+
+    def __init__(self, factory) -> None:
+        self.factory, self.ctx, self.backend = factory, None, None
+
+    def __call__(self) -> "_KeptBackend":
+        return self
+
+    def __enter__(self):
+        if self.backend is None:
+            self.ctx = self.factory()
+            self.backend = self.ctx.__enter__()
+        return self.backend
+
+    def __exit__(self, *exc: object) -> None:
+        pass  # kept for the next round
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(None, None, None)
+            self.ctx = self.backend = None
+
+
+def _rounds(grid, state, live: dict, factory, preflight, code: str, parent_id: str, console: Console, c) -> dict:
+    from pipeline import decide as D
+    from pipeline.execute import execute
+    from pipeline.report import _write_run_json, replicate_values, stage_runs
+    from pipeline.tracking import prepare_runs
+
     while True:
         plan = build_plan(D.grid_at(grid, state))
         _, _, run_ids = prepare_runs(plan)
