@@ -1,209 +1,299 @@
-"""Every GPU figure of the real-scale path, in one script for a machine with one GPU and no network,
-Ray, MLflow or submitit: it drives trainers/ and evaluators/ directly (they import none of those),
-with list-backed sinks. `make gpu-check` runs it; it prints the card's name with every figure.
+"""Every GPU figure of the real-scale path, in one command for a machine with one GPU and no network,
+Ray, MLflow, submitit or ruamel.yaml (only the packages of bench/gpu_image.py's list). ``make
+gpu-check`` runs it; docs/real-scale.md has the ready command for a lent GPU machine.
 
-1. the quickstart's pretraining (MoCo v2 + MLP) and probe recipes on CUDA, against a random init;
-2. the data path (bench/data_path.py): JPEG → two augmented bf16 views, sslgrid against moco's loader;
-3. the step (bench/pretrain_step.py): ResNet-50 at 224 px, bf16 + channels_last against fp32 Algorithm 1;
-4. an end-to-end ResNet-50 pretraining epoch on the JPEG tree against the same run with its images in
-   memory: the data path must not hold the GPU back (>= 90%);
-5. a 2-process data-parallel pretraining on the one GPU (gloo serves CUDA tensors; NCCL refuses two
-   ranks on one device) against 1 process.
+Each part runs in a process of its own, under a time cap, one after the other (bench/gpu_parts.py):
 
-    python bench/gpu_check.py [--smoke]     # --smoke: tiny sizes, for a CPU (tests/unit/test_gpu_check.py)
+==============  ==========================================================================  =====
+part            what it measures                                                            cap s
+==============  ==========================================================================  =====
+sync_count      host synchronisations: augmentation (quickstart's recipe, MoCo v2            25
+                aug-plus) in memory and streamed, and a MoCo v2 step (expect 0)
+step            ResNet-50 MoCo v2 step at 224 px, batch 128: bf16 + channels_last against     55
+                Algorithm 1 in fp32 with TF32 off, and with TF32 on
+split_bn        ResNet-50 step with 8 BN groups (ours; moco's reshape) against plain BN       40
+hard_negatives  K = 65,536 MoCo v2 step with hard negatives against the plain one             40
+data_path       JPEG → two views, batch 256: the streaming path against moco's loader          55
+e2e             MoCo v2 ResNet-50 pretraining (the stage's loop), streamed JPEGs against       70
+                the same images in memory, the same steady steps each
+decode          JPEG decoding in DataLoader workers (PIL) against on the GPU (nvJPEG)          50
+quickstart      the quickstart's pretraining and probe recipes on CUDA                         40
+two_processes   2 data-parallel processes (gloo) on the one GPU against 1                      40
+==============  ==========================================================================  =====
+
+The caps add up to 415 s and the whole check stops at ``--budget`` (420 s, 7 minutes): a part gets
+its cap or what is left of the budget, whichever is less, so two runs fit in 15 minutes of GPU time.
+Each cap is an estimate for one H100 (not measured: no GPU has run this yet), each part's own
+windows are bounded (bench/steady.py), and a part cut at its cap keeps the figures it wrote.
+
+What is printed and kept:
+
+- every figure, as soon as it is measured, on stdout with the card's name, and in the JSON file
+  ``--out`` (bench/figures.py: atomic rewrites, so a run cut short keeps everything measured);
+- with the card's name, torch's version, ``nproc``, /dev/shm's size, each part's wall time, cap,
+  exit code and, for a part that failed, its error's first and last lines;
+- the exit code: 0 when every part passed, 1 when any failed, timed out or was skipped for want
+  of budget, 2 for a bad command line.
+
+    python3 bench/gpu_check.py --out runs/gpu.json            # on the GPU machine
+    python3 bench/gpu_check.py --smoke --out f.json           # tiny sizes, on a CPU (make test runs it)
+    python3 bench/gpu_check.py --parts e2e,decode --cap e2e=120 --out f.json   # a rerun of two parts
+
+``SSLGRID_GPU_CHECK_FAIL=<part>[:hang][,<part>...]`` makes a part raise at its start (or hang after
+its first figure): how the tests check that a failure is loud and loses nothing else.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
+import importlib.metadata
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+from bench import figures  # noqa: E402  (standard library only: the parent imports no torch)
 
-from trainers.sink import ListSink  # noqa: E402
-
-
-def card() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA)"
-
-
-def say(text: str) -> None:
-    print(f"[{card()}] {text}", flush=True)
+FAIL_ENV = "SSLGRID_GPU_CHECK_FAIL"
+BUDGET_S = 420.0
+MIN_CAP_S = 5.0  # a part is not started with less than this left of the budget
+SMOKE_CAP_S = 240.0  # per part on a CPU: a hang, not a slow machine, should hit it
+ERROR_LINES = 3  # first and last lines of a failed part's error, printed and kept
 
 
-def quickstart_specs(epochs: int | None) -> dict[str, dict]:
-    """The quickstart's stage specs, resolved by the planner (no Ray, MLflow or tracking needed)."""
-    from pipeline.grid import load_grid
-    from pipeline.plan import build_plan
-
-    over = [f"pretrain.epochs={epochs}", "pretrain.knn_every=0", "linear_probe.epochs=20", "pretrain.K=256",
-            "dataset.num_train=512", "dataset.num_val=128"] if epochs else []
-    if torch.cuda.is_available():  # a GPU per stage, so precision auto means bf16, as on a GPU cluster
-        over += ["resources.pretrain.gpus=1", "resources.linear_probe.gpus=1"]
-    plan = build_plan(load_grid(REPO / "grids" / "quickstart.yaml", over))
-    stages = {}
-    for cell, keys in plan.cells.items():
-        for kind in ("pretrain", "linear_probe"):
-            stages[f"{cell}:{kind}"] = plan.stages[keys[kind]]
-    return stages
+@dataclass(frozen=True)
+class Part:
+    name: str
+    cap_s: float  # seconds on one H100, start-up (python, torch, CUDA) included: an estimate
 
 
-class sync_counter:
-    """Collects torch's warnings for host synchronisations (CUDA only; an empty list elsewhere)."""
-
-    def __enter__(self) -> list:
-        import warnings
-
-        self.caught: list = []
-        if torch.cuda.is_available():
-            self._ctx = warnings.catch_warnings(record=True)
-            self._log = self._ctx.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-        return self.caught
-
-    def __exit__(self, *exc) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.set_sync_debug_mode(0)
-            self.caught.extend(w for w in self._log if "synchroniz" in str(w.message))
-            self._ctx.__exit__(*exc)
+PARTS = (Part("sync_count", 25), Part("step", 55), Part("split_bn", 40), Part("hard_negatives", 40),
+         Part("data_path", 55), Part("e2e", 70), Part("decode", 50), Part("quickstart", 40),
+         Part("two_processes", 40))
 
 
-def check_quickstart(work: Path, smoke: bool) -> None:
-    from evaluators.linear_probe import linear_probe
-    from trainers.pretrain import pretrain
-
-    stages = quickstart_specs(1 if smoke else None)
-    for cell in ("table1/head.kind=mlp", "random-init"):
-        pre = stages[f"{cell}:pretrain"]
-        t = time.perf_counter()
-        sink = ListSink()
-        with sync_counter() as syncs:
-            up = pretrain(pre.config, work / pre.key, sink)
-        t_pre = time.perf_counter() - t
-        if syncs and cell != "random-init":
-            p = pre.spec["pretrain"]
-            steps = p["epochs"] * (pre.spec["dataset"]["num_train"] // p["batch_size"])
-            say(f"quickstart {cell}: {len(syncs)} host synchronisations in {steps} training steps "
-                f"(torch.cuda.set_sync_debug_mode; checkpoints, epoch means and the check every 50 steps included)")
-        probe = stages[f"{cell}:linear_probe"]
-        t = time.perf_counter()
-        res = linear_probe(probe.config, up, work / probe.key, ListSink())
-        ips = sink.series("images_per_second")
-        say(f"quickstart {cell}: pretraining {t_pre:.1f} s ({pre.spec['pretrain']['precision']}"
-            + (f", {ips[-1]:.0f} img/s in the last epoch" if ips else "") + f"), probe top-1 {res.metrics['top1']:.1f} "
-            f"in {time.perf_counter() - t:.1f} s")
+class _Stop(Exception):
+    """SIGTERM or SIGINT reached the check (``timeout 540``, Ctrl-C): stop the running part, keep the rest."""
 
 
-def run_bench(args: list[str]) -> None:
-    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
-    for line in (out.stdout + out.stderr).strip().splitlines()[-4:]:
-        say(f"{args[0]}: {line}")
+def _stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
 
 
-def jpeg_spec(root: Path, size: int, backbone: str, batch: int, epochs: int, in_memory: bool | None,
-              bn_splits: int, workers: int | None):
-    """MoCo v2 on the JPEG tree at ``root``, as the frozen StageConfig a stage receives."""
-    from pipeline.spec import Problem, build_stage_config
-
-    problems: list[Problem] = []
-    cfg = build_stage_config({"dataset": {"name": "imagefolder", "root": str(root), "image_size": size,
-                                          "in_memory": in_memory, "workers": workers},
-                              "backbone": {"name": backbone, "bn_splits": bn_splits},
-                              "pretrain": {"epochs": epochs, "batch_size": batch, "K": min(1024, batch * 2),
-                                           "precision": "auto"}}, problems)
-    if problems:
-        raise ValueError("; ".join(map(str, problems)))
-    return cfg
-
-
-def check_end_to_end(work: Path, smoke: bool) -> None:
-    """Images/s of the last epoch, streamed JPEGs against the same images decoded into memory."""
-    from trainers.data import ensure_jpeg_tree
-    from trainers.pretrain import pretrain
-
-    n, size, backbone, batch = (64, 32, "tiny_resnet", 16) if smoke else (2560, 224, "resnet50", 256)
-    root = ensure_jpeg_tree(n, 60, size=(500, 375))  # bench/data_path.py's tree: made once
-    rates = {}
-    for label, in_memory in (("in memory", True), ("streamed JPEGs", None)):
-        sink = ListSink()
-        spec = jpeg_spec(root, size, backbone, batch, 2, in_memory, 8 if not smoke else 2, None)
-        pretrain(spec, work / f"e2e-{label.replace(' ', '-')}", sink)
-        rates[label] = sink.series("images_per_second")[-1]
-    say(f"end-to-end MoCo v2 {backbone} at {size} px, batch {batch}, epoch 2: streamed {rates['streamed JPEGs']:.0f} "
-        f"img/s, in memory {rates['in memory']:.0f} img/s: {rates['streamed JPEGs'] / rates['in memory']:.0%}")
+def machine() -> dict[str, object]:
+    """What the parent can read without importing torch: CPUs, /dev/shm, versions, nvidia-smi's cards."""
+    total, free = figures.shm_bytes()
+    try:
+        torch_version: str | None = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = None
+    cards = None
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        cards = out.stdout.strip().splitlines() or None
+    return {"nproc": figures.nproc(), "cpu_count": os.cpu_count(), "shm_total_bytes": total, "shm_free_bytes": free,
+            "python": sys.version.split()[0], "torch": torch_version, "nvidia_smi": cards,
+            "card": cards[0] if cards else None}
 
 
-def _rank(rank: int, port: int, spec, out: str) -> None:
-    from trainers import distributed as D
-    from trainers.pretrain import pretrain
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      LOCAL_RANK="0")
-    D.init_from_env("cpu:gloo,cuda:gloo")  # two ranks on one GPU: NCCL refuses that
-    sink = ListSink()
-    pretrain(spec, Path(out), sink)
-    if rank == 0:
-        (Path(out) / "losses.json").write_text(json.dumps(sink.series("loss")))
-    torch.distributed.destroy_process_group()
+def error_lines(stderr: str) -> tuple[list[str], list[str]]:
+    """(first, last) lines of a failed part's error: of its last traceback when there is one (the last
+    lines name the exception), else of all it wrote on stderr."""
+    lines = [ln for ln in stderr.rstrip().splitlines() if ln.strip()]
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("Traceback (most recent call last)")]
+    block = lines[starts[-1]:] if starts else lines
+    if len(block) <= 2 * ERROR_LINES:
+        return block, []
+    return block[:ERROR_LINES], block[-ERROR_LINES:]
 
 
-def check_two_processes(work: Path, smoke: bool) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from trainers.pretrain import pretrain
-
-    stages = quickstart_specs(1 if smoke else 2)
-    import dataclasses
-
-    spec = stages["table1/head.kind=mlp:pretrain"].config
-    spec = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain, precision="fp32"))
-    one = ListSink()
-    pretrain(spec, work / "dp-one", one)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, spec, str(work / "dp-two")), nprocs=2, join=True)
-    two = json.loads((work / "dp-two" / "losses.json").read_text())
-    rel = max(abs(a - b) / abs(b) for a, b in zip(two, one.series("loss")))
-    say(f"2 processes (gloo) on one device against 1: losses {[round(x, 4) for x in two]} vs "
-        f"{[round(x, 4) for x in one.series('loss')]}, largest relative difference {rel:.1e}")
+def _kill_group(proc: subprocess.Popen) -> None:
+    """End a part and everything it started (DataLoader workers, spawned ranks): its process group."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def run_parts(parts: list[Part], caps: dict[str, float], out: Path, smoke: bool, budget: float) -> int:
+    """Run each part in its own process under its cap; record what came of it. Returns the exit code."""
+    info = machine()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def fresh(doc: dict) -> None:
+        doc.clear()
+        doc.update(check="bench/gpu_check.py", command=sys.argv, smoke=smoke,
+                   budget_s=budget if budget != float("inf") else None, started=started,
+                   machine=info, parts={p.name: {"status": "pending"} for p in parts}, finished=False, failed=[])
+
+    figures.update(out, fresh)
+    shm = (f"{info['shm_total_bytes'] / 2**30:.1f} GiB ({info['shm_free_bytes'] / 2**30:.1f} GiB free)"
+           if info["shm_total_bytes"] else "none")
+    print(f"gpu check: {', '.join(info['nvidia_smi'] or ['no nvidia-smi'])}; torch {info['torch']}; nproc "
+          f"{info['nproc']}; /dev/shm {shm}; " + (f"budget {budget:.0f} s" if budget != float("inf") else "no budget")
+          + f"; figures to {out}", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    failed: list[str] = []
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sslgrid-gpu-check-") as tmp:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env.setdefault("SSLGRID_CACHE", str(Path(tmp) / "cache"))  # the JPEG tree is made once, for every part
+        for part in parts:
+            left = budget - (time.monotonic() - t_start)
+            cap = min(caps.get(part.name, SMOKE_CAP_S if smoke else part.cap_s), left)
+            if cap < MIN_CAP_S:
+                failed.append(part.name)
+                figures.update(out, lambda d, n=part.name: d["parts"][n].update(
+                    status="skipped", reason=f"{left:.0f} s left of the {budget:.0f} s budget"))
+                print(f"[{part.name}] SKIPPED: {left:.0f} s left of the {budget:.0f} s budget", flush=True)
+                continue
+            status = _run_one(part.name, cap, out, smoke, Path(tmp), env)
+            if status != "ok":
+                failed.append(part.name)
+    wall = time.monotonic() - t_start
+
+    def done(doc: dict) -> None:
+        doc.update(finished=True, failed=failed, wall_s=round(wall, 1))
+
+    figures.update(out, done)
+    print(f"gpu check: {len(parts) - len(failed)} of {len(parts)} parts passed in {wall:.0f} s"
+          + (f"; failed: {', '.join(failed)}" if failed else "") + f"; figures in {out}", flush=True)
+    return 1 if failed else 0
+
+
+def _run_one(name: str, cap: float, out: Path, smoke: bool, tmp: Path, env: dict[str, str]) -> str:
+    """One part in its own process group; its status (ok, failed, timeout, interrupted) is recorded
+    and printed, with its exit code and its error's first and last lines."""
+    figures.update(out, lambda d: d["parts"][name].update(status="running", cap_s=round(cap, 1)))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--out", str(out), "--work", str(tmp / name)]
+    if smoke:
+        cmd.append("--smoke")
+    err_path = tmp / f"{name}.stderr"
+    t = time.monotonic()
+    status, rc = "failed", None
+    with open(err_path, "w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=err, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=cap)
+            status = "ok" if rc == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            status, rc = "timeout", proc.returncode
+        except _Stop as stop:
+            _kill_group(proc)
+            status, rc = "interrupted", proc.returncode
+            _record(out, name, status, rc, time.monotonic() - t, cap, err, str(stop))
+            raise
+        _record(out, name, status, rc, time.monotonic() - t, cap, err)
+    return status
+
+
+def _record(out: Path, name: str, status: str, rc: int | None, wall: float, cap: float, err, why: str = "") -> None:
+    err.seek(0)
+    text = err.read()
+    first, last = error_lines(text) if status != "ok" else ([], [])
+
+    def put(doc: dict) -> None:
+        doc["parts"][name].update(status=status, exit_code=rc, wall_s=round(wall, 1), cap_s=round(cap, 1),
+                                  error={"first": first, "last": last} if status != "ok" else None,
+                                  stderr_tail=text[-3000:] if status != "ok" else None)
+
+    figures.update(out, put)
+    if status == "ok":
+        print(f"[{name}] ok in {wall:.1f} s (cap {cap:.0f} s), exit code 0", flush=True)
+        return
+    what = {"timeout": f"stopped at its cap of {cap:.0f} s", "interrupted": f"interrupted ({why})"}.get(status, "FAILED")
+    print(f"[{name}] {what.upper() if status == 'failed' else what} after {wall:.1f} s, exit code {rc}; its figures "
+          f"so far are kept", flush=True)
+    for line in first:
+        print(f"[{name}]   {line}", flush=True)
+    if last:
+        print(f"[{name}]   ...", flush=True)
+    for line in last:
+        print(f"[{name}]   {line}", flush=True)
+
+
+def run_part(name: str, out: Path, smoke: bool, work: Path) -> int:
+    """One part, in this process (``--part``): what the parent starts."""
+    import torch
+
+    from bench import gpu_parts
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA)"
+    fail = dict(item.partition(":")[::2] for item in os.environ.get(FAIL_ENV, "").split(",") if item)
+    mode = fail.get(name, None)
+    seen = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        seen.update(capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory)
+
+    def put(doc: dict) -> None:
+        doc.setdefault("machine", {}).update({k: v for k, v in seen.items()})
+        doc.setdefault("parts", {}).setdefault(name, {}).update(card=card, torch=torch.__version__)
+
+    figures.update(out, put)
+    if mode == "":  # named without ":hang"
+        raise RuntimeError(f"injected failure ({FAIL_ENV}={os.environ[FAIL_ENV]})")
+    work.mkdir(parents=True, exist_ok=True)
+    fig = figures.Figures(out, name, card, hang_after_first=mode == "hang")
+    gpu_parts.PARTS[name](fig, smoke, work)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    names = [p.name for p in PARTS]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="gpu-check.json", help="the JSON file of every figure (default: %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every part runs, on a CPU")
-    args = ap.parse_args()
-    say(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {os.cpu_count()} CPUs")
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        os.environ.setdefault("SSLGRID_CACHE", str(work / "cache"))
-        check_quickstart(work, args.smoke)
-        if args.smoke:
-            run_bench(["bench/data_path.py", "--images", "64", "--size", "32", "--batch", "16", "--batches", "2"])
-            run_bench(["bench/pretrain_step.py", "--steps", "2"])
-        else:
-            workers = str(min(15, os.cpu_count() or 2))
-            run_bench(["bench/data_path.py", "--images", "2560", "--workers", workers, "--batch", "256",
-                       "--batches", "8"])
-            run_bench(["bench/pretrain_step.py", "--backbone", "resnet50", "--size", "224", "--batch", "128",
-                       "--steps", "15"])
-        check_end_to_end(work, args.smoke)
-        check_two_processes(work, args.smoke)
-    say(f"gpu check done in {time.perf_counter() - t0:.0f} s")
+    ap.add_argument("--parts", default=",".join(names), help=f"comma-separated, from: {', '.join(names)}")
+    ap.add_argument("--budget", type=float, default=None, help=f"seconds for all parts (default {BUDGET_S:.0f}; "
+                    f"none with --smoke)")
+    ap.add_argument("--cap", action="append", default=[], metavar="PART=SECONDS", help="a part's own cap")
+    ap.add_argument("--part", help=argparse.SUPPRESS)  # run one part in this process (the parent's children)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.part:
+        return run_part(args.part, out, args.smoke, Path(args.work or tempfile.mkdtemp()))
+    chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in names]
+    caps: dict[str, float] = {}
+    for text in args.cap:
+        part, _, seconds = text.partition("=")
+        try:
+            caps[part] = float(seconds)
+        except ValueError:
+            unknown.append(f"--cap {text} (expected PART=SECONDS)")
+        if part not in names:
+            unknown.append(part)
+    if unknown or not chosen:
+        print(f"bench/gpu_check.py: --parts/--cap: unknown {', '.join(unknown) or 'empty list'}; parts are "
+              f"{', '.join(names)}", file=sys.stderr)
+        return 2
+    budget = args.budget if args.budget is not None else (float("inf") if args.smoke else BUDGET_S)
+    try:
+        return run_parts([p for p in PARTS if p.name in chosen], caps, out, args.smoke, budget)
+    except _Stop as stop:
+        print(f"gpu check: stopped by {stop}; figures so far in {out}", flush=True)
+        return 130 if str(stop) == "SIGINT" else 143
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -133,8 +133,9 @@ def parse_sinfo(text: str) -> dict[str, dict[str, Any]]:
 
 
 def check_params(label: str, params: SlurmParams, parts: dict[str, dict[str, Any]]) -> list[str]:
-    """Problems that would make sbatch refuse the job or leave it pending forever, each naming
-    ``label``'s field (e.g. ``cluster.pretrain.partition``) and the fix; [] when it fits."""
+    """Problems that would make sbatch refuse the job, leave it pending forever, or make its processes
+    fail at their first collective (more tasks than GPUs on a node with GPUs), each naming ``label``'s
+    field (e.g. ``cluster.pretrain.partition``) and the fix; [] when it fits."""
     p = params.resolved()
     if p.partition is None:
         name = next((n for n, i in parts.items() if i["default"]), None)
@@ -148,6 +149,11 @@ def check_params(label: str, params: SlurmParams, parts: dict[str, dict[str, Any
     if p.gpus_per_node > info["gpus"]:
         problems.append(f"{label}.gpus_per_node = {p.gpus_per_node}: partition {name!r} has "
                         f"{info['gpus']} GPUs per node; lower it or pick a partition with GPUs")
+    if p.gpus_per_node and p.tasks_per_node > p.gpus_per_node:
+        # NCCL refuses two ranks on one device, at the first collective: after the job waited in the queue
+        problems.append(f"{label}.tasks_per_node = {p.tasks_per_node}: more than the job's {p.gpus_per_node} GPUs per "
+                        f"node, and each process needs a GPU of its own (NCCL refuses two ranks on one device); set "
+                        f"tasks_per_node to {p.gpus_per_node} or fewer, or gpus_per_node to {p.tasks_per_node}")
     if p.cpus_per_task * p.tasks_per_node > info["cpus"]:
         what = (f"cpus_per_task = {p.cpus_per_task}" if p.tasks_per_node == 1 else
                 f"cpus_per_task × tasks_per_node = {p.cpus_per_task} × {p.tasks_per_node}")

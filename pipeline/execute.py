@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from cluster.backend import Backend
 from cluster.slurm_jobs import current_job_id, live_state
+from pipeline.backends import BackendError
 from pipeline.lock import LockBusy, acquire, describe, held
 from pipeline.plan import SCHEMA_VERSION, Plan, Stage
 from pipeline.slurm import slurm_job
@@ -304,12 +305,19 @@ def _cached(plan: Plan, run_ids: dict[str, str]) -> tuple[dict[str, Outcome], li
 def _submit(plan: Plan, run_ids: dict[str, str], backend: Backend, pending: list[Stage],
             outcomes: dict[str, Outcome], code: str | None) -> dict[str, Any]:
     """Check that every pending stage fits the backend, then submit each (upstream first, a cached
-    upstream's result as a value): stage key → handle. Raises ResourceError before submitting any."""
+    upstream's result as a value): stage key → handle. Raises ResourceError or BackendError (a stage
+    whose unset ``gpus`` resolves to fewer GPUs than its processes) before submitting any."""
     has_gpu = backend.resources().get("GPU", 0) >= 1
     wants = {}
     for s in pending:
         res = plan.grid.resources[s.kind]
         gpus = res.gpus if res.gpus is not None else (1.0 if has_gpu else 0.0)
+        if res.gpus is None and gpus and res.process_count(gpus) > gpus:
+            # pipeline/grid.py refuses processes > gpus when gpus is written; null is only known here
+            raise BackendError(f"{plan.grid.path}: resources.{s.kind}.gpus is unset, which means {gpus:g} GPU on "
+                               f"this backend, but resources.{s.kind}.processes is {res.processes}: each process "
+                               f"needs a GPU of its own (NCCL refuses two ranks on one device). Set "
+                               f"resources.{s.kind}.gpus to {res.processes}, or to 0 to run the processes on CPUs.")
         backend.check_fits(f"resources.{s.kind}", res.cpus, gpus)
         wants[s.key] = res.per_process(gpus)
     refs: dict[str, Any] = {}

@@ -462,10 +462,10 @@ def _resources(doc: dict, problems: _Problems) -> tuple[dict[str, Resources], di
         if res.gpus and res.processes and res.processes > 1 and res.processes > res.gpus:
             whole = max(1, int(res.gpus))
             problems.add("", Problem(f"resources.{kind}.processes", res.processes,
-                                     f"is more than the stage's {res.gpus:g} GPUs: each process needs a GPU of its "
-                                     f"own (NCCL refuses two ranks on one device). Set processes to {whole} or "
-                                     f"fewer, raise resources.{kind}.gpus to {res.processes}, or set gpus: 0 to "
-                                     f"run the {res.processes} processes on CPUs"))
+                                     f"more processes than the stage's {res.gpus:g} GPUs; each process needs a GPU "
+                                     f"of its own (NCCL refuses two ranks on one device). Set processes to {whole} "
+                                     f"or fewer, raise resources.{kind}.gpus to {res.processes}, or set "
+                                     f"resources.{kind}.gpus to 0 to run the {res.processes} processes on CPUs"))
         elif res.gpus and res.processes and res.gpus / res.processes > 1 and not (res.gpus / res.processes).is_integer():
             problems.add("", Problem(f"resources.{kind}.gpus", res.gpus,
                                      f"cannot be shared by the {res.processes} processes: each gets whole GPUs; set "

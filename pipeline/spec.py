@@ -77,6 +77,11 @@ class DatasetSpec:
     size_hint: Optional[int] = _f(None, min=1, identity=False, doc="training images, for plan's GPU-hour estimate")
     workers: Optional[int] = _f(None, min=0, identity=False, doc="DataLoader workers per process for streamed "
                                 "images (default: the process's CPUs minus one, at most 16)")
+    # legacy cpu: every stage before the field decoded in DataLoader workers. cuda decodes with nvJPEG and
+    # resizes with torch instead of PIL (other pixel values: trainers/decode.py), so it is in the identity
+    decode: str = _f("cpu", choices=("cpu", "cuda"), legacy="cpu", doc="streamed imagefolder: where JPEGs are "
+                     "decoded; cpu: DataLoader workers (PIL), cuda: the pretraining's GPU, a batch at a time "
+                     "(torchvision's decode_jpeg, nvJPEG). Not yet measured on a GPU: see docs/real-scale.md")
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,8 @@ def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], u
     perm_id = (u[:, 4] * len(_ORDERS)).long().clamp_(max=len(_ORDERS) - 1)
     rows = torch.argsort(perm_id, stable=True)
     counts = torch.bincount(perm_id, minlength=len(_ORDERS)).tolist()  # CPU: no device read-back
-    grouped = x[to_device(rows, x.device)]
+    dev_rows = to_device(rows, x.device)
+    grouped = x[dev_rows]
     f = to_device(factors[rows], x.device)
     start = 0
     for pid, count in enumerate(counts):
@@ -182,7 +183,7 @@ def color_jitter(x: torch.Tensor, strength: tuple[float, float, float, float], u
             grouped[start:start + count] = part
             start += count
     out = torch.empty_like(x)
-    out[to_device(rows, x.device)] = grouped
+    out[dev_rows] = grouped
     return out
 
 
@@ -197,8 +198,7 @@ def hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # hue in sixths of a turn: (g−b)/Δ where R is max, 2+(b−r)/Δ where G is, 4+(r−g)/Δ where B is
     h = torch.where(maxc == r, g - b, torch.where(maxc == g, b - r + 2.0 * delta, r - g + 4.0 * delta)) * inv
     h = h + 6.0 * shift.to(x)[:, None, None]  # in sixths of a turn; grey pixels (Δ=0) stay grey below
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
-    k = torch.remainder(n + h[:, None], 6.0)
+    k = torch.remainder(_hue_offsets(x.device, x.dtype) + h[:, None], 6.0)
     return maxc[:, None] - delta[:, None] * torch.minimum(k, 4.0 - k).clamp_(0, 1)
 
 
@@ -293,6 +293,14 @@ def augment(images: torch.Tensor, p: AugmentParams, size: int, g: torch.Generato
     trainers/loader.py)."""
     u = torch.rand(images.shape[0], DRAWS, generator=g, dtype=torch.float64)
     return photometric(geometry(images, u, p, size), u, p)
+
+
+@functools.lru_cache(maxsize=32)
+def _hue_offsets(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """hue_shift's n = 5, 3, 1 for R, G, B as a 1×3×1×1 tensor, made once per device and dtype: a
+    tensor built from a Python list is a host-to-device copy that waits for the device, and
+    hue_shift runs for most images of every MoCo v2 step (issue 19: about 48 waits per step)."""
+    return torch.tensor([5.0, 3.0, 1.0], dtype=dtype, device=device)[None, :, None, None]
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,29 +23,110 @@ if TYPE_CHECKING:
     from pipeline.spec import BackboneSpec
 
 
+class _SplitBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm with statistics per (sub-batch, channel), in whatever memory layout
+    the input has. Sub-batch j holds rows j, j+S, j+2S… of the batch, as the reshape to
+    (N/S, S·C, H, W) of moco's SplitBatchNorm groups them. Statistics are accumulated in fp32
+    whatever the input dtype (as cuDNN's BatchNorm does); only the input (in its own dtype and
+    layout) and the S×C statistics are kept for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, splits: int, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 for bf16/fp16 inputs, fp64 stays fp64
+        xv = x.view(n // splits, splits, c, h, w)  # a view in either layout: only the batch dimension is split
+        var, mean = torch.var_mean(xv.to(acc), dim=(0, 3, 4), correction=0)  # S×C each
+        invstd = torch.rsqrt(var + eps)
+        scale = weight.to(acc)[None] * invstd  # S×C
+        shift = bias.to(acc)[None] - mean * scale
+        # one fused multiply-add in the input's dtype (computed in fp32 inside), written into a tensor of
+        # x's layout (the output must not be a view: the ReLU after it works in place)
+        y = torch.empty_like(x)
+        torch.addcmul(shift.to(x.dtype)[None, :, :, None, None], xv, scale.to(x.dtype)[None, :, :, None, None],
+                      out=y.view(n // splits, splits, c, h, w))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.splits = splits
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, _dmean, _dvar):
+        x, weight, mean, invstd = ctx.saved_tensors
+        s = ctx.splits
+        n, c, h, w = x.shape
+        count = (n // s) * h * w  # values behind each statistic
+        xv = x.view(n // s, s, c, h, w)
+        dyv = dy.reshape(n // s, s, c, h, w).to(mean.dtype)
+        xhat = (xv.to(mean.dtype) - mean[None, :, :, None, None]) * invstd[None, :, :, None, None]
+        sum_dy = dyv.sum(dim=(0, 3, 4))  # S×C
+        sum_dy_xhat = (dyv * xhat).sum(dim=(0, 3, 4))
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            # d/dx of w·(x − μ)/σ + b with μ, σ the sub-batch's own statistics
+            k = (weight.to(mean.dtype)[None] * invstd)[None, :, :, None, None]
+            dx = torch.empty_like(x)
+            dx.view(n // s, s, c, h, w).copy_((dyv - sum_dy[None, :, :, None, None] / count
+                                              - xhat * (sum_dy_xhat[None, :, :, None, None] / count)) * k)
+        if ctx.needs_input_grad[1]:
+            dweight = sum_dy_xhat.sum(0).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            dbias = sum_dy.sum(0).to(weight.dtype)
+        return dx, dweight, dbias, None, None
+
+
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm whose training statistics come from ``num_splits`` equal sub-batches."""
+    """BatchNorm whose training statistics come from ``num_splits`` equal sub-batches (rows j, j+S,
+    j+2S… form sub-batch j): moco's SplitBatchNorm (a reshape of N×C×H×W to N/S×S·C×H×W and one
+    BatchNorm). On a contiguous input that reshape is a view, and it is kept. On any other layout
+    (channels_last, which the loop uses on CUDA) it would copy the input at every layer and hand
+    the next convolution a contiguous tensor (issue 19), so the same numbers are computed on a view
+    that splits only the batch dimension (``_SplitBatchNorm``), and the output keeps the input's
+    layout. The running statistics move by ``momentum`` towards the mean over the sub-batches of
+    their mean and unbiased variance, as the reshaped BatchNorm's do once averaged."""
 
     def __init__(self, num_features: int, num_splits: int, **kw):
         super().__init__(num_features, **kw)
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N×C×H×W (any memory layout; the output keeps it). Raises ValueError when N is not a
+        multiple of ``num_splits``."""
         n, c, h, w = x.shape
         if not self.training or self.num_splits == 1:
             return super().forward(x)
         if n % self.num_splits:
             raise ValueError(f"batch {n} is not divisible by bn_splits={self.num_splits}")
+        if (n // self.num_splits) * h * w < 2:
+            raise ValueError(f"BatchNorm needs more than 1 value per channel in each of the {self.num_splits} "
+                             f"sub-batches; got input of size {tuple(x.shape)}")
+        weight = self.weight if self.weight is not None else x.new_ones(c)
+        bias = self.bias if self.bias is not None else x.new_zeros(c)
+        if x.is_contiguous():
+            return self._reshaped(x, weight, bias)
+        y, mean, var = _SplitBatchNorm.apply(x, weight, bias, self.num_splits, self.eps)
+        if self.track_running_stats and self.momentum is not None:
+            with torch.no_grad():
+                count = (n // self.num_splits) * h * w
+                unbiased = var * (count / max(count - 1, 1))
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.mean(0).to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.mean(0).to(self.running_var.dtype), alpha=m)
+        return y
+
+    def _reshaped(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """moco's way, for a contiguous (N×C×H×W) input, where the reshape to (N/S, S·C, H, W) is a
+        view and one fused BatchNorm does the rest (faster than _SplitBatchNorm on a CPU)."""
+        n, c, h, w = x.shape
         s = self.num_splits
-        running_mean = self.running_mean.repeat(s)
-        running_var = self.running_var.repeat(s)
-        # (N, C, H, W) → (N/S, S·C, H, W): each sub-batch gets its own channel statistics (reshape:
-        # a channels_last input is copied)
-        y = F.batch_norm(x.reshape(-1, c * s, h, w), running_mean, running_var,
-                         self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
-        self.running_mean.copy_(running_mean.view(s, c).mean(0))
-        self.running_var.copy_(running_var.view(s, c).mean(0))
-        return y.reshape(n, c, h, w)
+        running_mean = self.running_mean.repeat(s) if self.track_running_stats else None
+        running_var = self.running_var.repeat(s) if self.track_running_stats else None
+        y = F.batch_norm(x.view(n // s, s * c, h, w), running_mean, running_var, weight.repeat(s), bias.repeat(s),
+                         True, self.momentum if self.momentum is not None else 0.0, self.eps)
+        if self.track_running_stats and self.momentum is not None:
+            self.running_mean.copy_(running_mean.view(s, c).mean(0))
+            self.running_var.copy_(running_var.view(s, c).mean(0))
+        return y.view(n, c, h, w)
 
 
 def _norm_layer(bn_splits: int) -> Callable[[int], nn.Module]:

@@ -18,7 +18,9 @@ Two sources behind one interface (:class:`Batches`):
   pinned memory) decode each file once per step and cut every view's RandomResizedCrop from the
   **original** image with PIL, as torchvision does. A JPEG is decoded at the smallest DCT scale
   (PIL's ``draft``: 1/2, 1/4, 1/8) that still leaves every box at least the output resolution.
-  Colour, blur and flip then run batched on the device.
+  Colour, blur and flip then run batched on the device. With ``dataset.decode: cuda`` the workers
+  only read the files' bytes, and the training process decodes each batch on its GPU and cuts the
+  same crops there (trainers/decode.py).
 
 Feature tensors (the cached linear probe) go through :class:`TensorBatches`, unaugmented.
 """
@@ -35,8 +37,9 @@ import torch
 from PIL import Image
 
 from trainers import distributed as D
-from trainers.augment import DRAWS, AugmentParams, crop_boxes, geometry, photometric, to_device
+from trainers.augment import DRAWS, AugmentParams, geometry, photometric, to_device
 from trainers.data import DataError, ImageSet, LazyImages, to_rgb
+from trainers.decode import FileBytes, collate_bytes, decode_crops, view_boxes
 from trainers.keyed import uniforms
 
 # inputs (one tensor per view, on the device), labels, dataset indices: this rank's rows of a step
@@ -158,8 +161,7 @@ class CropDataset(torch.utils.data.Dataset):
 
     def _crops(self, im: Image.Image, epoch: int, i: int, path: Path) -> list[np.ndarray]:
         w, h = im.size
-        boxes = [crop_boxes(uniforms(self.seed, epoch, [i], v, 22), h, w, p.crop_scale, p.crop_ratio)[0].tolist()
-                 for v, p in enumerate(self.views)]
+        boxes = [view_boxes(self.seed, epoch, np.array([i]), v, p, h, w)[0].tolist() for v, p in enumerate(self.views)]
         # the decode scale that still gives every box the output resolution in both directions
         need = max(max(self.size / (b[2] - b[0]), self.size / (b[3] - b[1])) for b in boxes)
         if need <= 0.5:
@@ -218,39 +220,161 @@ class _ColourCollate:
         return out, y, idx
 
 
+# Margin on /dev/shm's estimated use: tensors of the batch the training process is copying out, and
+# allocator rounding, beside the batches in flight.
+SHM_MARGIN = 1.5
+
+
+class SharedMemoryWarning(UserWarning):
+    """/dev/shm is smaller than the DataLoader's prefetch depth needs; batches go through pipes."""
+
+
+def shm_free_bytes() -> int | None:
+    """Free bytes of /dev/shm, where DataLoader workers put every tensor they return (both of
+    torch.multiprocessing's sharing strategies, file_descriptor and file_system, allocate there with
+    shm_open); None where there is no /dev/shm."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
+def _size(n: float) -> str:
+    """Bytes as MiB or GiB, for messages."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _to_numpy(obj):
+    """A batch with its tensors as numpy arrays, which a worker's result queue pickles through its
+    pipe instead of placing them in shared memory."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy(o) for o in obj)
+    return obj
+
+
+def _from_numpy(obj, pin: bool):
+    if isinstance(obj, np.ndarray):
+        t = torch.from_numpy(obj)
+        return t.pin_memory() if pin else t  # pinned, so the copy to the device does not wait
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_numpy(o, pin) for o in obj)
+    return obj
+
+
+class _ThroughPipe:
+    """A collate function whose batches leave the worker as numpy arrays (``_to_numpy``)."""
+
+    def __init__(self, collate) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[tuple]):
+        return _to_numpy(self.collate(items))
+
+
 class StreamingBatches:
     """Views decoded from files by DataLoader workers. The colour part runs batched on the device
-    when it is a GPU, and in the workers (in the collate function) when it is the CPU."""
+    when it is a GPU, and in the workers (in the collate function) when it is the CPU.
+
+    ``decode_on``: None, the workers decode each file with PIL and cut its crops (``CropDataset``);
+    a device, the workers only read the files' bytes and the training process decodes each batch on
+    that device and cuts the crops there (trainers/decode.py; ``dataset.decode: cuda`` passes the
+    training device, tests pass the CPU). ``dataset``: the dataset the workers read, in place of the
+    one ``decode_on`` chooses (the throttled loader of tests/unit/test_steady.py).
+
+    Before the workers start (the first epoch), the bytes the prefetch queue can hold in /dev/shm
+    (workers × prefetch batches) are compared with its free space; when they do not fit, the
+    batches are sent through the workers' pipes instead, with a SharedMemoryWarning that gives the
+    numbers: a full /dev/shm kills the workers with SIGBUS."""
 
     def __init__(self, files: Sequence, labels: torch.Tensor, views: Sequence[AugmentParams], size: int, seed: int,
-                 device: torch.device, workers: int | None = None, prefetch: int = 4, native: bool = False):
+                 device: torch.device, workers: int | None = None, prefetch: int = 4, native: bool = False,
+                 decode_on: torch.device | None = None, dataset: torch.utils.data.Dataset | None = None):
         self.labels, self.views, self.size, self.seed, self.device = labels, list(views), size, seed, device
-        self.native = native
-        self.dataset = CropDataset(files, labels, views, size, seed, native)
+        self.native, self.decode_on, self.files = native, decode_on, list(files)
+        if decode_on is not None and native:
+            raise ValueError("decoding on the device applies to ImageFolders of originals, not to native (S×S) data")
+        if dataset is None:
+            dataset = (FileBytes(files, labels) if decode_on is not None
+                       else CropDataset(files, labels, views, size, seed, native))
+        self.dataset = dataset
         self.sampler = _StepSampler()
-        workers = default_workers(reserve=int(device.type == "cuda")) if workers is None else workers
-        self.colour_in_workers = device.type == "cpu" and workers > 0 and not native
-        kw = dict(persistent_workers=True, prefetch_factor=prefetch) if workers > 0 else {}
-        collate = _ColourCollate(views, seed) if self.colour_in_workers else _collate
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=workers,
-                                                  collate_fn=collate, pin_memory=device.type == "cuda", **kw)
+        self.workers = default_workers(reserve=int(device.type == "cuda")) if workers is None else workers
+        self.prefetch = prefetch if self.workers > 0 else None
+        self.colour_in_workers = device.type == "cpu" and self.workers > 0 and not native and decode_on is None
+        if decode_on is not None:
+            self.collate = collate_bytes
+        else:
+            self.collate = _ColourCollate(views, seed) if self.colour_in_workers else _collate
+        self.through_pipe = False
+        self.loader: torch.utils.data.DataLoader | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def batch_bytes(self, rows: int) -> int:
+        """Bytes of one batch of ``rows`` samples as a worker returns it (an estimate for JPEG bytes:
+        the mean size of up to 32 of the files)."""
+        if self.decode_on is not None:
+            sample = self.files[:: max(1, len(self.files) // 32)][:32]
+            per = int(np.mean([os.path.getsize(f) for f in sample])) if sample else 0
+        elif self.native:
+            per = 3 * self.size * self.size
+        else:
+            per = len(self.views) * 3 * self.size * self.size * (4 if self.colour_in_workers else 1)
+        return rows * (per + 16)
+
+    def _make_loader(self, rows: int) -> torch.utils.data.DataLoader:
+        collate = self.collate
+        if self.workers > 0:
+            need = int((self.workers * self.prefetch) * self.batch_bytes(rows) * SHM_MARGIN)
+            free = shm_free_bytes()
+            if free is not None and free < need:
+                import warnings
+
+                self.through_pipe = True
+                collate = _ThroughPipe(collate)
+                warnings.warn(
+                    f"/dev/shm has {_size(free)} free, and the DataLoader's prefetch queue needs about "
+                    f"{_size(need)} there ({self.workers} workers × prefetch {self.prefetch} × "
+                    f"{_size(self.batch_bytes(rows))} per batch of {rows}, × {SHM_MARGIN} margin): the "
+                    f"workers would die with SIGBUS once it is full. Their batches now go through pipes instead "
+                    f"(one more copy per batch). Enlarge /dev/shm (docker run --shm-size) or lower "
+                    f"dataset.workers to keep shared memory.", SharedMemoryWarning, stacklevel=3)
+        kw = dict(persistent_workers=True, prefetch_factor=self.prefetch) if self.workers > 0 else {}
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.workers,
+                                           collate_fn=collate, pin_memory=self.device.type == "cuda", **kw)
 
     def epoch(self, epoch: int, steps: Sequence[torch.Tensor]) -> Iterator[Batch]:
         # a step may give this rank no rows (a last partial batch smaller than the processes, kept by
         # the probe): no worker can collate nothing, so such a step gets an empty batch here, in its
         # place, and the rank still takes the step with the others
         self.sampler.set(epoch, [s for s in steps if len(s)])
+        if self.loader is None:
+            self.loader = self._make_loader(max((len(s) for s in steps), default=1))
         batches = iter(self.loader)
+        pin = self.device.type == "cuda"
         for s in steps:
             if not len(s):
                 yield ([torch.empty((0, 3, self.size, self.size), device=self.device) for _ in self.views],
                        torch.empty(0, dtype=torch.int64, device=self.device),
                        torch.empty(0, dtype=torch.int64, device=self.device))
                 continue
-            crops, y, idx = next(batches)
+            batch = next(batches)
+            if self.through_pipe:
+                batch = _from_numpy(batch, pin)
+            if self.decode_on is not None:
+                payloads, is_jpeg, y, idx = batch
+                crops = decode_crops(payloads, is_jpeg, idx, epoch, self.seed, self.views, self.size, self.decode_on,
+                                     self.files)
+                views = [photometric(c.to(self.device, non_blocking=True), _draws(self.seed, epoch, idx, v), p)
+                         for v, (c, p) in enumerate(zip(crops, self.views))]
+                yield views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
+                continue
+            crops, y, idx = batch
             if self.colour_in_workers:
                 views = list(crops)
             elif self.native:  # whole images: crop and colour on the device, as for the same data in memory
@@ -259,9 +383,8 @@ class StreamingBatches:
             else:
                 views = []
                 for v, p in enumerate(self.views):
-                    u = torch.from_numpy(uniforms(self.seed, epoch, idx.numpy(), v, DRAWS))
                     x = crops[v].to(self.device, non_blocking=True).float().div_(255)
-                    views.append(photometric(x, u, p))
+                    views.append(photometric(x, _draws(self.seed, epoch, idx, v), p))
             yield views, y.to(self.device, non_blocking=True), idx.to(self.device, non_blocking=True)
         next(batches, None)  # run the loader's iterator to its end, as a for loop over it would
 
@@ -270,13 +393,35 @@ class StreamingBatches:
         self.loader = None
 
 
+def _draws(seed: int, epoch: int, idx: torch.Tensor, view: int) -> torch.Tensor:
+    """The keyed uniforms (b×DRAWS, CPU) of a batch's samples for one view."""
+    return torch.from_numpy(uniforms(seed, epoch, idx.numpy(), view, DRAWS))
+
+
+DECODERS = ("cpu", "cuda")  # dataset.decode: where a streamed ImageFolder's JPEGs are decoded
+
+
 def image_batches(data: ImageSet, views: Sequence[AugmentParams], size: int, seed: int, device: torch.device,
-                  workers: int | None = None) -> InMemoryBatches | StreamingBatches:
+                  workers: int | None = None, decode: str = "cpu") -> InMemoryBatches | StreamingBatches:
     """The training batches of ``data``: in memory when its images are a tensor, else streamed from
-    its files by DataLoader workers (``workers``: None for :func:`default_workers`)."""
-    if isinstance(data.images, LazyImages):
+    its files by DataLoader workers (``workers``: None for :func:`default_workers`). ``decode``
+    (``dataset.decode``): ``cpu``, the workers decode (PIL); ``cuda``, the training process decodes
+    each batch on its GPU (trainers/decode.py). Raises ValueError, naming the field and the fix, for
+    ``cuda`` without a CUDA device or for data that is not a streamed ImageFolder of originals."""
+    if decode not in DECODERS:
+        raise ValueError(f"dataset.decode = {decode!r}: valid values are {', '.join(DECODERS)}")
+    streamed = isinstance(data.images, LazyImages)
+    if decode == "cuda":
+        if not streamed or data.images.native:
+            raise ValueError("dataset.decode = 'cuda' applies to streamed ImageFolders of originals (e.g. ImageNet "
+                             "JPEGs); this dataset is decoded once, into memory. Set dataset.decode: cpu")
+        if device.type != "cuda":
+            raise ValueError(f"dataset.decode = 'cuda', but this stage runs on {device} (torch.cuda.is_available() is "
+                             f"{torch.cuda.is_available()}): give the stage a GPU (resources.<stage>.gpus) or set "
+                             f"dataset.decode: cpu")
+    if streamed:
         return StreamingBatches(data.images.files, data.labels, views, size, seed, device, workers,
-                                native=data.images.native)
+                                native=data.images.native, decode_on=device if decode == "cuda" else None)
     return InMemoryBatches(data.images, data.labels, views, size, seed, device)
 
 

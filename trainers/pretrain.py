@@ -106,7 +106,7 @@ def pretrain(cfg: Any, workdir: Path, sink: Sink) -> PretrainResult:
                       precision=resolve_precision(p.precision), clip_grad_norm=training.clip_grad_norm)
     monitor = _knn_monitor(backbone, cfg, data) if p.knn_every else None
     views = augment_params(p.augment)[:method.views]
-    batches = image_batches(data, views, size, p.seed, dev, cfg.dataset.workers)
+    batches = image_batches(data, views, size, p.seed, dev, cfg.dataset.workers, cfg.dataset.decode)
     history = fit(model, training.step, batches, loop, StageDir(workdir).last, sink,
                   on_epoch_end=monitor, after_backward=training.after_backward)
     if w.is_main:

@@ -84,5 +84,9 @@ def test_gpus_must_split_evenly_among_processes(tmp_path):
     with pytest.raises(GridError, match=r"resources.pretrain.gpus = 8.0: cannot be shared by the 3 processes"):
         load_grid(g)
     g.write_text("name: g\ndefaults: {pretrain: {batch_size: 64, K: 512}, backbone: {bn_splits: 4}}\n"
-                 "resources:\n  pretrain: {gpus: 1, processes: 2}\n")  # two processes on one GPU: half each
-    assert load_grid(g).resources["pretrain"].per_process(1.0) == (2, 0.5, 0.5)
+                 "resources:\n  pretrain: {gpus: 1, processes: 2}\n")  # two ranks on one GPU: NCCL refuses them
+    with pytest.raises(GridError, match=r"resources.pretrain.processes = 2: more processes than the stage's 1 GPUs"):
+        load_grid(g)
+    g.write_text("name: g\ndefaults: {pretrain: {batch_size: 64, K: 512}, backbone: {bn_splits: 4}}\n"
+                 "resources:\n  pretrain: {gpus: 4, processes: 2}\n")
+    assert load_grid(g).resources["pretrain"].per_process(4.0) == (2, 0.5, 2.0)
