@@ -159,7 +159,7 @@ def sync_count(fig: Figures, smoke: bool, work: Path) -> None:
     the quickstart's recipe (colour jitter off) and the paper's MoCo v2 aug-plus (colour on), and
     of a MoCo v2 training step; after one warm-up call each (caches of constants are made once).
     On a CPU only the proxy is measured: tensors built from Python lists (copies to the device)."""
-    from trainers.augment import AugmentParams, photometric
+    from trainers.augment import DRAWS, AugmentParams, photometric
     from trainers.keyed import uniforms
     from trainers.loader import augmented_views
     from trainers.pretrain import augment_params
@@ -182,7 +182,7 @@ def sync_count(fig: Figures, smoke: bool, work: Path) -> None:
 
         def streamed() -> None:  # the device half of StreamingBatches: colour on decoded crops
             for v, p in enumerate(views):
-                photometric(crops.float().div_(255), torch.from_numpy(uniforms(0, 0, idx.numpy(), v, 33)), p)
+                photometric(crops.float().div_(255), torch.from_numpy(uniforms(0, 0, idx.numpy(), v, DRAWS)), p)
 
         for path, fn in (("in_memory", in_memory), ("streamed", streamed)):
             fn()  # warm-up: per-device constants are made here, once

@@ -18,16 +18,18 @@ import math
 import torch
 
 
-def skew_normal(n: int, shape: float, loc: float, scale: float, g: torch.Generator) -> torch.Tensor:
+def skew_normal(n: int, shape: float, loc: float, scale: float, g: torch.Generator | None) -> torch.Tensor:
     """n draws from SkewNormal(α=shape, loc, scale): loc + scale·(δ|U₀| + √(1−δ²)·U₁), δ = α/√(1+α²),
     on the device of the generator ``g``."""
     delta = shape / math.sqrt(1 + shape * shape)
-    u0 = torch.randn(n, generator=g, device=g.device)
-    u1 = torch.randn(n, generator=g, device=g.device)
+    device = g.device if g is not None else None  # None: torch's default generator, on the CPU
+    u0 = torch.randn(n, generator=g, device=device)
+    u1 = torch.randn(n, generator=g, device=device)
     return loc + scale * (delta * u0.abs() + math.sqrt(1 - delta * delta) * u1)
 
 
-def skewnorm_ranks(rows: int, K: int, shape: float, loc: float, scale: float, g: torch.Generator) -> torch.Tensor:
+def skewnorm_ranks(rows: int, K: int, shape: float, loc: float, scale: float,
+                   g: torch.Generator | None) -> torch.Tensor:
     """rows×K ranks in [0, K), drawn from a skew-normal over the rank fraction, on ``g``'s device.
     Draws below 0 are reflected (clamping would pile them onto rank 0, the single most similar key,
     often a false negative); draws at or past 1 are clipped to the easiest rank."""
@@ -35,7 +37,7 @@ def skewnorm_ranks(rows: int, K: int, shape: float, loc: float, scale: float, g:
     return (frac * K).long().view(rows, K)
 
 
-def device_generator(g: torch.Generator, device: torch.device) -> torch.Generator:
+def device_generator(g: torch.Generator | None, device: torch.device) -> torch.Generator:
     """A generator on ``device`` seeded by one 63-bit integer drawn from the CPU generator ``g``: the
     step's randomness still comes from ``g`` (and from its seed, so a resumed run replays it), while
     the numbers themselves are drawn where they are used. Drawing from a CPU generator never waits
@@ -45,14 +47,15 @@ def device_generator(g: torch.Generator, device: torch.device) -> torch.Generato
 
 
 def hard_negative_index(q: torch.Tensor, queue: torch.Tensor, shape: float, loc: float, scale: float,
-                        g: torch.Generator) -> torch.Tensor:
+                        g: torch.Generator | None) -> torch.Tensor:
     """Queue columns to use as negatives: N×K indices on q's device, hard ones most often (q: N×C,
     queue: C×K).
 
-    On the CPU the ranks come from ``g`` itself (the results tests/unit/test_methods.py pins). On any
-    other device they are drawn there, from ``device_generator(g, ...)``: at K = 65,536 a step needs
-    2·N·K normal numbers (2 × 16.7 M at N = 128), which the CPU drew in about 0.67 s, followed by a
-    copy of the N×K int64 index (128 MiB) to the device (issue 19)."""
+    On the CPU the ranks come from ``g`` itself, number for number as before issue 19
+    (tests/unit/test_gpu_paths.py pins them). On any other device they are drawn there, from
+    ``device_generator(g, ...)``: at K = 65,536 and N = 256 a step needs 2 × 16.7 M normal numbers,
+    and drawing them on the CPU, then copying the N×K int64 index (128 MiB) to the device, took
+    667 ms per step on a 2-core CPU (issue 19)."""
     with torch.no_grad():
         order = torch.argsort(q @ queue, dim=1, descending=True)  # N×K, hardest first
     rng = g if q.device.type == "cpu" else device_generator(g, q.device)
