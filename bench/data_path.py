@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from torch.utils.data import default_collate  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
 from bench.augment import TwoViews, aug_plus  # noqa: E402  (moco's aug-plus and TwoCropsTransform, on PIL)
@@ -45,7 +47,8 @@ from bench.steady import Meter, Rate, Window, loader_warmup  # noqa: E402
 from trainers import distributed as D  # noqa: E402
 from trainers.augment import AugmentParams  # noqa: E402
 from trainers.data import ensure_jpeg_tree, load_imagefolder  # noqa: E402
-from trainers.loader import StreamingBatches, epoch_order, local_steps  # noqa: E402
+from trainers.loader import (SharedMemoryWarning, StreamingBatches, ThroughPipe, epoch_order, from_pipe,  # noqa: E402
+                             local_steps, shm_free_bytes, shm_need)
 from trainers.loop import Batches, epoch_generator  # noqa: E402
 
 PREFETCH = 4  # StreamingBatches' default prefetch factor
@@ -93,13 +96,21 @@ def reference_rate(root: Path, size: int, batch: int, workers: int, win: Window,
     batches moved to ``dev`` and cast to ``dtype``."""
     ds = ImageFolder(str(root), TwoViews(aug_plus(size)))  # moco: TwoCropsTransform over aug-plus
     sampler = torch.utils.data.RandomSampler(ds, num_samples=win.batches_needed * batch)  # repeats the epoch
+    # two float views per image: where /dev/shm cannot hold the prefetch queue, through pipes (as ours)
+    free, need = shm_free_bytes(), shm_need(workers, REFERENCE_PREFETCH, 2 * batch * 3 * size * size * 4)
+    pipe = workers > 0 and free is not None and free < need
+    if pipe:
+        warnings.warn(f"/dev/shm has {free / 2**20:.0f} MiB free, and the moco loader's prefetch queue needs about "
+                      f"{need / 2**20:.0f} MiB: its batches go through pipes", SharedMemoryWarning, stacklevel=2)
+    collate = ThroughPipe(default_collate) if pipe else default_collate
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers,
-                                         pin_memory=dev.type == "cuda", drop_last=True,
-                                         persistent_workers=workers > 0,
+                                         collate_fn=collate, pin_memory=dev.type == "cuda" and not pipe,
+                                         drop_last=True, persistent_workers=workers > 0,
                                          prefetch_factor=REFERENCE_PREFETCH if workers > 0 else None)
 
     def consumed() -> Iterator[list[torch.Tensor]]:
-        for (v1, v2), _ in loader:
+        for batch_ in loader:
+            (v1, v2), _ = from_pipe(batch_, dev.type == "cuda") if pipe else batch_
             yield [v.to(dev, non_blocking=True).to(dtype) for v in (v1, v2)]
 
     return Meter(win, size=lambda views: views[0].shape[0]).run(consumed())

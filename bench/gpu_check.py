@@ -11,9 +11,9 @@ sync_count      host synchronisations: augmentation (quickstart's recipe, MoCo v
                 aug-plus) in memory and streamed, and a MoCo v2 step (expect 0)
 step            ResNet-50 MoCo v2 step at 224 px, batch 128: bf16 + channels_last against     55
                 Algorithm 1 in fp32 with TF32 off, and with TF32 on
-split_bn        ResNet-50 step with 8 BN groups (ours; moco's reshape) against plain BN       40
+split_bn        ResNet-50 forward + backward, 8 BN groups (ours; moco's reshape) vs plain BN 40
 hard_negatives  K = 65,536 MoCo v2 step with hard negatives against the plain one             40
-data_path       JPEG → two views, batch 256: the streaming path against moco's loader          55
+data_path       JPEG → two views, batch 128: the streaming path against moco's loader          55
 e2e             MoCo v2 ResNet-50 pretraining (the stage's loop), streamed JPEGs against       70
                 the same images in memory, the same steady steps each
 decode          JPEG decoding in DataLoader workers (PIL) against on the GPU (nvJPEG)          50

@@ -38,6 +38,24 @@ def dev() -> torch.device:
     return torch.device("cuda" if on_cuda() else "cpu")
 
 
+@contextmanager
+def shm_notes(fig: Figures) -> Iterator[None]:
+    """The loaders' /dev/shm warnings (trainers/loader.py SharedMemoryWarning) inside the block, as
+    notes of the part: whether a figure was measured with batches through pipes."""
+    from trainers.loader import SharedMemoryWarning
+
+    with warnings.catch_warnings(record=True) as log:
+        warnings.simplefilter("always", SharedMemoryWarning)
+        try:
+            yield
+        finally:
+            for w in log:
+                if issubclass(w.category, SharedMemoryWarning):
+                    fig.note(f"warning: {w.message}")
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def rate_context(rate: Rate) -> dict[str, Any]:
     """What a steady figure was measured over, kept beside it in the JSON."""
     return {"timed_batches": rate.batches, "timed_seconds": round(rate.seconds, 3), "warmup_batches": rate.warmup,
@@ -249,29 +267,33 @@ def split_bn_cost(fig: Figures, smoke: bool, work: Path) -> None:
 
 
 def hard_negatives(fig: Figures, smoke: bool, work: Path) -> None:
-    """A MoCo v2 step at K = 65,536 with hard-negative sampling (Fig. 5) against the plain one."""
-    backbone, size, batch = ("tiny_resnet", 32, 16) if smoke else ("resnet50", 224, 128)
+    """A MoCo v2 step at K = 65,536 (Fig. 5's queue; 4,096 with ``smoke``) with hard-negative sampling
+    against the plain one."""
+    backbone, size, batch, K = ("tiny_resnet", 32, 16, 4096) if smoke else ("resnet50", 224, 128, 65536)
     win = pretrain_step.step_window(2, 0.2) if smoke else pretrain_step.step_window(8, 2.0, warmup=4)
     d = dev()
     precision = "bf16" if on_cuda() else "fp32"
     views = pretrain_step.make_views(batch, size, d)
     rates = {}
     for name, hard in (("plain", None), ("hard", HARD)):
-        model = pretrain_step.ours(backbone, size, d, K=65536, hard=hard)
+        model = pretrain_step.ours(backbone, size, d, K=K, hard=hard)
         g = torch.Generator().manual_seed(1)
         rates[name] = pretrain_step.step_rate(model, lambda a, b: model(a, b, g)[0], views, win, precision)
-        fig.add(f"{name}_k65536_images_per_second", rates[name].per_second, "images/s", backbone=backbone, size=size,
-                batch=batch, precision=precision, **rate_context(rates[name]))
+        fig.add(f"{name}_step_images_per_second", rates[name].per_second, "images/s", K=K, backbone=backbone,
+                size=size, batch=batch, precision=precision, **rate_context(rates[name]))
         del model
-    fig.add("hard_over_plain_step_time", rates["plain"].per_second / rates["hard"].per_second, "x",
+    fig.add("hard_over_plain_step_time", rates["plain"].per_second / rates["hard"].per_second, "x", K=K,
             note="the hard-negative step's time over the plain one's")
 
 
 def data_path_part(fig: Figures, smoke: bool, work: Path) -> None:
-    """bench/data_path.py: the streaming path against moco's loader, steady state."""
-    images, size, batch, w, batches, seconds = (64, 32, 16, 2, 3, 0.3) if smoke else (1280, 224, 256, workers(), 20, 5.0)
+    """bench/data_path.py: the streaming path against moco's loader, steady state. Batches of 128: a
+    loader's rate per image hardly depends on the batch, and its warm-up (the prefetch depth, 15
+    workers × 4 batches for ours) is half the images it would be at 256."""
+    images, size, batch, w, batches, seconds = (64, 32, 16, 2, 3, 0.3) if smoke else (1280, 224, 128, workers(), 20, 5.0)
     root = data_path.bench_tree(images)
-    res = data_path.compare(root, size, batch, w, batches, seconds, dev(), torch.bfloat16)
+    with shm_notes(fig):
+        res = data_path.compare(root, size, batch, w, batches, seconds, dev(), torch.bfloat16)
     for name, r in res.items():
         fig.add(f"{name}_images_per_second", r.per_second, "images/s", size=size, batch=batch, workers=w,
                 **rate_context(r))
@@ -282,7 +304,8 @@ def decode(fig: Figures, smoke: bool, work: Path) -> None:
     """Decoding in the DataLoader workers (PIL) against on the device (decode_jpeg, nvJPEG on CUDA)."""
     images, size, batch, w, batches, seconds = (64, 32, 16, 2, 3, 0.3) if smoke else (1280, 224, 256, workers(), 20, 4.0)
     root = data_path.bench_tree(images)
-    res = data_path.decode_compare(root, size, batch, w, batches, seconds, dev(), torch.bfloat16)
+    with shm_notes(fig):
+        res = data_path.decode_compare(root, size, batch, w, batches, seconds, dev(), torch.bfloat16)
     for name, r in res.items():
         fig.add(f"{name}_images_per_second", r.per_second, "images/s", size=size, batch=batch, workers=w,
                 **rate_context(r))
@@ -373,7 +396,8 @@ def e2e(fig: Figures, smoke: bool, work: Path) -> None:
                      max_seconds=float("inf"))
         data = load_split(cfg.dataset, "train")
         data = repeated(data, -(-(win.batches_needed + 1) * batch // len(data)))
-        rates[label] = timed_pretrain(cfg, work / f"e2e-{label.replace(' ', '-')}", win, data)
+        with shm_notes(fig):
+            rates[label] = timed_pretrain(cfg, work / f"e2e-{label.replace(' ', '-')}", win, data)
         fig.add(f"{label.replace(' ', '_')}_images_per_second", rates[label].per_second, "images/s",
                 backbone=backbone, size=size, batch=batch, workers=w, precision=cfg.pretrain.precision,
                 **rate_context(rates[label]))

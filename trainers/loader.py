@@ -241,6 +241,11 @@ def shm_free_bytes() -> int | None:
         return None
 
 
+def shm_need(workers: int, prefetch: int, batch_bytes: int) -> int:
+    """Bytes of /dev/shm a DataLoader's prefetch queue can hold: workers × prefetch batches, × SHM_MARGIN."""
+    return int(workers * prefetch * batch_bytes * SHM_MARGIN)
+
+
 def _size(n: float) -> str:
     """Bytes as MiB or GiB, for messages."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -256,17 +261,20 @@ def _to_numpy(obj):
     return obj
 
 
-def _from_numpy(obj, pin: bool):
+def from_pipe(obj, pin: bool):
+    """A batch that came through a pipe (``ThroughPipe``) with its numpy arrays as tensors again,
+    pinned when ``pin`` (so the copy to the device does not wait)."""
     if isinstance(obj, np.ndarray):
         t = torch.from_numpy(obj)
-        return t.pin_memory() if pin else t  # pinned, so the copy to the device does not wait
+        return t.pin_memory() if pin else t
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_from_numpy(o, pin) for o in obj)
+        return type(obj)(from_pipe(o, pin) for o in obj)
     return obj
 
 
-class _ThroughPipe:
-    """A collate function whose batches leave the worker as numpy arrays (``_to_numpy``)."""
+class ThroughPipe:
+    """A collate function whose batches leave the worker as numpy arrays (``_to_numpy``), which its
+    result queue pickles through a pipe: no /dev/shm. ``from_pipe`` turns them back into tensors."""
 
     def __init__(self, collate) -> None:
         self.collate = collate
@@ -330,13 +338,13 @@ class StreamingBatches:
     def _make_loader(self, rows: int) -> torch.utils.data.DataLoader:
         collate = self.collate
         if self.workers > 0:
-            need = int((self.workers * self.prefetch) * self.batch_bytes(rows) * SHM_MARGIN)
+            need = shm_need(self.workers, self.prefetch, self.batch_bytes(rows))
             free = shm_free_bytes()
             if free is not None and free < need:
                 import warnings
 
                 self.through_pipe = True
-                collate = _ThroughPipe(collate)
+                collate = ThroughPipe(collate)
                 warnings.warn(
                     f"/dev/shm has {_size(free)} free, and the DataLoader's prefetch queue needs about "
                     f"{_size(need)} there ({self.workers} workers × prefetch {self.prefetch} × "
@@ -365,7 +373,7 @@ class StreamingBatches:
                 continue
             batch = next(batches)
             if self.through_pipe:
-                batch = _from_numpy(batch, pin)
+                batch = from_pipe(batch, pin)
             if self.decode_on is not None:
                 payloads, is_jpeg, y, idx = batch
                 crops = decode_crops(payloads, is_jpeg, idx, epoch, self.seed, self.views, self.size, self.decode_on,
