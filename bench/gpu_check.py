@@ -56,6 +56,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -89,7 +90,7 @@ def _stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def machine() -> dict[str, object]:
+def machine() -> dict[str, Any]:
     """What the parent can read without importing torch: CPUs, /dev/shm, versions, nvidia-smi's cards."""
     total, free = figures.shm_bytes()
     try:
@@ -159,9 +160,13 @@ def run_parts(parts: list[Part], caps: dict[str, float], out: Path, smoke: bool,
             cap = min(caps.get(part.name, SMOKE_CAP_S if smoke else part.cap_s), left)
             if cap < MIN_CAP_S:
                 failed.append(part.name)
-                figures.update(out, lambda d, n=part.name: d["parts"][n].update(
-                    status="skipped", reason=f"{left:.0f} s left of the {budget:.0f} s budget"))
-                print(f"[{part.name}] SKIPPED: {left:.0f} s left of the {budget:.0f} s budget", flush=True)
+                reason = f"{left:.0f} s left of the {budget:.0f} s budget"
+
+                def skipped(doc: dict, name: str = part.name, why: str = reason) -> None:
+                    doc["parts"][name].update(status="skipped", reason=why)
+
+                figures.update(out, skipped)
+                print(f"[{part.name}] SKIPPED: {reason}", flush=True)
                 continue
             status = _run_one(part.name, cap, out, smoke, Path(tmp), env)
             if status != "ok":

@@ -175,7 +175,7 @@ def list_tensors() -> Iterator[list[str]]:
 def sync_count(fig: Figures, smoke: bool, work: Path) -> None:
     """Host synchronisations (CUDA sync debug mode) of the augmentation, in memory and streamed, for
     the quickstart's recipe (colour jitter off) and the paper's MoCo v2 aug-plus (colour on), and
-    of a MoCo v2 training step; after one warm-up call each (caches of constants are made once).
+    of a MoCo v2 training step, plain and with hard negatives; after one warm-up call each (caches of constants are made once).
     On a CPU only the proxy is measured: tensors built from Python lists (copies to the device)."""
     from trainers.augment import DRAWS, AugmentParams, photometric
     from trainers.keyed import uniforms
@@ -212,29 +212,31 @@ def sync_count(fig: Figures, smoke: bool, work: Path) -> None:
                     f"{len(syncs) if on_cuda() else 'n/a (no CUDA)'} host synchronisations, {len(lists)} tensors "
                     f"built from Python lists" + (f" ({', '.join(sorted(set(lists)))})" if lists else ""))
             fig.add(f"{name}_{path}_list_tensors", len(lists), "calls", where=sorted(set(lists)), quiet=True)
-    model = pretrain_step.ours("tiny_resnet", 32, d, K=4096)
-    views = pretrain_step.make_views(64 if not smoke else 16, 32, d, count=2)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9)
-    step_g = torch.Generator().manual_seed(1)
+    from trainers.loop import autocast
+
+    images = pretrain_step.make_views(64 if not smoke else 16, 32, d, count=2)
     precision = "bf16" if on_cuda() else "fp32"
+    for name, hard in (("mocov2_step", None), ("mocov2_hard_negatives_step", HARD)):
+        model = pretrain_step.ours("tiny_resnet", 32, d, K=4096, hard=hard)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9)
+        step_g = torch.Generator().manual_seed(1)
 
-    def step(i: int) -> None:
-        from trainers.loop import autocast
+        def train_step(i: int) -> None:
+            a, b = images[i % len(images)]
+            with autocast(d, precision):
+                loss = model(a, b, step_g)[0]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
-        a, b = views[i % len(views)]
-        with autocast(d, precision):
-            loss = model(a, b, step_g)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step(0)
-    with sync_warnings() as syncs:
-        for i in range(3):
-            step(i + 1)
-    fig.add("mocov2_step_syncs", len(syncs) if on_cuda() else None, unit, steps=3, precision=precision,
-            first=syncs[:3], text=f"MoCo v2 training step (tiny ResNet, {precision}), 3 steps: "
-            f"{len(syncs) if on_cuda() else 'n/a (no CUDA)'} host synchronisations")
+        train_step(0)
+        with sync_warnings() as syncs:
+            for i in range(3):
+                train_step(i + 1)
+        fig.add(f"{name}_syncs", len(syncs) if on_cuda() else None, unit, steps=3, precision=precision,
+                first=syncs[:3], text=f"MoCo v2 training step (tiny ResNet, {precision}"
+                f"{', hard negatives' if hard else ''}), 3 steps: "
+                f"{len(syncs) if on_cuda() else 'n/a (no CUDA)'} host synchronisations")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +278,10 @@ def hard_negatives(fig: Figures, smoke: bool, work: Path) -> None:
     views = pretrain_step.make_views(batch, size, d)
     rates = {}
     for name, hard in (("plain", None), ("hard", HARD)):
-        model = pretrain_step.ours(backbone, size, d, K=K, hard=hard)
-        g = torch.Generator().manual_seed(1)
-        rates[name] = pretrain_step.step_rate(model, lambda a, b: model(a, b, g)[0], views, win, precision)
+        rates[name] = pretrain_step.moco_rate(pretrain_step.ours(backbone, size, d, K=K, hard=hard), views, win,
+                                              precision)  # the model is freed before the next one is built
         fig.add(f"{name}_step_images_per_second", rates[name].per_second, "images/s", K=K, backbone=backbone,
                 size=size, batch=batch, precision=precision, **rate_context(rates[name]))
-        del model
     fig.add("hard_over_plain_step_time", rates["plain"].per_second / rates["hard"].per_second, "x", K=K,
             note="the hard-negative step's time over the plain one's")
 

@@ -125,10 +125,12 @@ def ours(backbone: str, size: int, dev: torch.device, K: int = 4096,
     return prepare(MoCo(enc, dim, K=K, m=0.99, T=0.2, hard=hard), dev).train()
 
 
-def step_rate(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], views: Views,
+def step_rate(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None, views: Views,
               window: Window, precision: str = "fp32") -> Rate:
     """Steady-state training steps of ``model`` (SGD, moco's lr and weight decay) on the views in
-    turn; the rate's items are images."""
+    turn, the loss from ``step(x_q, x_k)`` (default: the model's own forward); the rate's items are
+    images."""
+    step = step or model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9, weight_decay=1e-4)
     batch = views[0][0].shape[0]
 
@@ -149,6 +151,12 @@ def step_rate(model: nn.Module, step: Callable[[torch.Tensor, torch.Tensor], tor
     return Meter(window, size=lambda n: n).run(steps())
 
 
+def moco_rate(model: MoCo, views: Views, window: Window, precision: str) -> Rate:
+    """``step_rate`` of our MoCo model, its shuffle-BN and negatives drawn from a generator of seed 1."""
+    g = torch.Generator().manual_seed(1)
+    return step_rate(model, lambda a, b: model(a, b, g)[0], views, window, precision)
+
+
 def step_window(steps: int, seconds: float, warmup: int = 3) -> Window:
     """A step bench's window: ``warmup`` steps, then at least ``steps`` steps and ``seconds``, at most
     10× the steps or 4× the seconds (and 8 s more)."""
@@ -163,18 +171,15 @@ def compare(backbone: str, size: int, batch: int, window: Window, precision: str
     precision = resolve_precision(precision)
     views = make_views(batch, size, dev)
     out = {}
-    model = ours(backbone, size, dev)
-    step_g = torch.Generator().manual_seed(1)
-    out[f"ours_{precision}"] = {"rate": step_rate(model, lambda a, b: model(a, b, step_g)[0], views, window, precision),
+    out[f"ours_{precision}"] = {"rate": moco_rate(ours(backbone, size, dev), views, window, precision),
                                 "flags": tf32_flags()}
-    del model
     plain = [(a.contiguous(), b.contiguous()) for a, b in views]  # Algorithm 1 knows no channels_last
     for name, on in (("algorithm1_fp32_tf32_off", False), ("algorithm1_tf32", True)):
         with tf32(on):
             enc, dim = encoder(backbone, size)
-            ref = Algorithm1(enc, dim, K=4096, m=0.99, t=0.2).to(dev).train()
-            out[name] = {"rate": step_rate(ref, ref, plain, window), "flags": tf32_flags()}
-            del ref
+            out[name] = {"rate": step_rate(Algorithm1(enc, dim, K=4096, m=0.99, t=0.2).to(dev).train(), None, plain,
+                                           window), "flags": tf32_flags()}
+            del enc
     return out
 
 

@@ -125,9 +125,10 @@ class YAML:
 def ruamel_shim() -> dict[str, types.ModuleType]:
     """Modules named ``ruamel`` and ``ruamel.yaml`` offering ``YAML`` and ``YAMLError`` from here."""
     pkg = types.ModuleType("ruamel")
-    mod = types.ModuleType("ruamel.yaml")
-    mod.YAML, mod.YAMLError, mod.__doc__ = YAML, yaml.YAMLError, "bench/yaml12.py's stand-in for ruamel.yaml"
-    pkg.yaml = mod
+    mod = types.ModuleType("ruamel.yaml", "bench/yaml12.py's stand-in for ruamel.yaml")
+    for name, value in (("YAML", YAML), ("YAMLError", yaml.YAMLError)):
+        setattr(mod, name, value)
+    setattr(pkg, "yaml", mod)
     return {"ruamel": pkg, "ruamel.yaml": mod}
 
 
