@@ -302,13 +302,14 @@ class StreamingBatches:
                  device: torch.device, workers: int | None = None, prefetch: int = 4, native: bool = False,
                  decode_on: torch.device | None = None, dataset: torch.utils.data.Dataset | None = None):
         self.labels, self.views, self.size, self.seed, self.device = labels, list(views), size, seed, device
-        self.native, self.decode_on, self.files = native, decode_on, list(files)
+        self.native, self.decode_on = native, decode_on
         if decode_on is not None and native:
             raise ValueError("decoding on the device applies to ImageFolders of originals, not to native (S×S) data")
         if dataset is None:
             dataset = (FileBytes(files, labels) if decode_on is not None
                        else CropDataset(files, labels, views, size, seed, native))
         self.dataset = dataset
+        self.files = getattr(dataset, "files", None) or list(files)  # one list of (maybe a million) paths
         self.sampler = _StepSampler()
         self.workers = default_workers(reserve=int(device.type == "cuda")) if workers is None else workers
         self.prefetch = prefetch if self.workers > 0 else None
