@@ -108,8 +108,8 @@ def quickstart(fig: Figures, smoke: bool, work: Path) -> None:
     from evaluators.linear_probe import linear_probe
     from trainers.pretrain import pretrain
 
-    over = ["pretrain.knn_every=0", "pretrain.epochs=1", "linear_probe.epochs=20", "pretrain.K=256",
-            "dataset.num_train=512", "dataset.num_val=128"] if smoke else ["pretrain.knn_every=0", "pretrain.epochs=2"]
+    over = ["pretrain.knn_every=0", "pretrain.epochs=1", "linear_probe.epochs=5", "pretrain.K=128",
+            "dataset.num_train=256", "dataset.num_val=64"] if smoke else ["pretrain.knn_every=0", "pretrain.epochs=2"]
     stages = quickstart_specs(over)
     for cell in _cells(stages):
         pre = stages[f"{cell}:pretrain"]
@@ -433,8 +433,8 @@ def two_processes(fig: Figures, smoke: bool, work: Path) -> None:
 
     from trainers.pretrain import pretrain
 
-    stages = quickstart_specs(["pretrain.knn_every=0", "pretrain.epochs=1", "pretrain.K=256", "dataset.num_train=512",
-                               "dataset.num_val=128"] if smoke else ["pretrain.knn_every=0", "pretrain.epochs=2"])
+    stages = quickstart_specs(["pretrain.knn_every=0", "pretrain.epochs=1", "pretrain.K=128", "dataset.num_train=256",
+                               "dataset.num_val=64"] if smoke else ["pretrain.knn_every=0", "pretrain.epochs=2"])
     spec = stages[f"{_cells(stages)[0]}:pretrain"].config
     spec = dataclasses.replace(spec, pretrain=dataclasses.replace(spec.pretrain, precision="fp32"))
     one = ListSink()
