@@ -223,7 +223,8 @@ def _record(out: Path, name: str, status: str, rc: int | None, wall: float, cap:
     if status == "ok":
         print(f"[{name}] ok in {wall:.1f} s (cap {cap:.0f} s), exit code 0", flush=True)
         return
-    what = {"timeout": f"stopped at its cap of {cap:.0f} s", "interrupted": f"interrupted ({why})"}.get(status, "FAILED")
+    what = {"timeout": f"stopped at its cap of {cap:.0f} s",
+            "interrupted": f"interrupted ({why})"}.get(status, "FAILED")
     print(f"[{name}] {what.upper() if status == 'failed' else what} after {wall:.1f} s, exit code {rc}; its figures "
           f"so far are kept", flush=True)
     for line in first:
@@ -264,7 +265,8 @@ def run_part(name: str, out: Path, smoke: bool, work: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     names = [p.name for p in PARTS]
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="gpu-check.json", help="the JSON file of every figure (default: %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks that every part runs, on a CPU")
     ap.add_argument("--parts", default=",".join(names), help=f"comma-separated, from: {', '.join(names)}")

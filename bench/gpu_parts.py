@@ -175,7 +175,8 @@ def list_tensors() -> Iterator[list[str]]:
 def sync_count(fig: Figures, smoke: bool, work: Path) -> None:
     """Host synchronisations (CUDA sync debug mode) of the augmentation, in memory and streamed, for
     the quickstart's recipe (colour jitter off) and the paper's MoCo v2 aug-plus (colour on), and
-    of a MoCo v2 training step, plain and with hard negatives; after one warm-up call each (caches of constants are made once).
+    of a MoCo v2 training step, plain and with hard negatives; after one warm-up call each (caches of
+    constants are made once).
     On a CPU only the proxy is measured: tensors built from Python lists (copies to the device)."""
     from trainers.augment import DRAWS, AugmentParams, photometric
     from trainers.keyed import uniforms
@@ -186,7 +187,7 @@ def sync_count(fig: Figures, smoke: bool, work: Path) -> None:
     mlp, _ = _cells(stages)
     quick = augment_params(stages[f"{mlp}:pretrain"].config.pretrain.augment)
     recipes = {"quickstart": (quick, 32, 256 if not smoke else 16),
-               "mocov2_aug_plus": ((AugmentParams(), AugmentParams()), 224 if not smoke else 32, 128 if not smoke else 16)}
+               "mocov2_aug_plus": ((AugmentParams(), AugmentParams()), 32 if smoke else 224, 16 if smoke else 128)}
     d = dev()
     unit = "synchronisations" if on_cuda() else "synchronisations (not measurable without CUDA)"
     for name, (views, size, batch) in recipes.items():
@@ -290,7 +291,8 @@ def data_path_part(fig: Figures, smoke: bool, work: Path) -> None:
     """bench/data_path.py: the streaming path against moco's loader, steady state. Batches of 128: a
     loader's rate per image hardly depends on the batch, and its warm-up (the prefetch depth, 15
     workers × 4 batches for ours) is half the images it would be at 256."""
-    images, size, batch, w, batches, seconds = (64, 32, 16, 2, 3, 0.3) if smoke else (1280, 224, 128, workers(), 20, 5.0)
+    images, size, batch, w, batches, seconds = ((64, 32, 16, 2, 3, 0.3) if smoke else
+                                                (1280, 224, 128, workers(), 20, 5.0))
     root = data_path.bench_tree(images)
     with shm_notes(fig):
         res = data_path.compare(root, size, batch, w, batches, seconds, dev(), torch.bfloat16)
@@ -302,7 +304,8 @@ def data_path_part(fig: Figures, smoke: bool, work: Path) -> None:
 
 def decode(fig: Figures, smoke: bool, work: Path) -> None:
     """Decoding in the DataLoader workers (PIL) against on the device (decode_jpeg, nvJPEG on CUDA)."""
-    images, size, batch, w, batches, seconds = (64, 32, 16, 2, 3, 0.3) if smoke else (1280, 224, 256, workers(), 20, 4.0)
+    images, size, batch, w, batches, seconds = ((64, 32, 16, 2, 3, 0.3) if smoke else
+                                                (1280, 224, 256, workers(), 20, 4.0))
     root = data_path.bench_tree(images)
     with shm_notes(fig):
         res = data_path.decode_compare(root, size, batch, w, batches, seconds, dev(), torch.bfloat16)
@@ -384,6 +387,7 @@ def e2e(fig: Figures, smoke: bool, work: Path) -> None:
     each run's own warm-up (the streamed one's covers the loader's prefetch depth). The data path
     must not hold the GPU back: the goal is >= 90%."""
     from trainers.data import load_split
+    from trainers.loop import resolve_precision
 
     images, size, backbone, batch, w, steps, splits, K = ((64, 32, "tiny_resnet", 16, 2, 4, 2, 32) if smoke else
                                                           (1280, 224, "resnet50", 256, workers(), 30, 8, 4096))
@@ -399,7 +403,8 @@ def e2e(fig: Figures, smoke: bool, work: Path) -> None:
         with shm_notes(fig):
             rates[label] = timed_pretrain(cfg, work / f"e2e-{label.replace(' ', '-')}", win, data)
         fig.add(f"{label.replace(' ', '_')}_images_per_second", rates[label].per_second, "images/s",
-                backbone=backbone, size=size, batch=batch, workers=w, precision=cfg.pretrain.precision,
+                backbone=backbone, size=size, batch=batch, workers=w,
+                precision=resolve_precision(cfg.pretrain.precision),
                 **rate_context(rates[label]))
     fig.add("streamed_over_in_memory", rates["streamed"].per_second / rates["in memory"].per_second, "ratio",
             goal=0.9, text=f"streamed / in memory: {rates['streamed'].per_second / rates['in memory'].per_second:.0%} "

@@ -280,7 +280,8 @@ def test_decode_cuda_is_refused_where_it_cannot_run():
     streamed = load_imagefolder(root / "train", 32)
     views = (AugmentParams(),)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"dataset.decode = 'cuda', but this stage runs on cpu .*set dataset.decode: cpu"):
+        with pytest.raises(ValueError, match=r"dataset.decode = 'cuda', but this stage runs on cpu .*"
+                                             r"set dataset.decode: cpu"):
             image_batches(streamed, views, 32, 0, torch.device("cpu"), decode="cuda")
     in_memory = ImageSet(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), ("a",))
     with pytest.raises(ValueError, match=r"applies to streamed ImageFolders.*Set dataset.decode: cpu"):

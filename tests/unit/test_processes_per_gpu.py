@@ -91,9 +91,9 @@ def test_a_slurm_job_gets_no_more_tasks_than_gpus_per_node(params, ok):
     problems = check_params("cluster.pretrain", params, parse_sinfo(SINFO))
     assert (problems == []) == ok, problems
     if not ok:
-        assert problems == ["cluster.pretrain.tasks_per_node = 4: more than the job's 2 GPUs per node, and each process "
-                            "needs a GPU of its own (NCCL refuses two ranks on one device); set tasks_per_node to 2 or "
-                            "fewer, or gpus_per_node to 4"]
+        assert problems == ["cluster.pretrain.tasks_per_node = 4: more than the job's 2 GPUs per node, and each "
+                            "process needs a GPU of its own (NCCL refuses two ranks on one device); set "
+                            "tasks_per_node to 2 or fewer, or gpus_per_node to 4"]
 
 
 @pytest.mark.parametrize("over, message", [
