@@ -73,7 +73,7 @@ def probe_seeds(seed: int, n: int) -> list[int]:
     first 32-bit word of NumPy's ``SeedSequence(seed, spawn_key=(i,))`` (its documented way to derive
     independent streams), masked to 31 bits. Not seed + i: a grid's replicates have seeds 0, 1, 2, …,
     so replicate 0's second probe would share its initialisation and batch order with replicate
-    1's first, and their means would be correlated."""
+    1's first, and the replicates' probes would not be independent draws."""
     return [seed] + [int(np.random.SeedSequence(seed, spawn_key=(i,)).generate_state(1)[0]) & SEED_MASK
                      for i in range(1, n)]
 
