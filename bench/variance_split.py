@@ -110,7 +110,12 @@ def finished_replicates(grid_path: str, overrides: list[str], workdir: str | Non
     from pipeline.plan import build_plan
     from trainers.results import EvalResult, PretrainResult
 
+    from pipeline import decide as D
+
     grid = load_grid(grid_path, overrides, workdir, tracking_uri, studies)
+    state = None if grid.seeded else D.stored(grid)  # a --decide run: the seeds it gave each cell
+    if state is not None:
+        grid = D.grid_at(grid, state)
     plan = build_plan(grid)
     out: dict[str, list[Replicate]] = {}
     notes = []

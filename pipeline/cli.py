@@ -97,8 +97,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace, check_data: bool = True) -> Plan:
+    """The grid's plan; after a ``run --decide``, at the seeds the decision gave each cell (its
+    state in the work directory), so that plan, status, cancel and report see what it ran."""
+    from pipeline import decide as D
+
     grid = load_grid(args.grid, args.override, args.workdir, args.tracking_uri, args.study)
-    plan = build_plan(grid)
+    state = None if grid.seeded else D.stored(grid)
+    plan = build_plan(D.grid_at(grid, state) if state is not None else grid)
     if check_data:
         problems = data_problems(grid)
         if problems:
@@ -497,12 +502,12 @@ def unwritable(grid: Grid) -> str | None:
     db = sqlite_path(grid.tracking_uri)
     if db is not None:
         places.append(("--tracking-uri", db.parent))
-    if any(c.config.dataset.name == "synthetic" or any(
+    if any(c.config.dataset.name in ("synthetic", "fashion_mnist") or any(
             k.uses_cache is not None and (k.name == ROOT or grid.evaluates(k.name, c)) and k.uses_cache(c.config)
             for k in STAGE_KINDS.values()) for c in grid.cells):
         from trainers.data import cache_dir
 
-        places.append(("$SSLGRID_CACHE", cache_dir()))  # where the synthetic sets are written
+        places.append(("$SSLGRID_CACHE", cache_dir()))  # where the synthetic sets and Fashion-MNIST's files go
     for flag, folder in places:
         p = Path(folder)
         while not p.exists() and not p.is_symlink() and p != p.parent:
@@ -657,10 +662,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
 
     from pipeline import decide as D
 
-    plan = _load(args, check_data=False)
-    decision = D.stored(plan.grid)
-    if decision is not None:  # a --decide run: its cells at the seeds it gave them
-        plan = build_plan(D.grid_at(plan.grid, decision))
+    plan = _load(args, check_data=False)  # a --decide run's cells at the seeds it gave them
+    decision = None if plan.grid.seeded else D.stored(plan.grid)
     if _nothing_tracked(plan, args, console, need_store=True):
         return 0
     text, files = write_report(plan, compare_paper=args.compare_paper, correction=args.correction, decision=decision,

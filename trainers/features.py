@@ -87,6 +87,11 @@ def _feat_dim(backbone: nn.Module) -> int:
     return int(getattr(backbone, "feat_dim"))
 
 
+# dataset fields added after feature caches existed, left out of the hash at the value that reproduces
+# what the older caches hold (as pipeline/spec.py's ``legacy`` does for identities), so no cache is lost
+ADDED_SINCE = {"decode": "cpu"}
+
+
 def cache_path(ckpt: str | Path, ds: DatasetSpec, split: str, aug: AugmentParams, precision: str = "fp32") -> Path:
     """``<ckpt dir>/features/<split>-<16 hex>.pt``. The hash covers the checkpoint file's size and
     mtime, every field of ``ds`` (as the JSON the stages hashed when they received the section as a
@@ -94,7 +99,8 @@ def cache_path(ckpt: str | Path, ds: DatasetSpec, split: str, aug: AugmentParams
     Raises FileNotFoundError when ``ckpt`` does not exist."""
     ckpt = Path(ckpt)
     st = ckpt.stat()
-    fields = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "dataset": dataclasses.asdict(ds), "split": split,
+    dataset = {k: v for k, v in dataclasses.asdict(ds).items() if ADDED_SINCE.get(k, object()) != v}
+    fields = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "dataset": dataset, "split": split,
               "view": dataclasses.asdict(aug)}
     if precision != "fp32":  # fp32 files keep the names they had before precision existed
         fields["precision"] = precision
