@@ -166,7 +166,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
     console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
     _warn_shuffle_bn(plan, console)
     for where, problem in data_problems(plan.grid):
-        console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)")
+        console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)", soft_wrap=True)
     return 0
 
 

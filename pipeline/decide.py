@@ -33,7 +33,7 @@ from pipeline.grid import Grid, reseed
 from pipeline.plan import Plan, build_plan
 from pipeline.sequential import Design, next_look_power
 from pipeline.state import StateError
-from pipeline.stages import gpu_hours
+from pipeline.stages import ROOT, gpu_hours
 
 STATE_FILE = "decide.json"
 ARTIFACT = "sslgrid/decide.json"
@@ -245,7 +245,7 @@ def describe_round(grid: Grid, before: dict[str, int], after: dict[str, int]) ->
     plan_before = build_plan(reseed(grid, before))
     plan_after = build_plan(reseed(grid, after))
     new = [s for k, s in plan_after.stages.items() if k not in plan_before.stages]
-    pre = sum(s.kind == "pretrain" for s in new)
+    pre = sum(s.kind == ROOT for s in new)
     hours = sum(h for s in new if (h := gpu_hours(s.kind, s.config)) is not None)
     by_count: dict[int, list[str]] = {}
     for b, n in grown.items():

@@ -42,13 +42,13 @@ def test_sslgrid_plan_works_without_torch(tmp_path):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
             "from pipeline.cli import main\n"
             "where = ['--workdir', sys.argv[1] + '/wd', '--tracking-uri', f'sqlite:///{sys.argv[1]}/m.db']\n"
-            "codes = [main(['plan', f'grids/{g}.yaml', *where]) for g in ('quickstart', 'methods', 'paper', 'paper-mini')]\n"
+            "codes = [main(['plan', f'grids/{g}.yaml', *where]) for g in ('quickstart', 'methods', 'paper', 'paper-mini', 'fashion')]\n"
             "codes.append(main(['plan', 'grids/quickstart.yaml', '-o', 'dataset.name=imagefolder', '-o',\n"
             "                   f'dataset.root={sys.argv[1]}/tree', *where]))\n"
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
             "print('codes', codes)\n")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0 and "codes [0, 0, 0, 0, 0]" in out.stdout, out.stdout[-3000:] + out.stderr
+    assert out.returncode == 0 and "codes [0, 0, 0, 0, 0, 0]" in out.stdout, out.stdout[-3000:] + out.stderr
     assert "missing from val/: b/" in out.stdout
 
 
