@@ -86,8 +86,8 @@ class _ProbeSink:
     def __init__(self, sink: Sink, i: int, n: int):
         self.sink, self.i, self.n = sink, i, n
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.sink.log({f"{k}_probe{self.i}": v for k, v in metrics.items()}, step)
+    def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
+        self.sink.log({f"{k}_probe{self.i}": v for k, v in metrics.items()}, step, timestamp_ms=timestamp_ms)
 
     def artifact(self, path: Path) -> None:
         self.sink.artifact(path)

@@ -126,7 +126,10 @@ def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[Any, ...]) -> Any:
         if monitor:
             monitor.finish()
         message = f"{type(err).__name__}: {err}"
-        write_json(d.status, {"state": "failed", "error": message, "traceback": traceback.format_exc()})
+        try:
+            write_json(d.status, {"state": "failed", "error": message, "traceback": traceback.format_exc()})
+        except OSError:  # a full disk (trainers/checkpoint.py DiskFullError): MLflow and the backend still say why
+            pass
         try:
             c.set_tag(run_id, ERROR, message[:5000])
             c.set_terminated(run_id, "FAILED")

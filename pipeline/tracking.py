@@ -240,10 +240,10 @@ class MlflowSink:
         self.stage_dir = StageDir(stage_dir)
         self.first_progress: tuple[int, float] | None = None  # (done, time) of this attempt's first report
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
 
     def artifact(self, path: Path) -> None:

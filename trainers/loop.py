@@ -162,7 +162,7 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
     steps_per_epoch = n // cfg.batch_size if drop_last else -(-n // cfg.batch_size)
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the dataset ({n} images)")
-    start_epoch, step, history = _resume(model, opt, scaler, ckpt_path, sink)
+    start_epoch, step, history, logged_ms = _resume(model, opt, scaler, ckpt_path, sink)
     net = data_parallel(model, dev)
     if w.is_main:
         sink.progress(start_epoch, cfg.epochs)
@@ -213,8 +213,11 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
                 record.update(on_epoch_end(epoch))
             history.append(record)
             if w.is_main:
-                sink.log(record, step=epoch)
-                _save(model, opt, scaler, epoch, step, history, ckpt_path)
+                # saved first, then logged: a failed save (a full disk) logs nothing that the resumed run
+                # logs again; the time goes into the checkpoint, so that a resume re-logs the same point
+                logged_ms.append(int(time.time() * 1000))
+                _save(model, opt, scaler, epoch, step, history, ckpt_path, logged_ms)
+                sink.log(record, step=epoch, timestamp_ms=logged_ms[-1])
                 sink.progress(epoch + 1, cfg.epochs)
             D.barrier()  # no rank runs ahead of a checkpoint it may have to resume from
     finally:
@@ -223,30 +226,36 @@ def fit(model: nn.Module, step_fn: StepFn, data: Batches, cfg: LoopConfig, ckpt_
 
 
 def _resume(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ckpt_path: Path,
-            sink: Sink) -> tuple[int, int, list[dict[str, float]]]:
-    """(first epoch to run, optimizer steps so far, history) after loading ``ckpt_path`` into model,
-    optimizer, scaler and the RNGs, if it exists (trainers/checkpoint.py ``load_resume``: the
-    checkpoint before it when it is damaged, with a warning); (0, 0, []) otherwise."""
+            sink: Sink) -> tuple[int, int, list[dict[str, float]], list[int]]:
+    """(first epoch to run, optimizer steps so far, history, each epoch's log time in Unix ms) after
+    loading ``ckpt_path`` into model, optimizer, scaler and the RNGs, if it exists
+    (trainers/checkpoint.py ``load_resume``: the checkpoint before it when it is damaged, with a
+    warning); (0, 0, [], []) otherwise. The last saved epoch's record is logged again with its saved
+    time: a stage that died between its save and its log loses no point, and one that logged it logs
+    the identical point, which MLflow keeps once."""
     main = D.world().is_main
     state = checkpoint.load_resume(ckpt_path, sink.warn if main else None)
     if state is None:
-        return 0, 0, []
+        return 0, 0, [], []
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
     if "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(state["rng"])
+    logged_ms = list(state.get("logged_ms", []))  # absent from checkpoints written before it was kept
     if main:
+        if state["history"] and len(logged_ms) == len(state["history"]):
+            sink.log(state["history"][-1], step=state["epoch"], timestamp_ms=logged_ms[-1])
         sink.log({"resumed_from_epoch": float(state["epoch"] + 1)}, step=state["epoch"] + 1)
-    return state["epoch"] + 1, state["step"], state["history"]
+    return state["epoch"] + 1, state["step"], state["history"], logged_ms
 
 
 def _save(model: nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, step: int,
-          history: list[dict[str, float]], ckpt_path: Path) -> None:
+          history: list[dict[str, float]], ckpt_path: Path, logged_ms: list[int]) -> None:
     """The resume checkpoint after ``epoch``, the one it replaces kept as the fallback."""
     checkpoint.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                            "epoch": epoch, "step": step, "history": history, "rng": checkpoint.rng_state()},
-                           ckpt_path, keep_previous=True)
+                            "epoch": epoch, "step": step, "history": history, "rng": checkpoint.rng_state(),
+                            "logged_ms": logged_ms}, ckpt_path, keep_previous=True)
 
 
 def _check_finite(window: torch.Tensor, epoch: int, first: int, last: int) -> None:

@@ -7,7 +7,10 @@ from typing import Protocol
 
 
 class Sink(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    # timestamp_ms: when the values were measured (Unix ms; default now). The training loop gives the time
+    # it kept in the checkpoint, so that a point logged again on resume is the same point, which MLflow's
+    # store keeps once (its metrics key is key, timestamp, step, value)
+    def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None: ...
     def artifact(self, path: Path) -> None: ...
     def progress(self, done: int, total: int) -> None: ...
     def warn(self, message: str) -> None: ...  # something the user must hear of, though the stage goes on
@@ -18,6 +21,7 @@ class ListSink:
 
     def __init__(self) -> None:
         self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.stamps: list[int | None] = []  # each log call's timestamp_ms, None where the caller gave none
         self.artifacts: list[Path] = []
         self.progress_calls: list[tuple[int, int]] = []
         self.warnings: list[str] = []
@@ -25,8 +29,9 @@ class ListSink:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
         self.metrics.append((step, dict(metrics)))
+        self.stamps.append(timestamp_ms)
 
     def artifact(self, path: Path) -> None:
         self.artifacts.append(Path(path))
@@ -41,7 +46,7 @@ class ListSink:
 class NullSink:
     """Drops everything: the sink of a rank other than 0 in a multi-process stage."""
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
         pass
 
     def artifact(self, path: Path) -> None:

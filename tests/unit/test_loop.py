@@ -46,7 +46,11 @@ def assert_same_end(full: ListSink, resumed: ListSink, tmp_path) -> None:
     """The run resumed from epoch 1 in part/ logged the later losses of the one in full/, and ended
     with bit-equal weights."""
     assert resumed.series("resumed_from_epoch") == [1.0]
-    assert resumed.series("loss") == full.series("loss")[1:]
+    # epoch 0's point again, with the time kept in its checkpoint (MLflow keeps an identical point
+    # once), then the later epochs' points, as the uninterrupted run logged them
+    assert resumed.series("loss") == full.series("loss")
+    saved = checkpoint.load(tmp_path / "part" / "checkpoints" / "last.pt")["logged_ms"]
+    assert resumed.metrics[0][0] == 0 and resumed.stamps[0] == saved[0]
     a = checkpoint.load(tmp_path / "full" / "checkpoints" / "final.pt")["backbone"]
     b = checkpoint.load(tmp_path / "part" / "checkpoints" / "final.pt")["backbone"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -54,6 +58,37 @@ def assert_same_end(full: ListSink, resumed: ListSink, tmp_path) -> None:
 
 def test_resume_matches_uninterrupted(tmp_path):
     assert_resume_matches_uninterrupted(tiny_config(epochs=3), tmp_path)
+
+
+class DiesBeforeLogging(ListSink):
+    """A stage that dies after epoch ``after``'s checkpoint was saved and before its metrics were logged."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def log(self, metrics, step, *, timestamp_ms=None):
+        if step == self.after and "loss" in metrics:
+            raise Crash
+        super().log(metrics, step, timestamp_ms=timestamp_ms)
+
+
+def test_an_epoch_saved_but_not_logged_is_logged_on_resume(tmp_path):
+    """Issue 21: a stage killed between an epoch's checkpoint and its log call lost that epoch's point
+    (the resume starts after it); a failed save (a full disk) logged a point that the resumed run
+    logged again. Saved first, logged after, and the saved epoch logged again on resume with its
+    saved time: each epoch's loss reaches the sink, at the time the checkpoint keeps."""
+    spec = tiny_config(epochs=3)
+    full = ListSink()
+    pretrain(spec, tmp_path / "full", full)
+    with pytest.raises(Crash):
+        pretrain(spec, tmp_path / "part", DiesBeforeLogging(after=1))
+    resumed = ListSink()
+    pretrain(spec, tmp_path / "part", resumed)
+    assert [s for s, m in resumed.metrics if "loss" in m] == [1, 2]
+    assert resumed.series("loss") == full.series("loss")[1:]
+    saved = checkpoint.load(tmp_path / "part" / "checkpoints" / "last.pt")["logged_ms"]
+    assert resumed.stamps[0] == saved[1] and len(saved) == 3
 
 
 def test_a_truncated_last_checkpoint_falls_back_to_the_one_before(tmp_path):
