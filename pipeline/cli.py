@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.grid import Grid, GridError, data_problems, load_grid
@@ -207,8 +208,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     try:
         factory, preflight = _backend(args, plan, console)
         problem = unwritable(plan.grid)
-        if problem:
-            raise _Refused(f"[red]{problem}[/] Nothing was launched.")
+        if problem:  # escaped: a path or a pip requirement (psycopg[binary]) holds [brackets]
+            raise _Refused(f"[red]{escape(problem)}[/] Nothing was launched.")
         refusal = _other_driver(plan, console)  # before the lock, which would create the work directory
         if refusal:
             return refusal
@@ -530,13 +531,15 @@ def unwritable(grid: Grid) -> str | None:
 
 
 def store_problem(uri: str) -> str | None:
-    """What makes ``uri`` unusable as a SQLite store before MLflow is asked (its errors are
-    SQLAlchemy tracebacks): a folder, or a file that is not an SQLite database."""
+    """What makes ``uri`` unusable as a store before MLflow is asked (its errors are SQLAlchemy
+    tracebacks): for SQLite a folder, or a file that is not an SQLite database; for a database server
+    what pipeline/stores.py ``database_problem`` finds (driver, connection, schema)."""
+    from pipeline.stores import database_problem
     from pipeline.tracking import sqlite_path
 
     db = sqlite_path(uri)
     if db is None:
-        return None
+        return database_problem(uri)
     if db.is_dir():
         return f"--tracking-uri: {db} is a folder, not a database file. Pass sqlite:///<folder>/mlflow.db."
     if db.is_file() and db.stat().st_size > 0:
@@ -619,12 +622,18 @@ def cmd_cancel(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_server(args: argparse.Namespace, console: Console) -> int:
-    """A real ``mlflow server`` with a SQLite store and proxied artifacts (clients upload through it,
-    so compute nodes need only HTTP access, no shared disk)."""
+    """A real ``mlflow server`` with a SQLite or database store (``postgresql://…``, checked first:
+    pipeline/stores.py) and proxied artifacts (clients upload through it, so compute nodes need only
+    HTTP access, no shared disk)."""
     from pipeline.backends import advertised_host, http_url
     from pipeline.grid import _absolute_uri
+    from pipeline.stores import SERVER_POOL, database_problem, shown
 
     store = _absolute_uri(args.backend_store_uri, Path.cwd())
+    problem = database_problem(store, "--backend-store-uri")
+    if problem:
+        console.print(f"[red]{escape(problem)}[/] Nothing was started.", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
     artifacts = str(Path(args.artifacts_destination).expanduser().resolve())
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--artifacts-destination",
            artifacts, "--serve-artifacts", "--host", args.host, "--port", str(args.port), "--workers", "2"]
@@ -635,13 +644,13 @@ def cmd_server(args: argparse.Namespace, console: Console) -> int:
                       f"write every run and artifact (no authentication)[/]")
     host = advertised_host(args.host)  # for the wildcard, an address the compute nodes can reach
     url = http_url(host, args.port)
-    console.print(f"tracking URI: {url}   (store {store}, artifacts {artifacts})\n"
+    console.print(f"tracking URI: {url}   (store {shown(store)}, artifacts {artifacts})\n"
                   f"use it with: sslgrid run GRID --tracking-uri {url}", markup=False, highlight=False)
     if host != args.host:  # markup=False: rich would eat an IPv6 URL's [brackets] as a style tag
         console.print(f"(--host {args.host} serves every address of this machine; nodes that know it by another "
                       f"address or name than {host} can use that instead.)", markup=False, highlight=False)
     sys.stdout.flush()
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env={**SERVER_POOL, **os.environ})  # the caller's settings win
 
 
 def cmd_export_detectron2(args: argparse.Namespace, console: Console) -> int:
