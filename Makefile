@@ -27,6 +27,7 @@ test-unit: install
 bench: install
 	$(BIN)/python bench/linear_probe.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/orchestration_scale.py
 	$(BIN)/python bench/detection_step.py
 	$(BIN)/python bench/optimizer_step.py
 	$(BIN)/python bench/data_path.py

@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import itertools
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,9 +344,15 @@ def _raw_cells(doc: dict, only_studies: list[str], problems: _Problems, cli: set
         if REPLICATE in n:
             problems.add("", Problem("cells", n, f"a cell's name may not contain '{REPLICATE}', which names the "
                                      f"replicates of a cell with seeds; rename it"))
-    for dup in sorted({n for n in names if names.count(n) > 1}):
+    for dup in _duplicates(names):
         problems.add("", Problem("cells", dup, "two cells share this name; give each a distinct name:"))
     return raw_cells, all_names
+
+
+def _duplicates(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted; counted once each (``list.count`` per name was
+    cells² comparisons: 0.25 s at 5,000 cells here, growing with their square)."""
+    return sorted(n for n, k in Counter(names).items() if k > 1)
 
 
 def _build_cells(raw_cells: list[tuple], defaults: dict, cfg_over: dict[str, Any], problems: _Problems) -> list[Cell]:
@@ -440,7 +447,7 @@ def _replicate(cells: list[Cell], raw_cells: list[tuple], defaults: dict, cfg_ov
             name = cell.name if len(seeds) == 1 else f"{cell.name}{REPLICATE}{seed}"
             out.append(Cell(name, config, {**cell.values, f"{ROOT}.seed": seed}, cell.study, cell.name, seed))
     names = [c.name for c in out]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
+    for dup in _duplicates(names):
         problems.add("", Problem("cells", dup, "two replicates share this name; rename one of the cells"))
     return out
 

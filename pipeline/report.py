@@ -13,7 +13,7 @@ from pipeline.claims import TAG_PREFIX as CLAIM_TAG
 from pipeline.claims import section as claims_section
 from pipeline.plan import Plan
 from pipeline.stages import ROOT, STAGE_KINDS
-from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_runs, show_report, store_exists
+from pipeline.tracking import GRID, KEY, ROLE, _search, client, find_parent, show_report, store_exists
 from trainers.files import atomic_write, write_text
 
 PENDING = "pending"
@@ -207,16 +207,38 @@ def baselines(plan: Plan) -> dict[str, str]:
         first = cells[0]
         axes = [k for k in first.values if k != seed]
         plain = [c for c in cells if not set(c.values) - set(axes) - {seed}]
+        index = _baseline_index(plain, first, axes)  # a scan of the study per cell would be cells² comparisons
         for c in cells[1:]:
-            if set(c.values) - set(axes) - {seed}:
-                keys = axes
+            explicit = bool(set(c.values) - set(axes) - {seed})
+            keys = axes if explicit else axes[:-1]
+            try:
+                found = index[explicit].get(tuple(_resolved(c, k) for k in keys), ()) if index else None
+            except TypeError:  # a resolved value that cannot be hashed: scan, as for a study without an index
+                found = None
+            if found is None:
+                match = next((b for b in plain if b is not c and all(_resolved(b, k) == _resolved(c, k) for k in keys)
+                              and (b is first or keys != axes[:-1]
+                                   or b.values.get(axes[-1]) == first.values.get(axes[-1]))), first)
             else:
-                keys = axes[:-1]
-            match = next((b for b in plain if b is not c and all(_resolved(b, k) == _resolved(c, k) for k in keys)
-                          and (b is first or keys != axes[:-1] or b.values.get(axes[-1]) == first.values.get(axes[-1]))),
-                         first)
+                match = next((b for b in found if b is not c), first)
             out[c.base] = match.base
     return out
+
+
+def _baseline_index(plain: list, first, axes: list[str]) -> dict[bool, dict[tuple, list]] | None:
+    """The candidates of ``baselines``, in grid order, by the values they must match: for a cell
+    that changes something beyond the axes (True), every axis cell by its resolved axis values; for
+    an axis cell (False), the axis cells at the last axis's first value (and the study's first
+    cell) by their resolved values of the other axes. None when a value cannot be hashed."""
+    index: dict[bool, dict[tuple, list]] = {True: {}, False: {}}
+    try:
+        for b in plain:
+            index[True].setdefault(tuple(_resolved(b, k) for k in axes), []).append(b)
+            if b is first or axes and b.values.get(axes[-1]) == first.values.get(axes[-1]):
+                index[False].setdefault(tuple(_resolved(b, k) for k in axes[:-1]), []).append(b)
+    except TypeError:
+        return None
+    return index
 
 
 def _tolerance(values: Values, cells: list[str], kind: str, name: str) -> float | None:
@@ -343,8 +365,7 @@ def _parent(plan: Plan, parent_run_id: str | None):
     exp = c.get_experiment_by_name(plan.grid.name)
     if exp is None:
         return None
-    parent, _ = find_runs(plan.grid.tracking_uri, exp.experiment_id, plan.grid.name)
-    return parent
+    return find_parent(plan.grid.tracking_uri, exp.experiment_id, plan.grid.name)
 
 
 def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bool = False,

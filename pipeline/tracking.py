@@ -112,6 +112,25 @@ def find_runs(uri: str, experiment_id: str, grid: str) -> tuple[Any | None, dict
     return parent, stages
 
 
+def find_parent(uri: str, experiment_id: str, grid: str) -> Any | None:
+    """The grid's parent run (as ``find_runs`` gives it), read without its stage runs: one query
+    whatever the grid's size."""
+    runs = _search(uri, experiment_id, f"tags.`{GRID}` = '{grid}' and tags.`{ROLE}` = 'grid'")
+    return runs[0] if runs else None
+
+
+def unfinished(uri: str, grid: str) -> dict[str, str]:
+    """{run id: status} of the grid's stage runs that are not FINISHED, in one search: a run of the
+    grid absent from it is FINISHED. What the driver checks before and after running costs one
+    query, and reads no finished run, however many stages the grid has."""
+    exp = client(uri).get_experiment_by_name(grid)
+    if exp is None:
+        return {}
+    runs = _search(uri, exp.experiment_id,
+                   f"tags.`{GRID}` = '{grid}' and tags.`{ROLE}` = 'stage' and attributes.status != 'FINISHED'")
+    return {r.info.run_id: r.info.status for r in runs}
+
+
 def running_driver(uri: str, grid: str) -> dict[str, Any] | None:
     """The driver recorded on the grid's parent run while that run is RUNNING, else None. Creates
     nothing (no store, no experiment)."""
@@ -120,7 +139,7 @@ def running_driver(uri: str, grid: str) -> dict[str, Any] | None:
     exp = client(uri).get_experiment_by_name(grid)
     if exp is None:
         return None
-    parent, _ = find_runs(uri, exp.experiment_id, grid)
+    parent = find_parent(uri, exp.experiment_id, grid)
     if parent is None or parent.info.status != "RUNNING":
         return None
     try:
@@ -193,7 +212,7 @@ def ui_page(experiment_id: str, run_id: str | None = None, artifact: str | None 
 def landing_page(uri: str, experiment_id: str, grid: str) -> str:
     """Where ``sslgrid ui`` opens a grid: its report (``REPORT``, rendered as Markdown, tables in
     full, on the parent run's Artifacts tab), else its parent run, else the experiment's runs table."""
-    parent, _ = find_runs(uri, experiment_id, grid)
+    parent = find_parent(uri, experiment_id, grid)
     if parent is None:
         return ui_page(experiment_id)
     logged = {f.path for f in client(uri).list_artifacts(parent.info.run_id, REPORT.rpartition("/")[0])}
