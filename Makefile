@@ -19,7 +19,7 @@ quickstart: install
 	$(BIN)/sslgrid run grids/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 test-unit: install
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -333,9 +333,10 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
             parent_status, reason = "KILLED", "interrupted: the driver was stopped (Ctrl-C or SIGTERM)"
             console.print("interrupted: finished stages are kept; rerun the same command to resume")
             return 130
-        failed = _summarise(args, plan, outcomes, parent_id, exp_id, console, decision[1] if decision else None)
+        failed, reported = _summarise(args, plan, outcomes, parent_id, exp_id, console,
+                                      decision[1] if decision else None)
         parent_status = "FAILED" if failed else "FINISHED"
-        return EXIT_FAILED if failed else 0
+        return EXIT_FAILED if failed or not reported else 0
     finally:
         import signal
 
@@ -428,7 +429,8 @@ def _rounds(grid, state, live: dict, factory, preflight, code: str, parent_id: s
 def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: str, exp_id: str,
                console: Console, decision=None) -> list:
     """Print what ran, what failed and why, the report (written and logged on the parent run) and
-    where the MLflow UI shows it; returns the failed outcomes."""
+    where the MLflow UI shows it; returns the failed outcomes and whether the report was written (a
+    full disk under the work directory is said in one line, not a traceback)."""
     from pipeline.report import write_report
     from pipeline.tracking import REPORT, ui_page
 
@@ -437,8 +439,19 @@ def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: 
     ran = sum(o.state == "done" for o in outcomes.values())
     console.print(f"ran {ran}, cached {cached}, failed {len(failed)}")
     for o in failed:
-        console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}")
-    text, files = write_report(plan, parent_id, decision=decision)
+        console.print(f"[red]{o.state}[/] {o.stage.label} ({', '.join(o.stage.cells)}): {o.error}", highlight=False,
+                      soft_wrap=True)  # whole lines: an error names paths a user copies
+    try:
+        text, files = write_report(plan, parent_id, decision=decision)
+    except OSError as err:  # a full disk or quota under the work directory: the results are in MLflow still
+        import shutil
+
+        folder = plan.grid.workdir / "report"
+        free = shutil.disk_usage(plan.grid.workdir).free if plan.grid.workdir.exists() else 0
+        console.print(f"[red]report not written[/]: {err} ({free:,} bytes free under {plan.grid.workdir}). Every "
+                      f"result is in the work directory and in MLflow; once {folder} can be written, "
+                      f"`sslgrid report {args.grid}` writes it.", highlight=False, soft_wrap=True)
+        return failed, False
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"report: {files[0]}")
     page = ui_page(exp_id, parent_id, REPORT)  # the report, rendered; not MLflow's GenAI pages
@@ -446,7 +459,7 @@ def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: 
         console.print(f"MLflow UI: {plan.grid.tracking_uri.rstrip('/')}/#{page}")
     else:
         console.print(f"MLflow UI: sslgrid ui {args.grid}  →  http://127.0.0.1:5000/#{page}")
-    return failed
+    return failed, True
 
 
 def _other_driver(plan: Plan, console: Console) -> int | None:

@@ -32,13 +32,14 @@ from pipeline.slurm import slurm_job
 from pipeline.snapshot import source_root
 from pipeline.state import StateError, read_json, read_json_or, rerun_fix
 from pipeline.stages import STAGE_KINDS
-from pipeline.tracking import ERROR, MlflowSink, client, unfinished, write_json
+from pipeline.tracking import ERROR, MlflowSink, TrackingError, client, unfinished, write_json
 from trainers.files import StageDir
 from trainers.results import SECONDS
 from trainers.sink import NullSink
 
 
 SLURM_TAG = "sslgrid.slurm_job_id"
+FAILED_FLUSH_S = 60.0  # how long a failing stage waits for its last points to reach the store, seconds
 CODE_TAG, CODE_PATH_TAG = "sslgrid.code", "sslgrid.code_path"
 
 
@@ -118,6 +119,16 @@ def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[Any, ...]) -> Any:
     if job:  # visible in the UI while the job runs; a requeued job keeps its id
         c.set_tag(run_id, SLURM_TAG, job)
     sink = MlflowSink(p["tracking_uri"], run_id, d)
+    try:
+        return _run_logged(p, d, upstream, c, sink)
+    finally:
+        sink.close()
+
+
+def _run_logged(p: dict[str, Any], d: StageDir, upstream: tuple[Any, ...], c: Any, sink: MlflowSink) -> Any:
+    """The stage itself, then its result, final metrics and artifacts, then FINISHED, then DONE; on
+    failure, status.json and a FAILED run naming the error, then the error raised again."""
+    run_id = p["run_id"]
     monitor = system_monitor(p["tracking_uri"], run_id) if STAGE_KINDS[p["kind"]].system_metrics else None
     t0 = time.time()
     try:
@@ -125,6 +136,10 @@ def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[Any, ...]) -> Any:
     except BaseException as err:
         if monitor:
             monitor.finish()
+        try:
+            sink.flush(FAILED_FLUSH_S)  # what the stage logged before it failed
+        except TrackingError:
+            pass
         message = f"{type(err).__name__}: {err}"
         try:
             write_json(d.status, {"state": "failed", "error": message, "traceback": traceback.format_exc()})
@@ -144,6 +159,7 @@ def _run_main(p: dict[str, Any], d: StageDir, upstream: tuple[Any, ...]) -> Any:
     for path in [d.spec, d.result] + [d / name for name in STAGE_KINDS[p["kind"]].artifacts]:
         if path.exists():
             sink.artifact(path)
+    sink.flush()  # every point in the store before the run says FINISHED; raises TrackingError after the patience
     c.set_terminated(run_id, "FINISHED")
     write_json(d.done, {"finished": time.time()})  # last: its presence means all of the above happened
     return result

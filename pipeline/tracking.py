@@ -7,6 +7,9 @@ creates the store, the experiment and every run, and workers only log to run ids
 from __future__ import annotations
 
 import json
+import os
+import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -245,11 +248,119 @@ def numeric(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+class TrackingError(RuntimeError):
+    """A stage's metrics could not be delivered to its MLflow store within the patience; ``str()``
+    names the store, how long it has not answered, what is kept and the fix."""
+
+
+PATIENCE_S = 1800.0  # how long a stage's points wait for an unanswering store (SSLGRID_TRACKING_PATIENCE_S), seconds
+
+
+def patience_s() -> float:
+    try:
+        return float(os.environ.get("SSLGRID_TRACKING_PATIENCE_S", PATIENCE_S))
+    except ValueError:
+        return PATIENCE_S
+
+
+def _transient(err: BaseException) -> bool:
+    """Whether ``err`` from the store may pass when the store is back (a refused or dropped
+    connection, a 5xx, a database that restarts), not a request the store will always refuse."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return True
+
+
+class _Sender(threading.Thread):
+    """Delivers a stage's points and tags to its run, in order, from one thread with one client: the
+    training loop never waits for the store. Each call is MLflow's, with its HTTP retries
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, about 4 minutes by default); when those run out, or a database
+    store refuses a connection, the same batch is sent again every few seconds until it lands or the
+    store has not answered for ``patience_s()`` seconds. A batch sent again after a lost answer is
+    the same batch (same keys, steps, values and timestamps), which MLflow's SQL store keeps once.
+
+    MLflow's own asynchronous logging (``log_batch(..., synchronous=False)``) sends from a pool of
+    10 threads and drops a batch when its retries run out, so it neither keeps order nor outlives
+    a longer outage: tests/integration/test_faults.py restarts a real server under a stage."""
+
+    def __init__(self, uri: str, run_id: str):
+        super().__init__(name=f"sslgrid-sink-{run_id[:8]}", daemon=True)
+        self.uri, self.run_id = uri, run_id
+        self.c = client(uri)
+        self.q: queue.Queue = queue.Queue()
+        self.error: str | None = None
+        self.outage_s = 0.0  # the longest time the store did not answer, seconds
+        self.start()
+
+    def put(self, metrics: list = (), tags: list = ()) -> None:
+        self.q.put((list(metrics), list(tags)))
+
+    def run(self) -> None:
+        while True:
+            item = self.q.get()
+            try:
+                if item is None:  # close(): a Ray worker runs many stages, each with its own sender
+                    return
+                if self.error is None:
+                    self._deliver(*item)
+            finally:
+                self.q.task_done()
+
+    def close(self) -> None:
+        """End the thread once what was put before is delivered (or given up)."""
+        self.q.put(None)
+
+    def _deliver(self, metrics: list, tags: list) -> None:
+        from pipeline.stores import shown
+
+        first_failure, delay = None, 1.0
+        while True:
+            try:
+                for i in range(0, max(len(metrics), 1), 1000):  # MLflow's limit per batch
+                    self.c.log_batch(self.run_id, metrics=metrics[i:i + 1000], tags=tags if i == 0 else [])
+                return
+            except Exception as err:  # noqa: BLE001 — sorted by _transient
+                now = time.time()
+                first_failure = first_failure or now
+                self.outage_s = max(self.outage_s, now - first_failure)
+                if not _transient(err) or now - first_failure > patience_s():
+                    lost = self.q.qsize() + 1
+                    self.error = (f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                                  f"(the store {shown(self.uri)} did not take this stage's points for "
+                                  f"{now - first_failure:.0f} s; {lost} batches of them are not in MLflow)")
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until every batch put so far is delivered, at most ``timeout_s`` seconds. Raises
+        TrackingError when one could not be delivered or the time ran out."""
+        from pipeline.stores import shown
+
+        deadline = time.time() + timeout_s
+        while self.q.unfinished_tasks and time.time() < deadline and self.error is None:
+            time.sleep(0.05)
+        if self.error is None and self.q.unfinished_tasks:
+            self.error = (f"the store {shown(self.uri)} has not taken this stage's last points after "
+                          f"{timeout_s:.0f} s; {self.q.unfinished_tasks} batches of them are not in MLflow")
+        if self.error is not None:
+            raise TrackingError(f"{self.error}. The stage's results are in its folder; when the store answers "
+                                f"again, rerun `sslgrid run`: the stage resumes from its last checkpoint. "
+                                f"SSLGRID_TRACKING_PATIENCE_S (now {patience_s():.0f} s) sets how long a stage waits.")
+
+
 class MlflowSink:
     """The sink a stage is given: metrics and artifacts go to its MLflow run; progress to a small
     JSON file in the stage directory, which the driver polls (it works on every backend that shares
     the work directory, SLURM included), and to the run's ``sslgrid.progress`` tag, which
-    ``sslgrid status`` reads on machines without the work directory (pipeline/watch.py)."""
+    ``sslgrid status`` reads on machines without the work directory (pipeline/watch.py).
+
+    Points, progress and warning tags go through one background sender (``_Sender``): a tracking
+    server that restarts or a database that is briefly away does not stop training, and nothing
+    logged meanwhile is lost or doubled. ``flush()`` waits for them; the stage's run is marked
+    FINISHED only after it."""
 
     PROGRESS_TAG = "sslgrid.progress"
 
@@ -258,12 +369,23 @@ class MlflowSink:
         self.run_id = run_id
         self.stage_dir = StageDir(stage_dir)
         self.first_progress: tuple[int, float] | None = None  # (done, time) of this attempt's first report
+        self.sender = _Sender(uri, run_id)
 
     def log(self, metrics: dict[str, float], step: int, *, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
-        self.c.log_batch(self.run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+        self.sender.put(metrics=[Metric(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Return once every point, progress and warning given so far is in the store; waits at
+        most ``timeout_s`` seconds (default ``patience_s()``). Raises TrackingError naming the store
+        and the fix when they could not be delivered."""
+        self.sender.flush(patience_s() if timeout_s is None else timeout_s)
+
+    def close(self) -> None:
+        """Stop the sender's thread after what it holds; call ``flush`` first to know it landed."""
+        self.sender.close()
 
     def artifact(self, path: Path) -> None:
         path = Path(path)
@@ -276,23 +398,27 @@ class MlflowSink:
         """``done`` of ``total`` units (epochs, iterations) finished, at ``time`` (Unix seconds); with
         ``start_done``/``start_time``, this attempt's first report (a resumed stage starts at its
         checkpoint's epoch), so that a rate counts only the units this attempt did."""
+        from mlflow.entities import RunTag
+
         now = time.time()
         if self.first_progress is None:
             self.first_progress = (done, now)
         record = {"done": done, "total": total, "time": now,
                   "start_done": self.first_progress[0], "start_time": self.first_progress[1]}
         write_json(self.stage_dir.progress, record)
-        self.c.set_tag(self.run_id, self.PROGRESS_TAG, json.dumps(record, sort_keys=True))
+        self.sender.put(tags=[RunTag(self.PROGRESS_TAG, json.dumps(record, sort_keys=True))])
 
     def warn(self, message: str) -> None:
         """Appended to ``warnings.log`` in the stage folder (the driver prints it when the stage ends)
         and to the run's ``sslgrid.warnings`` tag; also on stderr, for the worker's log."""
         import sys
 
+        from mlflow.entities import RunTag
+
         print(f"warning: {message}", file=sys.stderr)
         with open(self.stage_dir.warnings, "a") as f:
             f.write(message.replace("\n", " ") + "\n")
-        self.c.set_tag(self.run_id, WARNINGS_TAG, self.stage_dir.warnings.read_text()[-5000:])
+        self.sender.put(tags=[RunTag(WARNINGS_TAG, self.stage_dir.warnings.read_text()[-5000:])])
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from tests.integration.helpers import REPO, cli_args, history, stage_runs, write_grid
+from tests.integration.helpers import REPO, cli_args, free_port, history, stage_runs, write_grid
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +46,130 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None)
             raise AssertionError(f"the grid ended (exit {proc.returncode}) before {what}:\n{proc.stdout.read()}")
         assert time.time() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(0.2)
+
+
+LONG = """
+name: tiny
+defaults:
+  dataset: {name: synthetic, num_train: 192, num_val: 96}
+  backbone: {name: tiny_resnet, bn_splits: 2}
+  pretrain: {method: mocov2, epochs: 24, batch_size: 32, lr: 0.03, K: 64, m: 0.99}
+  linear_probe: {epochs: 2, batch_size: 64}
+evaluations: [linear_probe]
+resources:
+  pretrain: {cpus: 1}
+"""
+
+
+def _server(store: Path, port: int, log: Path) -> subprocess.Popen:
+    """``sslgrid server`` on loopback, with a SQLite store; returns once /health answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port), "--backend-store-uri",
+                             f"sqlite:///{store}", "--artifacts-destination", str(store.parent / "artifacts")],
+                            cwd=store.parent, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.3)
+
+
+def test_tracking_server_restart_while_a_stage_logs(tmp_path):
+    """The stage keeps training while the server is down (the old sink blocked in MLflow's retries),
+    every point logged meanwhile lands once, and the stage's run ends FINISHED."""
+    store, log, port = tmp_path / "server" / "store.db", tmp_path / "server.log", free_port()
+    store.parent.mkdir()
+    server = _server(store, port, log)
+    uri = f"http://127.0.0.1:{port}"
+    grid = write_grid(tmp_path, LONG)
+    args = cli_args(grid, tmp_path)
+    args[args.index("--tracking-uri") + 1] = uri
+    proc = subprocess.Popen(args, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        dirs = lambda: list((tmp_path / "runs").glob("pretrain/*/"))  # noqa: E731
+        _wait(lambda: dirs() and _progress(dirs()[0]) >= 2, 240, "two epochs", proc)
+        stage = dirs()[0]
+        os.killpg(server.pid, signal.SIGKILL)  # a crash, not a clean stop
+        server.wait(timeout=30)
+        down_at = _progress(stage)
+        # training goes on without the server: three more epochs while it is down
+        _wait(lambda: _progress(stage) >= down_at + 3, 120, "three epochs while the server is down", proc)
+        server = _server(store, port, log)
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out
+        c = MlflowClient(uri)
+        run = next(r for r in c.search_runs([c.get_experiment_by_name("tiny").experiment_id], max_results=100)
+                   if r.data.tags.get("sslgrid.stage") == "pretrain")
+        assert run.info.status == "FINISHED"
+        steps = sorted(m.step for m in c.get_metric_history(run.info.run_id, "loss"))
+        assert steps == list(range(25)), steps  # 24 epochs and the final value: none lost, none doubled
+        assert json.loads(run.data.tags["sslgrid.progress"])["done"] == 24
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def _ray(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).with_name("ray")), *args], env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+def _raylets() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def test_a_ray_worker_node_dies_mid_stage(tmp_path):
+    """A two-node Ray cluster on this machine (a head without CPUs, a worker node with one): the
+    worker node's raylet is killed while the pretraining runs there. A replacement node joins; the
+    stage is rescheduled on it, resumes from its last checkpoint into the same MLflow run, and the
+    grid ends with exit 0."""
+    port = free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="sslgrid-faults-" + "0" * 40)
+    head = _ray("start", "--head", f"--port={port}", "--num-cpus=0", "--include-dashboard=false",
+                "--node-ip-address=127.0.0.1", "--disable-usage-stats", env=env)
+    assert head.returncode == 0, head.stderr
+    try:
+        before = _raylets()
+        join = ["start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--node-ip-address=127.0.0.1",
+                "--disable-usage-stats"]
+        assert _ray(*join, env=env).returncode == 0
+        node = _raylets() - before
+        assert len(node) == 1, node
+        grid = write_grid(tmp_path, LONG)
+        proc = subprocess.Popen(cli_args(grid, tmp_path, "--ray-address", f"127.0.0.1:{port}"), cwd=tmp_path,
+                                env=dict(env, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            dirs = lambda: list((tmp_path / "runs").glob("pretrain/*/"))  # noqa: E731
+            _wait(lambda: dirs() and _progress(dirs()[0]) >= 2, 240, "two epochs on the worker node", proc)
+            stage = dirs()[0]
+            os.kill(node.pop(), signal.SIGKILL)
+            lost_at = _progress(stage)
+            assert _ray(*join, env=env).returncode == 0  # the replacement node
+            out, _ = proc.communicate(timeout=500)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 0, out
+        assert "ran 2, cached 0, failed 0" in out, out
+        runs = [r for r in stage_runs(tmp_path) if r.data.tags["sslgrid.stage"] == "pretrain"]
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same run, not a second one
+        resumed = history(tmp_path, runs[0].info.run_id, "resumed_from_epoch")
+        assert len(resumed) == 1 and 1 <= resumed[0][1] <= lost_at + 1, (resumed, lost_at)
+        steps = [s for s, _ in history(tmp_path, runs[0].info.run_id, "loss")]
+        assert steps == list(range(25)), steps
+    finally:
+        _ray("stop", "--force", env=env)
 
 
 FULL = """

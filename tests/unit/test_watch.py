@@ -62,6 +62,7 @@ def _finish_all(plan: Plan, run_ids: dict[str, str], tmp_path: Path, but: Stage 
     sink.progress(0, 5)
     sink.log({"loss": 4.6512, "top1": 41.2}, step=4)
     sink.progress(5, 5)
+    sink.flush(30)  # the sink sends from a thread of its own
     c.log_metric(run_ids[probe.key], "top1", 38.25)
     for s in plan.ordered():
         if s is not but:
@@ -135,10 +136,12 @@ def test_watch_exits_once_the_running_stage_finishes_and_the_driver_lets_go(tmp_
     c.update_run(run_ids[moco.key], status="RUNNING")
     sink = MlflowSink(plan.grid.tracking_uri, run_ids[moco.key], d.path)
     sink.progress(3, 5)
+    sink.flush(30)
 
     def finish() -> None:  # what run_stage does at a stage's end, then the driver's exit
         time.sleep(1.0)
         sink.progress(5, 5)
+        sink.flush(30)
         (d / "result.json").write_text(json.dumps({"checkpoint": "final.pt", "feat_dim": 7, "epochs": 5}))
         c.set_terminated(run_ids[moco.key], "FINISHED")
         (d / "DONE").write_text("{}")
