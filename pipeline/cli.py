@@ -427,7 +427,7 @@ def _rounds(grid, state, live: dict, factory, preflight, code: str, parent_id: s
 
 
 def _summarise(args: argparse.Namespace, plan: Plan, outcomes: dict, parent_id: str, exp_id: str,
-               console: Console, decision=None) -> list:
+               console: Console, decision=None) -> tuple[list, bool]:
     """Print what ran, what failed and why, the report (written and logged on the parent run) and
     where the MLflow UI shows it; returns the failed outcomes and whether the report was written (a
     full disk under the work directory is said in one line, not a traceback)."""
