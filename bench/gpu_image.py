@@ -15,10 +15,11 @@ IMAGE_LIST = Path(__file__).with_name("gpu-image-packages.txt")
 SHARED_LIST = Path(__file__).resolve().parents[1].parent / "shared" / "gpu-image-packages.txt"
 
 # The project's dependencies (pyproject.toml) that the image lacks, distribution → the module it is
-# imported as. The check works without them: YAML through bench/yaml12.py, no Ray, MLflow, submitit or
-# COCO evaluation. tests/unit/test_gpu_image.py keeps this equal to pyproject's list minus the image's.
+# imported as. The check works without them: YAML through bench/yaml12.py, no Ray, MLflow, submitit,
+# COCO evaluation or PostgreSQL driver. tests/unit/test_gpu_image.py keeps this equal to pyproject's list
+# minus the image's.
 MISSING: dict[str, str] = {"ruamel.yaml": "ruamel", "ray": "ray", "mlflow": "mlflow", "submitit": "submitit",
-                           "pycocotools": "pycocotools"}
+                           "pycocotools": "pycocotools", "psycopg": "psycopg"}
 
 
 def normalise(name: str) -> str:

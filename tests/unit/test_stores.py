@@ -71,3 +71,21 @@ def test_unreachable_server_names_the_uri_and_what_to_check(tmp_path, monkeypatc
     assert "Connection refused" in out
     assert "Check that the database server runs and listens at that host and port" in out
     assert "Traceback" not in out and not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_server_pool_outlasts_mlflows_nested_sessions(tmp_path, monkeypatch):
+    """MLflow's log_batch holds a pooled connection while taking a second; with SQLAlchemy's default
+    pool (5 + 10) 64 writers through `sslgrid server` got "400 QueuePool limit ... reached" after 30 s
+    waits (bench/tracking_load.py, bench/README.md). The server gets 41 connections per worker, one
+    more than the 40 requests a worker serves at once; settings in the environment win."""
+    import pipeline.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env=None: seen.update(cmd=cmd, env=env) or 0)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", raising=False)
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "50")
+    assert main(["server", "--backend-store-uri", f"sqlite:///{tmp_path / 's.db'}", "--port", "5999"]) == 0
+    assert seen["env"]["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] == "10"
+    assert seen["env"]["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] == "50"
+    assert seen["cmd"][seen["cmd"].index("--workers") + 1] == "2"  # 2 × (10 + 31) = 82 < PostgreSQL's 100
