@@ -208,6 +208,7 @@ class Result:
     open: bool = False
     ks: tuple[int, ...] = ()
     values: tuple[float, ...] = ()  # the contrast on each seed its cells finished, in seed order
+    resolution: float = 0.0  # the step the contrast moves in (``resolution``): its tests' rounding variance
 
     @property
     def n(self) -> int:
@@ -303,19 +304,21 @@ def per_seed(values: Values, claim: Claim, names: tuple[str, ...]) -> tuple[tupl
 RELATIVE_TIE = 1e-6  # float32 metrics agree to about 7 digits
 
 
-def tolerance(values: Values, claim: Claim, names: tuple[str, ...]) -> float:
-    """How far apart two per-seed values of the contrast may be and still count as equal: half the
-    metric's resolution when the stages logged it (top-1 moves in steps of 100 / val_images points),
-    and at least 1e-6 of the cells' values (float32 noise), summed over the terms."""
+def resolution(values: Values, claim: Claim, names: tuple[str, ...]) -> float:
+    """The step h the contrast's per-seed value is quantised in, for the rounding (Sheppard)
+    variance h²/12 its tests add to the seeds' variance (pipeline/sequential.py): top-1 moves in
+    steps of hᵢ = 100 / val_images points where the stages logged val_images, and a contrast
+    Σ cᵢxᵢ of values rounded independently has rounding variance Σ (cᵢhᵢ)²/12, so h² = Σ (cᵢhᵢ)²;
+    at least twice 1e-6 of the cells' values, summed over the terms (float32 noise)."""
     kind, name = claim.metric
-    res, scale = 0.0, 0.0
+    squares, scale = 0.0, 0.0
     for (coef, _), base in zip(claim.terms, names):
         cell = values.get(base, {})
         count = cell.get((kind, "val_images"), {})
         if name.startswith("top1") and count:
-            res = max(res, abs(coef) * 100.0 / max(1.0, min(count.values())))
+            squares += (coef * 100.0 / max(1.0, min(count.values()))) ** 2
         scale += abs(coef) * max((abs(v) for v in cell.get(claim.metric, {}).values()), default=0.0)
-    return max(res / 2, RELATIVE_TIE * scale)
+    return max(squares ** 0.5, 2 * RELATIVE_TIE * scale)
 
 
 def check(grid, values: Values, claims: tuple[Claim, ...] = CLAIMS, design: Any = None,
@@ -332,7 +335,8 @@ def check(grid, values: Values, claims: tuple[Claim, ...] = CLAIMS, design: Any 
     rows: list[tuple[Claim, Picked]] = [(c, pk) for c in claims if (pk := picked(grid, c)) is not None]
     members = [(c, pk) for c, pk in rows if not pk.why and (family is None or c.id in family)]
     data = {c.id: per_seed(values, c, pk.names) for c, pk in members}
-    looked = [ClaimLooks(data[c.id][1], tuple((looks or {}).get(c.id, ())), c.margin, tolerance(values, c, pk.names))
+    steps = {c.id: resolution(values, c, pk.names) for c, pk in members}
+    looked = [ClaimLooks(data[c.id][1], tuple((looks or {}).get(c.id, ())), c.margin, steps[c.id])
               for c, pk in members]
     decided = dict(zip((c.id for c, _ in members), verdicts(looked, design, sequential=looks is not None)))
     out: list[Result] = []
@@ -348,7 +352,8 @@ def check(grid, values: Values, claims: tuple[Claim, ...] = CLAIMS, design: Any 
             out.append(Result(c, NOT_TESTED, None, pk.names, "; ".join(missing), v.p, v.level, True, pk.ks))
             continue
         est = Estimate(v.mean, v.low, v.high, v.n, paired=True)
-        out.append(Result(c, v.verdict, est, pk.names, "", v.p, v.level, v.open, pk.ks, data[c.id][1]))
+        out.append(Result(c, v.verdict, est, pk.names, "", v.p, v.level, v.open, pk.ks, data[c.id][1],
+                          steps[c.id]))
     return out
 
 
@@ -449,8 +454,9 @@ def markdown(results: list[Result]) -> str:
             "(the family's correction, and in a sequential decision the look's share of alpha; "
             "pipeline/sequential.py). A claim **holds** when its interval lies above 0 and is **reversed** when "
             "it lies below; a \"same\" claim is **same** when two one-sided tests place it inside ±margin and "
-            "**differs** when it lies wholly outside; otherwise **inconclusive**. Seeds whose values tie within "
-            "the metric's resolution give no interval. Cells are picked by config (pipeline/claims.py), K by "
+            "**differs** when it lies wholly outside; otherwise **inconclusive**. Top-1 moves in steps of one "
+            "image (h = 100 / val_images points): the rounding variance h²/12 is added to the seeds' variance "
+            "in every test and interval, so seeds that agree are neither certainty nor nothing. Cells are picked by config (pipeline/claims.py), K by "
             "rank; the paper's numbers are ImageNet ResNet-50, ours test the direction."
             "\n\n" + "\n".join(lines))
 

@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-paper", action="store_true", help="print the paper's own numbers beside ours")
     p.add_argument("--correction", choices=("holm", "bonferroni", "none"),
                    help="across the claims and across the starred differences (default: the grid's "
-                        "decide.correction, holm); none shows the raw per-claim verdicts")
+                        "decide.correction, holm); none shows the raw per-claim verdicts. Another correction "
+                        "than the grid's own is printed only: no file, tag or look is written")
     p = sub.add_parser("ui", help="start the MLflow UI on a grid's tracking store (loopback)")
     p.add_argument("grid", nargs="?", help="grid YAML file (for its tracking URI and experiment)")
     p.add_argument("--tracking-uri")
@@ -125,7 +126,8 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
         d = state.settings
         pre = lambda p: sum(s.kind == ROOT for s in p.stages.values())  # noqa: E731
         decide_lines = [
-            f"--decide: {len(state.family)} claims decided together ({', '.join(state.family)}), family-wise alpha "
+            f"--decide: {len(state.family)} claim{'s' if len(state.family) != 1 else ''} decided together "
+            f"({', '.join(state.family)}), family-wise alpha "
             f"{d.alpha:g}, {d.correction}, seeds {d.start_seeds}..{d.max_seeds} ({d.spending} spending)",
             f"{'round ' + str(state.rounds + 1) if state.rounds else 'first round'} (the table above): "
             f"{pre(plan)} pretrainings, {len(plan.stages)} stages, {D.plan_hours(plan):.4g} GPU-hours",
@@ -354,8 +356,9 @@ def _run_locked(args: argparse.Namespace, plan: Plan, factory, preflight, consol
 def _decide_rounds(decision: tuple, live: dict, factory, preflight, code: str, parent_id: str,
                    console: Console) -> dict:
     """``--decide``'s rounds (pipeline/decide.py): run the seeds, look, give open claims' cells one
-    more seed, until every claim is decided or nothing more may run. The state is saved after each
-    look (and logged on the parent run), so a killed decision resumes at its look. Returns the
+    more seed, until every claim is decided or nothing more may run. The state is saved before the
+    first round and after each look (and logged on the parent run), so a killed decision resumes at
+    its look with the settings it started with. Returns the
     outcomes of the last round's plan; a failed stage ends the rounds (rerun to retry it)."""
     from pipeline.tracking import client
 
@@ -398,6 +401,10 @@ def _rounds(grid, state, live: dict, factory, preflight, code: str, parent_id: s
     from pipeline.report import _write_run_json, replicate_values, stage_runs
     from pipeline.tracking import prepare_runs
 
+    # the settings are fixed before round 1 runs: a first round that is killed or fails keeps them
+    # (a rerun with other decide.* settings is refused) and report/status read the grid at its seeds
+    D.save(grid, state)
+    _write_run_json(c, parent_id, D.ARTIFACT, json.loads(state.to_json()))
     while True:
         plan = build_plan(D.grid_at(grid, state))
         _, _, run_ids = prepare_runs(plan)
@@ -691,7 +698,11 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     text, files = write_report(plan, compare_paper=args.compare_paper, correction=args.correction, decision=decision,
                                overrides=list(args.override))
     console.print(text, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"written: {', '.join(map(str, files))}")
+    if files:
+        console.print(f"written: {', '.join(map(str, files))}")
+    else:  # another --correction than the grid's own: a preview (pipeline/report.py write_report)
+        console.print(f"nothing written: --correction {args.correction} is a preview; the stored report and "
+                      f"verdicts keep the grid's own correction", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -29,7 +29,7 @@ MS_PER_IMAGE_EPOCH_MOCO_R50 = 53 * 8 * 3600 * 1000 / (200 * 1_281_167)
 ANCHOR_UNITS = 4  # the anchor's passes per image: MoCo's query fwd+bwd plus key fwd
 GPU_S_PER_DET_IMAGE_R50_C4 = 0.551 * 8 / 16  # detectron2 MODEL_ZOO.md, faster_rcnn_R_50_C4_1x
 GMAC_224 = {"resnet50": 4.1, "resnet18": 1.8, "tiny_resnet": 0.064 * (224 / 32) ** 2}
-TRAIN_IMAGES = {"cifar10": 50_000, "stl10": 5_000, "fashion_mnist": 60_000}
+from pipeline.spec import TRAIN_IMAGES  # the train splits' sizes, shared with the K check
 
 
 def train_images(ds: Any) -> int | None:

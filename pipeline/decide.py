@@ -14,7 +14,7 @@ first seed and kept with the grid's run. Each **round**:
 4. stops when every claim is decided, or no open claim can get a seed (``max_seeds`` or the budget).
 
 The state (settings, family, seeds per cell, looks per claim, rounds, GPU-hours) is written to
-``<workdir>/decide.json`` by write-then-rename after each look, and logged on the grid's parent run
+``<workdir>/decide.json`` by write-then-rename before the first round and after each look, and logged on the grid's parent run
 (``sslgrid/decide.json``), so a killed ``--decide`` resumes at the same look (the round's finished
 stages are cached) and rerunning a finished one spends nothing.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,8 @@ def claim_cells(grid: Grid, claims: list[Claim]) -> dict[str, list[str]]:
 
 def start(grid: Grid) -> State:
     """A new decision's state: every cell of the family at ``start_seeds``, the others at one seed.
-    Raises DecideError when the grid gives its own seeds (which would conflict)."""
+    Raises DecideError when the grid gives its own seeds (which would conflict), or when the first
+    round alone costs more than ``budget_gpu_hours`` (the budget includes it; ``check_budget``)."""
     design = grid.decide
     if grid.seeded:
         raise DecideError(f"{grid.path}: seeds/repeats and --decide are both given: --decide chooses each cell's "
@@ -115,8 +117,37 @@ def start(grid: Grid) -> State:
     fam = family(grid, design)
     cells = {b for names in claim_cells(grid, fam).values() for b in names}
     seeds = {base: (design.start_seeds if base in cells else 1) for base in grid.replicates()}
-    return State(design=_design_dict(design), family=[c.id for c in fam], seeds=seeds,
-                 looks={c.id: [] for c in fam})
+    state = State(design=_design_dict(design), family=[c.id for c in fam], seeds=seeds,
+                  looks={c.id: [] for c in fam})
+    check_budget(grid, state)
+    return state
+
+
+def _up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits (a budget that surely covers ``x``)."""
+    if x <= 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / step - 1e-9) * step
+
+
+def check_budget(grid: Grid, state: State) -> None:
+    """Raise DecideError (exit 2) when the first round (every stage at the state's seeds, by sslgrid
+    plan's model) costs more than the design's GPU-hour budget, which includes it: the decision
+    could not run even its first look within the budget."""
+    design = state.settings
+    if design.budget_gpu_hours is None or state.rounds:
+        return
+    first = build_plan(grid_at(grid, state))
+    hours = plan_hours(first)
+    if hours <= design.budget_gpu_hours + 1e-12:
+        return
+    pretrainings = sum(s.kind == ROOT for s in first.stages.values())
+    raise DecideError(f"{grid.path}: decide.budget_gpu_hours = {design.budget_gpu_hours:g}, but the first round alone "
+                      f"({pretrainings} pretrainings, {len(first.stages)} stages at {design.start_seeds} seeds per cell "
+                      f"of the claims) costs {hours:.4g} GPU-hours by sslgrid plan's model, and the budget includes "
+                      f"the first round. Raise decide.budget_gpu_hours to at least {_up(hours):g}, lower "
+                      f"decide.start_seeds, or set the budget to null (no budget).")
 
 
 def _design_dict(design: Design) -> dict[str, Any]:
@@ -225,7 +256,8 @@ def next_seeds(grid: Grid, state: State, results: list[Result]) -> tuple[dict[st
     for cid in wants:
         r = by_id[cid]
         values = r.values
-        power = next_look_power(values, design, r.level or design.alpha, r.claim.margin) if values else 0.0
+        power = (next_look_power(values, design, r.level or design.alpha, r.claim.margin, r.resolution)
+                 if values else 0.0)
         ranked.append((power / max(cost(grow(state.seeds, cid)), 1e-12), cid))
     seeds = dict(state.seeds)
     for _, cid in sorted(ranked, reverse=True):

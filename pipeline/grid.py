@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -469,15 +470,38 @@ def _resources(doc: dict, problems: _Problems) -> tuple[dict[str, Resources], di
         if res.gpus and res.processes and res.processes > 1 and res.processes > res.gpus:
             whole = max(1, int(res.gpus))
             problems.add("", Problem(f"resources.{kind}.processes", res.processes,
-                                     f"more processes than the stage's {res.gpus:g} GPUs; each process needs a GPU "
-                                     f"of its own (NCCL refuses two ranks on one device). Set processes to {whole} "
-                                     f"or fewer, raise resources.{kind}.gpus to {res.processes}, or set "
-                                     f"resources.{kind}.gpus to 0 to run the {res.processes} processes on CPUs"))
+                                     f"more processes than the stage's {_count(res.gpus, 'GPU')}; each process needs a "
+                                     f"GPU of its own (NCCL refuses two ranks on one device). Set processes to "
+                                     f"{whole}{' or fewer' if whole > 1 else ''}, raise resources.{kind}.gpus to "
+                                     f"{res.processes}, or set resources.{kind}.gpus to 0 to run the {res.processes} "
+                                     f"processes on CPUs"))
         elif res.gpus and res.processes and res.gpus / res.processes > 1 and not (res.gpus / res.processes).is_integer():
-            problems.add("", Problem(f"resources.{kind}.gpus", res.gpus,
-                                     f"cannot be shared by the {res.processes} processes: each gets whole GPUs; set "
-                                     f"processes to {int(res.gpus)} (one per GPU) or to a divisor of {res.gpus:g}"))
+            shown = int(res.gpus) if float(res.gpus).is_integer() else res.gpus  # 8, not 8.0
+            problems.add("", Problem(f"resources.{kind}.gpus", shown, _gpu_split(kind, res.gpus, res.processes)))
     return resources, cluster
+
+
+def _count(n: float, noun: str) -> str:
+    """``1 GPU``, ``2 GPUs``, ``1.5 GPUs`` (``:g``: no ``3.0``)."""
+    return f"{n:g} {noun}" + ("" if n == 1 else "s")
+
+
+def _gpu_split(kind: str, gpus: float, processes: int) -> str:
+    """Why ``gpus`` GPUs (more than one per process, not a whole number each) cannot be given to
+    ``processes`` processes, and the settings that can: each process gets whole GPUs (or, alone,
+    a fraction of one)."""
+    per = gpus / processes
+    low, high = math.floor(per), math.ceil(per)
+    if processes == 1:
+        return (f"one process gets a fraction of one GPU or whole GPUs, not {_count(gpus, 'GPU')}: set "
+                f"resources.{kind}.gpus to {low} or {high}, or below 1 to share a GPU")
+    fix = (f"set resources.{kind}.gpus to a multiple of {processes} ({low * processes} or {high * processes}, "
+           f"{_count(low, 'GPU')} or {high} per process)")
+    if float(gpus).is_integer():
+        divisors = [d for d in range(2, int(gpus) + 1) if int(gpus) % d == 0]
+        fix += f", or resources.{kind}.processes to {' or '.join(map(str, divisors))} (dividing {gpus:g})"
+    return (f"cannot be shared by the {processes} processes ({per:.3g} GPUs each): each process gets whole GPUs; "
+            f"{fix}")
 
 
 def _evaluations(node: Any, cell_names: list[str], problems: list[tuple[str, Problem]]

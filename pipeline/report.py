@@ -312,27 +312,44 @@ def _scope(plan: Plan) -> str:
     return "" if not plan.grid.only_studies else "-" + "+".join(sorted(plan.grid.only_studies))
 
 
+def _flags(overrides: list[str]) -> list[str]:
+    """``-o`` texts in a canonical order and spelling (``repeats = 3`` is ``repeats=3``), for comparing."""
+    return sorted("=".join(part.strip() for part in o.split("=", 1)) for o in overrides)
+
+
 def check_matches(plan: Plan, df: pd.DataFrame, parent, overrides: list[str] | None) -> None:
-    """Refuse (StateError, exit 2, nothing written) a report of another plan than the grid's last
-    run: one whose ``-o`` flags differ from that run's while some of its stages were never tracked.
-    It would show those cells pending and their claims not tested. Names the last run's flags.
-    ``overrides``: the report's ``-o`` texts (None: the driver's own report, which is its plan)."""
+    """Refuse (StateError, exit 2, nothing written, no tag touched) a report whose ``-o`` flags,
+    compared order-insensitively, differ from those of the grid's last ``sslgrid run`` (the parent
+    run's ``sslgrid.overrides`` tag). Such a report is of another plan, even where every one of its
+    stages was tracked: without the run's ``-o repeats=3``, seed 0 of each cell is the stage the
+    grid runs without seeds, so the report would read three-seed cells at one seed and overwrite the
+    stored report, verdicts and looks with it. ``--study`` is not compared (a report of one study
+    is allowed). ``overrides``: the report's ``-o`` texts (None: the driver's own report, which is
+    its plan)."""
     from pipeline.state import StateError
 
-    if overrides is None or df.empty or parent is None or set(plan.stages) <= set(df.index):
+    if overrides is None or parent is None:
         return
     try:
         last = json.loads(parent.data.tags.get(OVERRIDES, "") or "{}")
     except ValueError:
         last = {}
-    if "overrides" not in last or sorted(last["overrides"]) == sorted(overrides):
+    if not isinstance(last, dict) or not isinstance(last.get("overrides"), list):
         return
-    missing = len(set(plan.stages) - set(df.index))
-    flags = " ".join([f"-o {o}" for o in last.get("overrides", [])] + [f"--study {x}" for x in last.get("studies", [])])
-    raise StateError(f"{plan.grid.path}: {missing} of this plan's {len(plan.stages)} stages were never run, and the "
-                     f"grid's last run used other -o flags: `sslgrid run {plan.grid.path}{' ' + flags if flags else ''}`. "
-                     f"The report would call those cells pending and their claims not tested. Pass the run's -o flags "
-                     f"to the report (or run this plan first). Nothing was written.")
+    if _flags(last["overrides"]) == _flags(overrides):
+        return
+
+    def shown(flags: list[str]) -> str:
+        return " ".join(f"-o {o}" for o in flags) or "(no -o flags)"
+
+    studies = " ".join(f"--study {x}" for x in last.get("studies", []))
+    run = " ".join(x for x in (f"sslgrid run {plan.grid.path}", shown(last["overrides"]) if last["overrides"] else "",
+                               studies) if x)
+    raise StateError(f"{plan.grid.path}: this report's -o flags ({shown(list(overrides))}) are not those of the grid's "
+                     f"last run ({shown(last['overrides'])}; `{run}`): it would report another plan over that run's "
+                     f"results and replace its report, verdicts and looks. Pass the run's flags: `sslgrid report "
+                     f"{plan.grid.path}{' ' + shown(last['overrides']) if last['overrides'] else ''}` (order does not "
+                     f"matter; --study and --correction may be added). Nothing was written.")
 
 
 def _read_run_json(c, run_id: str, path: str) -> Any:
@@ -379,10 +396,13 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
     verdicts when ``decision``, a pipeline/decide.py State, or the one stored on the parent run
     exists), then the paper's tables and figures for the grid's named studies.
 
+    ``correction`` other than the grid's own (its decision's, else ``decide.correction``) is a
+    preview: the text says so, and nothing is written or logged (files: []).
+
     A report of ``--study`` only writes ``report-<study>.md``/``.csv`` and ``claims-<study>.csv``,
     and touches no other study's files or tags. A claim's stored verdict tag is never replaced by
-    "not tested". Raises StateError (nothing written) when the plan matches none of the tracked
-    stages and the report's ``overrides`` are not the last run's (``check_matches``)."""
+    "not tested". Raises StateError (nothing written) when the report's ``overrides`` are not the
+    last run's (``check_matches``)."""
     from pipeline import decide as D
     from pipeline.paper_tables import paper_tables
     from pipeline.plots import study_charts
@@ -396,14 +416,22 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
         stored = _read_run_json(c, parent.info.run_id, D.ARTIFACT)
         decision = D.State.from_dict(stored) if isinstance(stored, dict) else None
     design = decision.settings if decision is not None else plan.grid.decide
+    preview = correction is not None and correction != design.correction
     if correction is not None:
+        own = design.correction
         design = Design(**{**D._design_dict(design), "claims": design.claims, "correction": correction})
     looks_taken = {}
     if parent is not None and decision is None:
         looks_taken = _read_run_json(c, parent.info.run_id, LOOKS) or {}
     values = replicate_values(plan, df)
     table = cell_table(plan, df, values)
-    out = plan.grid.workdir / "report"
+    if preview:  # another correction than the grid's own: shown, never stored over the grid's verdicts
+        import tempfile
+
+        scratch = tempfile.TemporaryDirectory(prefix="sslgrid-preview-")
+        out = Path(scratch.name)
+    else:
+        out = plan.grid.workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     scope = _scope(plan)
     files = [out / f"report{scope}.md", out / f"report{scope}.csv"]
@@ -414,9 +442,13 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
         looks_taken=looks_taken, family=tuple(decision.family) if decision is not None else None,
         name=f"claims{scope}.csv")
     parts = [f"# {plan.grid.name}" + (f" (study {', '.join(plan.grid.only_studies)})" if scope else "")]
+    if preview:
+        parts.append(f"Printed only: --correction {correction} is not this grid's correction ({own}), so this report "
+                     f"wrote no file and changed no tag or look; report.md, claims.csv and the run's claim tags keep "
+                     f"the {own} verdicts.")
     if head:
         parts.append(head)
-        parts.append(_next_text(plan, results, decision))
+        parts.append(_next_text(plan, results, decision, _unfinished(plan, df)))
     parts += [_seed_note(plan), "## Cells", render(table)] + _notes(plan)
     charts = study_charts(plan, values, out)
     parts += [f"![{path.stem}]({path.name})" for path in charts]
@@ -441,6 +473,9 @@ def write_report(plan: Plan, parent_run_id: str | None = None, compare_paper: bo
         parts += ["## The paper's tables", extra]
     files += more
     text = "\n\n".join(parts)
+    if preview:
+        scratch.cleanup()
+        return text, []
     write_text(files[0], text + "\n")
     if not scope:
         for stale in set(out.iterdir()) - set(files):  # an earlier report's plots and tables of studies now gone
@@ -470,8 +505,14 @@ def _record_looks(c, run_id: str, looks: dict[str, list[int]], results: list) ->
         _write_run_json(c, run_id, LOOKS, looks)
 
 
-def _next_text(plan: Plan, results: list, decision: Any) -> str:
-    """What ``sslgrid run --decide`` would do next, in one paragraph."""
+def _unfinished(plan: Plan, df: pd.DataFrame) -> int:
+    """The plan's stages that failed or were killed (not run because an upstream stage failed)."""
+    return sum(k in df.index and df.at[k, "status"] in ("FAILED", "KILLED") for k in plan.stages)
+
+
+def _next_text(plan: Plan, results: list, decision: Any, failed: int = 0) -> str:
+    """What ``sslgrid run --decide`` would do next, in one paragraph; with ``failed`` stages of a
+    decision's round, that the same command retries them before any new round."""
     from pipeline import decide as D
 
     try:
@@ -493,6 +534,10 @@ def _next_text(plan: Plan, results: list, decision: Any) -> str:
                     f"{d.correction}).")
         if decision.finished:
             return f"Decision finished after {decision.rounds} round(s): {decision.why}. Rerunning it spends nothing."
+        if failed:
+            return (f"Next: {failed} stage(s) of round {decision.rounds + 1} failed or were stopped, and round "
+                    f"{decision.rounds + 1}'s look waits for them: rerun `sslgrid run {grid.path} --decide` (with the "
+                    f"same -o flags) to retry them first; its finished stages are kept.")
         base = _unseeded(grid)
         after, why = D.next_seeds(base, decision, results)
         if why:

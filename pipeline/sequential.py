@@ -16,9 +16,16 @@ The procedure here, for a family of C claims decided together, at level ``alpha`
      1987) for **same**, p = max(p(mean > −m), p(mean < m)); and for **differs**, twice the smaller
      of p(mean > m) and p(mean < −m). The claim's p is the smaller of the two; at most one of the
      two null hypotheses is true, so a false verdict of either kind has probability ≤ p's level.
-   - **a tie has no spread**: values whose range is at most ``tol`` (half the metric's resolution,
-     e.g. half an image of top-1, or 1e-6 relative) count as equal: no interval, p = 1. Exact float
-     equality is not the rule: float32 top-1 differs in the 6th digit from run to run.
+   - **the metric's resolution is part of the spread**: top-1 moves in steps of one image,
+     h = 100 / val_images points, so a per-seed value is known only to within its rounding, whose
+     variance is h²/12 (Sheppard's). Every t statistic (the directional test, both TOSTs and the
+     interval) uses s_eff² = s² + h²/12 in place of the sample variance s², with n − 1 degrees of
+     freedom (scipy's t distribution). For a contrast of values each rounded at hᵢ the rounding
+     variance is Σ cᵢ²hᵢ²/12, i.e. h² = Σ (cᵢhᵢ)² (pipeline/claims.py ``resolution``; at least the
+     float32 noise, 1e-6 relative). So seeds that agree (+5, +5, +5 images) are not certainty, nor
+     are they nothing: p falls as the effect grows, whatever the spread, and +1 image on every seed
+     decides nothing at 3 seeds. On continuous data (h = 0) this is the plain t-test; h > 0 only makes
+     a test more conservative. Exact float equality plays no part.
 2. **Looks are paid from a budget of α** (an α-spending function, Lan & DeMets 1983): the look at
    n seeds may spend the share s(n) = F(n/N) − F((n−1)/N) of α, N = ``max_seeds`` (the first look,
    at ``start_seeds``, spends F(start/N)); looks outside start..N spend nothing. F is the design's
@@ -28,7 +35,7 @@ The procedure here, for a family of C claims decided together, at level ``alpha`
    p-value** is min over its looks of p(n)/s(n): by the union bound over the fixed shares,
    P(min ≤ u) ≤ u whatever looks were taken and whenever they stopped (a Bonferroni split of α over
    the looks, the simplest valid group-sequential design; it ignores the looks' correlation, so it
-   is conservative: 3.4% family-wise at α = 0.05 in the simulation of tests/unit/test_sequential.py).
+   is conservative: 2.9% family-wise at α = 0.05 in the simulation of tests/unit/test_sequential.py).
 3. **Claims are corrected together**: Holm's step-down procedure (Holm 1979) over the claims'
    sequential p-values (``correction: holm``; ``bonferroni`` or ``none`` on request). Rejections
    only grow as looks are added (sequential p-values only fall), so a claim decided at an earlier
@@ -47,7 +54,6 @@ No torch: this runs where the report runs.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -114,43 +120,56 @@ class Design:
 FIXED = Design(start_seeds=2, max_seeds=MAX_SEEDS)  # only its alpha, correction are used in fixed-n mode
 
 
-def _ttest(d: np.ndarray, popmean: float, alternative: str = "two-sided"):
+def standard_error(d: np.ndarray, resolution: np.ndarray | float = 0.0) -> np.ndarray:
+    """The standard error of the mean of ``d`` along its last axis, with the rounding variance of a
+    metric quantised in steps of ``resolution`` (Sheppard's h²/12) added to the sample variance:
+    sqrt((s² + h²/12) / n). With h = 0, scipy's ``ttest_1samp`` standard error."""
+    d = np.asarray(d, dtype=np.float64)
+    h = np.asarray(resolution, dtype=np.float64)
+    return np.sqrt((np.var(d, axis=-1, ddof=1) + h * h / 12.0) / d.shape[-1])
+
+
+def _ttest(d: np.ndarray, popmean: float, alternative: str = "two-sided", resolution: np.ndarray | float = 0.0
+           ) -> np.ndarray:
+    """The p-value of the one-sample t-test of mean ``popmean`` over the last axis of ``d``, its
+    variance floored by the rounding variance (``standard_error``); scipy's t distribution, n − 1
+    degrees of freedom. nan where the standard error is 0 and the mean sits on ``popmean``."""
     from scipy import stats
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # zero variance: nan, handled as a tie by the caller
-        return stats.ttest_1samp(d, popmean, axis=-1, alternative=alternative)
+    df = d.shape[-1] - 1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (np.mean(d, axis=-1) - popmean) / standard_error(d, resolution)
+    if alternative == "greater":
+        return stats.t.sf(t, df)
+    if alternative == "less":
+        return stats.t.cdf(t, df)
+    return np.minimum(1.0, 2.0 * stats.t.sf(np.abs(t), df))
 
 
-def ties(d: np.ndarray, tol: np.ndarray | float) -> np.ndarray:
-    """Whether the values along the last axis are all equal within ``tol`` (their range ≤ tol)."""
-    return (np.max(d, axis=-1) - np.min(d, axis=-1)) <= np.asarray(tol)
-
-
-def look_pvalues(d: np.ndarray, margin: float | None = None, tol: np.ndarray | float = 0.0
+def look_pvalues(d: np.ndarray, margin: float | None = None, resolution: np.ndarray | float = 0.0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """One look's test of a claim from its per-seed values ``d`` (…×n, the contrast's value per
-    seed, in the metric's points). Returns (p, outcome), each of shape …: the p-value of the look
-    (1 where n < 2 or the values tie within ``tol``) and the verdict it points to (``OUTCOMES``
-    codes: 1 holds, −1 reversed for a directional claim; 2 same, 3 differs for one with ``margin``).
-    See the module docstring for the tests."""
+    seed, in the metric's points) whose metric moves in steps of ``resolution`` (h; 0 for a
+    continuous metric). Returns (p, outcome), each of shape …: the p-value of the look (1 where
+    n < 2, or no test exists) and the verdict it points to (``OUTCOMES`` codes: 1 holds, −1
+    reversed for a directional claim; 2 same, 3 differs for one with ``margin``). See the module
+    docstring for the tests and the rounding variance."""
     d = np.asarray(d, dtype=np.float64)
     shape = d.shape[:-1]
     if d.shape[-1] < 2:
         return np.ones(shape), np.zeros(shape, dtype=np.int64)
-    flat = ties(d, tol)
     if margin is None:
-        r = _ttest(d, 0.0)
-        p = r.pvalue
+        p = _ttest(d, 0.0, resolution=resolution)
         outcome = np.where(np.mean(d, axis=-1) >= 0, 1, -1)
     else:
-        p_same = np.maximum(_ttest(d, -margin, "greater").pvalue, _ttest(d, margin, "less").pvalue)
-        p_diff = np.minimum(1.0, 2.0 * np.minimum(_ttest(d, margin, "greater").pvalue,
-                                                  _ttest(d, -margin, "less").pvalue))
+        p_same = np.maximum(_ttest(d, -margin, "greater", resolution), _ttest(d, margin, "less", resolution))
+        p_diff = np.minimum(1.0, 2.0 * np.minimum(_ttest(d, margin, "greater", resolution),
+                                                  _ttest(d, -margin, "less", resolution)))
         p = np.minimum(p_same, p_diff)
         outcome = np.where(p_same <= p_diff, 2, 3)
-    p = np.where(flat | np.isnan(p), 1.0, p)
-    outcome = np.where(flat, 0, outcome)
+    none = np.isnan(p)
+    p = np.where(none, 1.0, p)
+    outcome = np.where(none, 0, outcome)
     return np.asarray(p, dtype=np.float64), np.asarray(outcome, dtype=np.int64)
 
 
@@ -195,27 +214,36 @@ def decide(pseq: np.ndarray, alpha: float, correction: str) -> tuple[np.ndarray,
     return pseq <= level, level
 
 
-def interval(d: np.ndarray, level: float, margin: float | None = None) -> tuple[float, float] | None:
+def interval(d: np.ndarray, level: float, margin: float | None = None, resolution: float = 0.0
+             ) -> tuple[float, float] | None:
     """The t-interval of the mean of ``d`` (n values) that goes with a test at ``level``: two-sided
-    1 − level for a directional claim, 1 − 2·level for an equivalence claim (TOST's interval).
-    None for n < 2."""
+    1 − level for a directional claim, 1 − 2·level for an equivalence claim (TOST's interval), its
+    standard error floored by the metric's rounding (``standard_error``). None for n < 2, or where
+    the standard error is 0 (a continuous metric whose values are all equal)."""
+    from scipy import stats
+
     d = np.asarray(d, dtype=np.float64)
     if d.shape[-1] < 2 or not 0 < level < 1:
         return None
-    confidence = 1.0 - (2.0 * level if margin is not None else level)
-    ci = _ttest(d, 0.0).confidence_interval(max(confidence, 1e-9))
-    return float(ci.low), float(ci.high)
+    se = float(standard_error(d, resolution))
+    if not se > 0:
+        return None
+    confidence = max(1.0 - (2.0 * level if margin is not None else level), 1e-9)
+    half = float(stats.t.isf((1.0 - confidence) / 2, d.shape[-1] - 1)) * se
+    mean = float(d.mean())
+    return mean - half, mean + half
 
 
 @dataclass(frozen=True)
 class ClaimLooks:
     """One claim's data for a verdict: its per-seed values in seed order (the contrast of its cells
-    on each seed they share), the numbers of seeds it was looked at, its margin and tie tolerance."""
+    on each seed they share), the numbers of seeds it was looked at, its margin and the step its
+    metric moves in (``resolution``, h: its rounding variance h²/12 floors the tests' variance)."""
 
     values: tuple[float, ...]
     looks: tuple[int, ...]
     margin: float | None = None
-    tol: float = 0.0
+    resolution: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -245,7 +273,7 @@ def verdicts(claims: list[ClaimLooks], design: Design, sequential: bool = True) 
     for i, c in enumerate(claims):
         looks = sorted({n for n in c.looks if 2 <= n <= len(c.values)}) if sequential else [latest[i]]
         for n in looks:
-            p, out = look_pvalues(np.asarray(c.values[:n])[None], c.margin, c.tol)
+            p, out = look_pvalues(np.asarray(c.values[:n])[None], c.margin, c.resolution)
             share = design.share(n) if sequential else 1.0
             new, better = fold(pseq[i:i + 1], p, share)
             if better[0]:
@@ -257,17 +285,19 @@ def verdicts(claims: list[ClaimLooks], design: Design, sequential: bool = True) 
         share = float(design.share(n)) if sequential else 1.0
         lvl = float(level[i]) * share
         d = np.asarray(c.values[:n])
-        ci = interval(d, lvl, c.margin) if n >= 2 and not ties(d, c.tol) and lvl > 0 else None
+        ci = interval(d, lvl, c.margin, c.resolution) if n >= 2 and lvl > 0 else None
         verdict = OUTCOMES[int(outcome[i])] if rejected[i] else INCONCLUSIVE
         out.append(Verdict(verdict, n, float(d.mean()) if n else None, ci[0] if ci else None, ci[1] if ci else None,
                            float(pseq[i]), lvl, not rejected[i] and latest[i] < design.max_seeds))
     return out
 
 
-def next_look_power(values: tuple[float, ...], design: Design, level: float, margin: float | None = None) -> float:
+def next_look_power(values: tuple[float, ...], design: Design, level: float, margin: float | None = None,
+                    resolution: float = 0.0) -> float:
     """The chance that one more seed decides an open claim, at its current estimate: the power of
     the next look's t-test at ``level`` × that look's share, with the true mean and standard
-    deviation taken as the current sample's (scipy's noncentral t). 0 with fewer than 2 values or
+    deviation taken as the current sample's, the latter with the rounding variance of a metric in
+    steps of ``resolution`` (``standard_error``; scipy's noncentral t). 0 with fewer than 2 values or
     no share left. It ranks claims when a GPU-hour budget cannot give every open one a seed."""
     from scipy import stats
 
@@ -276,7 +306,7 @@ def next_look_power(values: tuple[float, ...], design: Design, level: float, mar
     a = level * float(design.share(n1))
     if len(d) < 2 or a <= 0:
         return 0.0
-    sd = max(float(d.std(ddof=1)), 1e-12)
+    sd = max(math.sqrt(float(d.var(ddof=1)) + resolution * resolution / 12.0), 1e-12)
     se = sd / math.sqrt(n1)
     mean = float(d.mean())
     if margin is None:

@@ -423,6 +423,23 @@ def resolve_precision(cfg: StageConfig, resources: dict[str, Resources]) -> Stag
     return dataclasses.replace(cfg, **changes)
 
 
+TRAIN_IMAGES = {"cifar10": 50_000, "stl10": 5_000, "fashion_mnist": 60_000}  # their train splits (pipeline/cost.py)
+
+
+def _train_images(ds: DatasetSpec) -> tuple[int, str] | None:
+    """The number of training images a stage will read, where it is known before any is read, and
+    where it comes from: the synthetic set's ``num_train``; a known train split (``TRAIN_IMAGES``)
+    capped by ``max_train``; an ImageFolder's ``max_train`` (at most that many). None otherwise."""
+    if ds.name == "synthetic":
+        return ds.num_train, "dataset.num_train"
+    full = TRAIN_IMAGES.get(ds.name)
+    if ds.max_train is not None and (full is None or ds.max_train < full):
+        return ds.max_train, f"dataset.max_train = {ds.max_train}"
+    if full is not None:
+        return full, f"{ds.name}'s train split"
+    return None
+
+
 def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
     lo, hi = cfg.pretrain.augment.crop_scale
     if lo > hi:
@@ -430,10 +447,13 @@ def _cross_checks(cfg: StageConfig, problems: list[Problem]) -> None:
     if cfg.dataset.name == "imagefolder" and not cfg.dataset.root:
         problems.append(Problem("dataset.root", None, "an imagefolder dataset needs root: <folder with train/ and val/>"))
     p = cfg.pretrain
-    if p.record.negatives == "queue" and cfg.dataset.name == "synthetic" and p.config.K >= cfg.dataset.num_train:
+    known = _train_images(cfg.dataset)
+    if p.record.negatives == "queue" and known is not None and p.config.K >= known[0]:
         problems.append(Problem("pretrain.K", p.config.K,
-                                f"must be below the dataset size ({cfg.dataset.num_train}): a queue that long holds an "
-                                f"older key of each query's own image as a negative"))
+                                f"must be below the dataset size ({known[0]} training images: {known[1]}): a queue that long holds an "
+                                f"older key of each query's own image as a negative. Lower pretrain.K below "
+                                f"{known[0]}" + (", or raise dataset.max_train" if known[1].startswith("dataset.max_train")
+                                                 else "")))
     if p.record.trains and p.batch_size % cfg.backbone.bn_splits:
         problems.append(Problem("backbone.bn_splits", cfg.backbone.bn_splits,
                                 f"must divide pretrain.batch_size ({cfg.pretrain.batch_size})"))

@@ -47,7 +47,7 @@ def test_a_killed_decision_resumes_at_its_look_and_a_finished_one_spends_nothing
     grid = write_grid(tmp_path, DECIDE)
     plan = sslgrid(grid, tmp_path, "--decide", sub="plan")
     assert plan.returncode == 0, plan.stderr
-    assert "--decide: 1 claims decided together (table1.mlp-beats-none)" in plan.stdout
+    assert "--decide: 1 claim decided together (table1.mlp-beats-none)" in plan.stdout
     assert "first round (the table above): 5 pretrainings, 10 stages" in plan.stdout
     assert "worst case (every cell of the claims at 3 seeds): 7 pretrainings, 14 stages" in plan.stdout
 

@@ -172,7 +172,7 @@ def test_section_writes_the_csv_and_tags(mini, tmp_path):
     head, text, files, tags, _ = section(mini, values, tmp_path)
     assert head.startswith("Statistics: 1 of 15 claims tested, Holm across the 15 claims")
     assert "holds         table1.mlp-beats-none  n=3  +4.98" in head
-    assert text.startswith("## Claims") and "Seeds whose values tie within the metric's resolution" in text
+    assert text.startswith("## Claims") and "the rounding variance h²/12 is added to the seeds' variance" in text
     assert files == [tmp_path / "claims.csv"]
     rows = {row["id"]: row for row in csv.DictReader(files[0].open())}
     assert set(rows) == {c.id for c in CLAIMS}  # paper-mini has every study

@@ -86,7 +86,34 @@ def test_out_of_range_in_axis(tmp_path):
 
 def test_queue_longer_than_dataset(tmp_path):
     msg = error(tmp_path, BASE.replace("K: 64", "K: 4096"))
-    assert "pretrain.K = 4096: must be below the dataset size (200)" in msg
+    assert "pretrain.K = 4096: must be below the dataset size (200 training images: dataset.num_train)" in msg
+
+
+def test_queue_longer_than_a_known_train_split_is_refused_at_load(tmp_path, capsys):
+    """Fashion-MNIST's train split is known (60,000), capped by max_train: K = 2048 over 512 images
+    is refused when the grid loads (exit 2), not by 24 failed stages at run time."""
+    from pipeline.cli import main
+
+    fashion = BASE.replace("{name: synthetic, num_train: 200, num_val: 50}", "{name: fashion_mnist, max_train: 512}")
+    msg = error(tmp_path, fashion.replace("K: 64", "K: 2048"))
+    assert ("pretrain.K = 2048: must be below the dataset size (512 training images: dataset.max_train = 512): a "
+            "queue that long holds an older key of each query's own image as a negative. Lower pretrain.K below "
+            "512, or raise dataset.max_train") in msg
+    assert "60000 training images: fashion_mnist's train split" in error(tmp_path, fashion.replace(
+        "max_train: 512", "image_size: 32").replace("K: 64", "K: 60000"))
+    load_grid(write(tmp_path, fashion.replace("K: 64", "K: 511")))  # below it: accepted
+    for name in ("cifar10", "stl10"):
+        assert "must be below the dataset size (512 training images: dataset.max_train = 512)" in error(
+            tmp_path, fashion.replace("fashion_mnist", name).replace("K: 64", "K: 512"))
+    # the shipped grid with a smaller train set: refused by plan and run alike, before anything runs
+    grid = Path(__file__).resolve().parents[2] / "grids" / "fashion.yaml"
+    for command in ("plan", "run"):
+        assert main([command, str(grid), "-o", "dataset.max_train=512", "--workdir", str(tmp_path / "wd"),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
+        err = capsys.readouterr().err
+        assert "defaults.pretrain.K = 2048: must be below the dataset size (512 training images: " in err, err
+        assert "Lower pretrain.K below 512, or raise dataset.max_train" in err and "nothing was launched" in err
+    assert not (tmp_path / "wd").exists()
 
 
 def test_bad_override_syntax_and_value(tmp_path):

@@ -81,11 +81,11 @@ def test_gpus_must_split_evenly_among_processes(tmp_path):
 
     g = tmp_path / "g.yaml"
     g.write_text("name: g\nresources:\n  pretrain: {gpus: 8, processes: 3}\n")
-    with pytest.raises(GridError, match=r"resources.pretrain.gpus = 8.0: cannot be shared by the 3 processes"):
+    with pytest.raises(GridError, match=r"resources.pretrain.gpus = 8: cannot be shared by the 3 processes"):
         load_grid(g)
     g.write_text("name: g\ndefaults: {pretrain: {batch_size: 64, K: 512}, backbone: {bn_splits: 4}}\n"
                  "resources:\n  pretrain: {gpus: 1, processes: 2}\n")  # two ranks on one GPU: NCCL refuses them
-    with pytest.raises(GridError, match=r"resources.pretrain.processes = 2: more processes than the stage's 1 GPUs"):
+    with pytest.raises(GridError, match=r"resources.pretrain.processes = 2: more processes than the stage's 1 GPU;"):
         load_grid(g)
     g.write_text("name: g\ndefaults: {pretrain: {batch_size: 64, K: 512}, backbone: {bn_splits: 4}}\n"
                  "resources:\n  pretrain: {gpus: 4, processes: 2}\n")

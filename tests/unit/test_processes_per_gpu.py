@@ -41,8 +41,8 @@ def test_more_processes_than_gpus_is_refused_at_load_with_exit_2(tmp_path, capsy
         assert main(command) == 2
         out = capsys.readouterr()
         text = " ".join((out.out + out.err).split())  # rich wraps long lines
-        assert f"{path}: resources.pretrain.processes = 2: more processes than the stage's 1 GPUs" in text, text
-        assert ("Set processes to 1 or fewer, raise resources.pretrain.gpus to 2, or set resources.pretrain.gpus "
+        assert f"{path}: resources.pretrain.processes = 2: more processes than the stage's 1 GPU;" in text, text
+        assert ("Set processes to 1, raise resources.pretrain.gpus to 2, or set resources.pretrain.gpus "
                 "to 0 to run the 2 processes on CPUs") in text, text
     assert not (tmp_path / "wd").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -53,10 +53,19 @@ def test_processes_that_each_have_a_gpu_or_none_are_accepted(tmp_path, resources
     load_grid(grid(tmp_path, resources))
 
 
-def test_gpus_that_do_not_split_into_whole_gpus_per_process_are_refused(tmp_path):
-    with pytest.raises(GridError, match=r"resources.pretrain.gpus = 8.0: cannot be shared by the 3 processes: each "
-                                        r"gets whole GPUs; set processes to 8 \(one per GPU\) or to a divisor of 8"):
+def test_gpus_that_do_not_split_into_whole_gpus_per_process_are_refused(tmp_path, capsys):
+    with pytest.raises(GridError, match=r"resources.pretrain.gpus = 8: cannot be shared by the 3 processes \(2.67 GPUs "
+                                        r"each\): each process gets whole GPUs; set resources.pretrain.gpus to a "
+                                        r"multiple of 3 \(6 or 9, 2 GPUs or 3 per process\), or "
+                                        r"resources.pretrain.processes to 2 or 4 or 8 \(dividing 8\)"):
         load_grid(grid(tmp_path, "{gpus: 8, processes: 3}"))
+    # one process on 1.5 GPUs: not "set processes to 1" (it is 1), nor "1 GPUs" or "3.0"
+    path = grid(tmp_path, "{gpus: 1.5, processes: 1}")
+    assert main(["plan", str(path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"{path}: resources.pretrain.gpus = 1.5: one process gets a fraction of one GPU or whole GPUs, not 1.5 "
+            f"GPUs: set resources.pretrain.gpus to 1 or 2, or below 1 to share a GPU") in err, err
+    assert "processes to 1" not in err
 
 
 def test_unset_gpus_resolved_to_one_gpu_cannot_hold_two_processes(tmp_path):

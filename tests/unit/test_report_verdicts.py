@@ -85,8 +85,9 @@ def test_a_report_of_another_plan_refuses_and_keeps_the_stored_verdicts(tmp_path
     md = files[0].read_text()
     # the report a user gets by forgetting -o: every pretraining is another stage
     other = build_plan(_grid(tmp_path, overrides=["pretrain.epochs=2"]))
-    with pytest.raises(StateError, match=r"were never run, and the grid's last run used other -o flags: "
-                                         r"`sslgrid run .*g.yaml`.*Pass the run's -o flags"):
+    with pytest.raises(StateError, match=r"this report's -o flags \(-o pretrain.epochs=2\) are not those of the "
+                                         r"grid's last run \(\(no -o flags\); `sslgrid run .*g.yaml`\).*Pass the "
+                                         r"run's flags"):
         write_report(other, overrides=["pretrain.epochs=2"])
     assert c.get_run(parent).data.tags[CLAIM_TAG] == stored and files[0].read_text() == md
     # a plan whose stages are not all finished yet (a run in progress) reports, but a claim it cannot
@@ -100,6 +101,73 @@ def test_a_report_of_another_plan_refuses_and_keeps_the_stored_verdicts(tmp_path
             c.set_terminated(key, "RUNNING")
     write_report(longer, parent, overrides=[])
     assert c.get_run(parent).data.tags[CLAIM_TAG].startswith("holds")
+
+
+def test_a_report_without_the_runs_repeats_refuses_though_seed_0_is_tracked(tmp_path, capsys):
+    """`sslgrid run g.yaml -o repeats=3` then `sslgrid report g.yaml`: every stage of the report's
+    plan is tracked (seed 0 is the stage the grid runs without seeds), yet it is another plan. It
+    refuses (exit 2) naming both sets of flags and the fix, and writes nothing: no file, no claim
+    tag, no look. The run's flags in any order report; --study and --correction still work."""
+    from pipeline.cli import main
+
+    flags = ["repeats=3", "linear_probe.epochs=4"]
+    plan = build_plan(_grid(tmp_path, seeds="", overrides=flags))
+    _, parent, run_ids = prepare_runs(plan)
+    c = client(plan.grid.tracking_uri)
+    c.set_tag(parent, OVERRIDES, json.dumps({"overrides": flags, "studies": []}))  # as `sslgrid run` records it
+    _finish_all(plan, run_ids, CLEAR)
+    _, files = write_report(plan, parent, overrides=flags)
+    out = plan.grid.workdir / "report"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    tags = dict(c.get_run(parent).data.tags)
+    looks = _read_run_json(c, parent, LOOKS)
+    assert tags[CLAIM_TAG].startswith("holds") and looks == {"table1.mlp-beats-none": [3]}
+    one_seed = build_plan(_grid(tmp_path, seeds="", overrides=flags[1:]))  # the report without -o repeats=3
+    assert set(one_seed.stages) <= set(stage_runs(one_seed).index)  # the old check let this through
+    common = ["--workdir", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for report_flags in ([], ["-o", "repeats=3"], ["-o", "linear_probe.epochs=4", "--study", "table1"]):
+        capsys.readouterr()
+        assert main(["report", str(tmp_path / "g.yaml"), *report_flags, *common]) == 2, report_flags
+        err = capsys.readouterr().err
+        assert "are not those of the grid's last run (-o repeats=3 -o linear_probe.epochs=4" in err, err
+        assert "Pass the run's flags: `sslgrid report" in err and "-o repeats=3 -o linear_probe.epochs=4`" in err
+        assert "Nothing was written." in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert dict(c.get_run(parent).data.tags) == tags and _read_run_json(c, parent, LOOKS) == looks
+    # the run's flags, in another order, report; so do --study and --correction with them
+    assert main(["report", str(tmp_path / "g.yaml"), "-o", "linear_probe.epochs=4", "-o", "repeats=3", *common]) == 0
+    assert main(["report", str(tmp_path / "g.yaml"), "-o", "linear_probe.epochs=4", "-o", "repeats=3",
+                 "--study", "table1", *common]) == 0
+    assert c.get_run(parent).data.tags[CLAIM_TAG].startswith("holds")
+
+
+def test_another_correction_is_printed_only(tmp_path, capsys):
+    """`report --correction none` on a grid decided with Holm shows the raw verdicts but writes no
+    file and touches no tag or look: report.md, claims.csv and the claim tags keep Holm's."""
+    from pipeline.cli import main
+
+    plan = build_plan(_grid(tmp_path))
+    _, parent, run_ids = prepare_runs(plan)
+    c = client(plan.grid.tracking_uri)
+    c.set_tag(parent, OVERRIDES, json.dumps({"overrides": [], "studies": []}))
+    _finish_all(plan, run_ids, CLEAR)
+    write_report(plan, parent, overrides=[])
+    out = plan.grid.workdir / "report"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    tags, looks = dict(c.get_run(parent).data.tags), _read_run_json(c, parent, LOOKS)
+    common = [str(tmp_path / "g.yaml"), "--workdir", str(tmp_path / "runs"),
+              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for correction in ("none", "bonferroni"):
+        capsys.readouterr()
+        assert main(["report", *common, "--correction", correction]) == 0
+        shown = capsys.readouterr().out
+        assert f"Printed only: --correction {correction} is not this grid's correction (holm)" in shown
+        assert f"nothing written: --correction {correction} is a preview" in shown and "written: /" not in shown
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert dict(c.get_run(parent).data.tags) == tags and _read_run_json(c, parent, LOOKS) == looks
+    # the grid's own correction, named, writes as a plain report does
+    assert main(["report", *common, "--correction", "holm"]) == 0
+    assert "written: " in capsys.readouterr().out
 
 
 def test_a_report_of_one_study_touches_only_that_study(tmp_path):
