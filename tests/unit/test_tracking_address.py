@@ -66,7 +66,7 @@ def test_wildcard_fallbacks_without_a_route(monkeypatch):
 
 def _server_output(monkeypatch, *argv: str) -> tuple[str, list[str]]:
     ran = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: ran.append(cmd) or 0)
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, **kwargs: ran.append(cmd) or 0)
     out = io.StringIO()
     args = cli.parser().parse_args(["server", "--port", "5123", *argv])
     assert cli.cmd_server(args, Console(file=out, width=400)) == 0
