@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -166,7 +167,9 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> int:
                       f"and 95% interval over its seeds", highlight=False)
     for line in decide_lines:
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"workdir: {plan.grid.workdir}\ntracking: {plan.grid.tracking_uri}")
+    from pipeline.stores import shown
+
+    console.print(f"workdir: {plan.grid.workdir}\ntracking: {shown(plan.grid.tracking_uri)}", highlight=False)
     _warn_shuffle_bn(plan, console)
     for where, problem in data_problems(plan.grid):
         console.print(f"[yellow]warning[/]: {where}{problem} (`sslgrid run` will refuse to start)", soft_wrap=True)
@@ -209,7 +212,9 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     _warn_shuffle_bn(plan, console)
     try:
         factory, preflight = _backend(args, plan, console)
-        problem = unwritable(plan.grid)
+        from pipeline.tracking import patience_problem
+
+        problem = unwritable(plan.grid) or patience_problem()
         if problem:  # escaped: a path or a pip requirement (psycopg[binary]) holds [brackets]
             raise _Refused(f"[red]{escape(problem)}[/] Nothing was launched.")
         refusal = _other_driver(plan, console)  # before the lock, which would create the work directory
@@ -539,6 +544,10 @@ def unwritable(grid: Grid) -> str | None:
         if not os.access(p, os.W_OK | os.X_OK):
             return (f"{flag}: {folder} cannot be written: {p} is not writable by this user. Choose another "
                     f"{flag}, or make {p} writable.")
+        free = shutil.disk_usage(p).free
+        if free < MIN_FREE_BYTES:
+            return (f"{flag}: {folder} cannot be written: the disk under {p} is full ({free:,} bytes free). Free "
+                    f"space there, or choose another {flag}.")
     problem = store_problem(grid.tracking_uri)
     if problem:
         return problem
@@ -550,14 +559,22 @@ def unwritable(grid: Grid) -> str | None:
     return None
 
 
+MIN_FREE_BYTES = 1 << 20  # below this free under --workdir, the store or the cache, `run` refuses before launching
+
+
 def store_problem(uri: str) -> str | None:
     """What makes ``uri`` unusable as a store before MLflow is asked (its errors are SQLAlchemy
     tracebacks): for SQLite a folder, or a file that is not an SQLite database; for a database server
     what pipeline/stores.py ``database_problem`` finds (driver, connection, schema)."""
-    from pipeline.stores import database_problem
+    from pipeline.stores import database_problem, shown
     from pipeline.tracking import sqlite_path
 
     db = sqlite_path(uri)
+    if uri.startswith("postgres://"):  # Heroku's spelling; SQLAlchemy 2 knows only postgresql://
+        return (f"--tracking-uri: {shown(uri)}: SQLAlchemy reads PostgreSQL stores as postgresql://, not "
+                f"postgres://. Write postgresql://USER:PASSWORD@HOST:PORT/DATABASE.")
+    if uri.startswith(("http://", "https://")):
+        return server_problem(uri)
     if db is None:
         return database_problem(uri)
     if db.is_dir():
@@ -571,7 +588,47 @@ def store_problem(uri: str) -> str | None:
         if header != b"SQLite format 3\0":
             return (f"--tracking-uri: {db} is not an SQLite database (it holds something else). Pass the path of "
                     f"an MLflow store, or of a file that does not exist yet.")
+        return sqlite_schema_problem(uri, db)
     return None
+
+
+def sqlite_schema_problem(uri: str, db: Path) -> str | None:
+    """An existing SQLite store whose MLflow tables are at another alembic revision than this
+    MLflow's (MLflow raises "Detected out-of-date database schema" as a traceback): the fix is
+    ``mlflow db upgrade``. A file without MLflow's tables is left to MLflow, which creates them."""
+    import sqlite3
+
+    from pipeline.stores import _schema_problem
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:  # no alembic_version table yet (a new or empty store), or a locked one: MLflow decides
+        return None
+    return _schema_problem(f"--tracking-uri: {db}", uri, row[0] if row else None)
+
+
+SERVER_TIMEOUT_S = 10.0  # how long `run`, `status` and `report` wait for a tracking server's first answer, seconds
+
+
+def server_problem(uri: str) -> str | None:
+    """Why no MLflow tracking server answers at ``uri`` (http/https), asked once with a
+    ``SERVER_TIMEOUT_S`` timeout before anything is launched; MLflow's client would retry for about
+    4 minutes and end in a traceback. None when ``/health`` answers 200."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S) as r:
+            if r.status == 200:
+                return None
+            reason = f"HTTP {r.status}"
+    except urllib.error.HTTPError as err:
+        reason = f"HTTP {err.code} {err.reason}"
+    except (OSError, ValueError) as err:
+        reason = str(getattr(err, "reason", None) or err)
+    return (f"--tracking-uri: no MLflow tracking server answers at {uri} ({reason}). Start one there with "
+            f"`sslgrid server` (docs/slurm.md), or pass the address it printed.")
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:

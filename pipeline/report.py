@@ -324,8 +324,9 @@ def check_matches(plan: Plan, df: pd.DataFrame, parent, overrides: list[str] | N
     stages was tracked: without the run's ``-o repeats=3``, seed 0 of each cell is the stage the
     grid runs without seeds, so the report would read three-seed cells at one seed and overwrite the
     stored report, verdicts and looks with it. ``--study`` is not compared (a report of one study
-    is allowed). ``overrides``: the report's ``-o`` texts (None: the driver's own report, which is
-    its plan)."""
+    is allowed). With the run's flags, a plan with stages the store has never seen (the grid file was
+    edited since the run) is refused too. ``overrides``: the report's ``-o`` texts (None: the
+    driver's own report, which is its plan)."""
     from pipeline.state import StateError
 
     if overrides is None or parent is None:
@@ -336,11 +337,23 @@ def check_matches(plan: Plan, df: pd.DataFrame, parent, overrides: list[str] | N
         last = {}
     if not isinstance(last, dict) or not isinstance(last.get("overrides"), list):
         return
-    if _flags(last["overrides"]) == _flags(overrides):
-        return
-
     def shown(flags: list[str]) -> str:
         return " ".join(f"-o {o}" for o in flags) or "(no -o flags)"
+
+    if _flags(last["overrides"]) == _flags(overrides):
+        # the stages the last run ran: all, or after `run --study S` those of S's cells (the others
+        # are pending, not a sign of an edited file)
+        ran = set(last.get("studies") or [])
+        needed = {k for c in plan.grid.cells if not ran or c.study in ran for k in plan.cells[c.name].values()}
+        never = [k for k in plan.stages if k in needed and k not in df.index]
+        if never:  # the same flags over an edited grid file: its stages are not the run's
+            raise StateError(
+                f"{plan.grid.path}: {len(never)} of this plan's {len(plan.stages)} stages were never run (e.g. "
+                f"{plan.stages[never[0]].label}): the grid file differs from the one its last `sslgrid run` ran, "
+                f"so this report would replace that run's report and verdicts with \"not tested\". Run it first "
+                f"(`sslgrid run {plan.grid.path}{' ' + shown(list(overrides)) if overrides else ''}`), or report "
+                f"the grid file that ran. Nothing was written.")
+        return
 
     studies = " ".join(f"--study {x}" for x in last.get("studies", []))
     run = " ".join(x for x in (f"sslgrid run {plan.grid.path}", shown(last["overrides"]) if last["overrides"] else "",

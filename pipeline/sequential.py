@@ -151,16 +151,21 @@ def look_pvalues(d: np.ndarray, margin: float | None = None, resolution: np.ndar
     """One look's test of a claim from its per-seed values ``d`` (…×n, the contrast's value per
     seed, in the metric's points) whose metric moves in steps of ``resolution`` (h; 0 for a
     continuous metric). Returns (p, outcome), each of shape …: the p-value of the look (1 where
-    n < 2, or no test exists) and the verdict it points to (``OUTCOMES`` codes: 1 holds, −1
-    reversed for a directional claim; 2 same, 3 differs for one with ``margin``). See the module
-    docstring for the tests and the rounding variance."""
+    n < 2, or no test exists, or a directional claim's mean within ``resolution`` of 0: a tie) and
+    the verdict it points to (``OUTCOMES`` codes: 1 holds, −1 reversed for a directional claim;
+    2 same, 3 differs for one with ``margin``). See the module docstring for the tests and the
+    rounding variance."""
     d = np.asarray(d, dtype=np.float64)
     shape = d.shape[:-1]
     if d.shape[-1] < 2:
         return np.ones(shape), np.zeros(shape, dtype=np.int64)
     if margin is None:
         p = _ttest(d, 0.0, resolution=resolution)
-        outcome = np.where(np.mean(d, axis=-1) >= 0, 1, -1)
+        mean = np.mean(d, axis=-1)
+        outcome = np.where(mean >= 0, 1, -1)
+        # issue 20: values within the metric's resolution count as equal, however many seeds agree
+        # (+1 image on every seed is a tie, not "holds"); with resolution 0 only an exact 0 is
+        p = np.where(np.abs(mean) <= np.asarray(resolution, dtype=np.float64) * (1 + 1e-9), 1.0, p)
     else:
         p_same = np.maximum(_ttest(d, -margin, "greater", resolution), _ttest(d, margin, "less", resolution))
         p_diff = np.minimum(1.0, 2.0 * np.minimum(_ttest(d, margin, "greater", resolution),

@@ -256,11 +256,28 @@ class TrackingError(RuntimeError):
 PATIENCE_S = 1800.0  # how long a stage's points wait for an unanswering store (SSLGRID_TRACKING_PATIENCE_S), seconds
 
 
-def patience_s() -> float:
+def patience_problem() -> str | None:
+    """Why ``$SSLGRID_TRACKING_PATIENCE_S`` is not a number of seconds above 0 (``sslgrid run`` refuses
+    it before anything is launched), or None."""
+    import math
+
+    raw = os.environ.get("SSLGRID_TRACKING_PATIENCE_S")
+    if raw is None:
+        return None
     try:
-        return float(os.environ.get("SSLGRID_TRACKING_PATIENCE_S", PATIENCE_S))
+        value = float(raw)
     except ValueError:
-        return PATIENCE_S
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        return (f"SSLGRID_TRACKING_PATIENCE_S={raw!r} is not a number of seconds above 0. Unset it (default "
+                f"{PATIENCE_S:.0f} s) or set e.g. SSLGRID_TRACKING_PATIENCE_S=3600.")
+    return None
+
+
+def patience_s() -> float:
+    """How long a stage's points wait for an unanswering store, seconds: ``$SSLGRID_TRACKING_PATIENCE_S``,
+    or ``PATIENCE_S`` when it is unset or not a number above 0 (the driver refuses that first)."""
+    return PATIENCE_S if patience_problem() else float(os.environ.get("SSLGRID_TRACKING_PATIENCE_S", PATIENCE_S))
 
 
 def _transient(err: BaseException) -> bool:

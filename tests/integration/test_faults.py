@@ -254,3 +254,17 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one_and_names_the_path
     steps = [s for s, _ in history(tmp_path, run.info.run_id, "loss")]
     # each epoch's loss once (none lost, none doubled), then the final value at the step after the last
     assert steps == list(range(7)), steps
+
+
+def test_a_full_disk_before_the_first_write_is_refused_before_launch(tmp_path, small_disk):
+    """A work directory on a disk that is already full: `run` died in pipeline/lock.py with an ENOSPC
+    traceback (exit 1). It refuses (exit 2) naming the folder and the free bytes, and starts nothing."""
+    grid = write_grid(tmp_path, FULL)
+    _fill(small_disk)
+    args = [a if a != str(tmp_path / "runs") else str(small_disk / "runs") for a in cli_args(grid, tmp_path)]
+    out = subprocess.run(args, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                         text=True, timeout=120)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 2 and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert f"--workdir: {small_disk / 'runs'} cannot be written: the disk under {small_disk} is full" in text, text
+    assert not (small_disk / "runs").exists()

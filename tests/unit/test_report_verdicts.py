@@ -141,6 +141,33 @@ def test_a_report_without_the_runs_repeats_refuses_though_seed_0_is_tracked(tmp_
     assert c.get_run(parent).data.tags[CLAIM_TAG].startswith("holds")
 
 
+def test_an_edited_grid_with_the_runs_flags_refuses(tmp_path, capsys):
+    """The run's own -o flags over a grid file edited since the run (another pretraining length: other
+    stage identities) passed the flags check and replaced the stored report with "not tested". It
+    refuses (exit 2), names a stage that never ran and the fix, and writes nothing."""
+    from pipeline.cli import main
+
+    flags = ["repeats=3"]
+    plan = build_plan(_grid(tmp_path, seeds="", overrides=flags))
+    _, parent, run_ids = prepare_runs(plan)
+    c = client(plan.grid.tracking_uri)
+    c.set_tag(parent, OVERRIDES, json.dumps({"overrides": flags, "studies": []}))
+    _finish_all(plan, run_ids, CLEAR)
+    write_report(plan, parent, overrides=flags)
+    out = plan.grid.workdir / "report"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    tags = dict(c.get_run(parent).data.tags)
+    edited = (tmp_path / "g.yaml").read_text().replace("{epochs: 1, batch_size: 16", "{epochs: 2, batch_size: 16", 1)
+    assert edited != (tmp_path / "g.yaml").read_text()
+    (tmp_path / "g.yaml").write_text(edited)
+    common = ["--workdir", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(["report", str(tmp_path / "g.yaml"), "-o", "repeats=3", *common]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "stages were never run" in err and "Run it first" in err and "Nothing was written." in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert dict(c.get_run(parent).data.tags) == tags
+
+
 def test_another_correction_is_printed_only(tmp_path, capsys):
     """`report --correction none` on a grid decided with Holm shows the raw verdicts but writes no
     file and touches no tag or look: report.md, claims.csv and the claim tags keep Holm's."""

@@ -159,7 +159,7 @@ def test_shares_sum_to_one_and_nothing_outside_the_looks():
 def _top1_differences(delta: list[int], val: int = 360) -> np.ndarray:
     """Per-seed differences of top-1 (percent, float32 as the probe computes it) between two cells
     whose correct counts differ by ``delta`` images on each seed."""
-    correct = np.array([141, 140, 139, 142, 138, 143][:len(delta)], dtype=np.float32)
+    correct = np.array([141, 140, 139, 142, 138, 143, 137, 144, 136, 145][:len(delta)], dtype=np.float32)
     a = (correct + np.asarray(delta, np.float32)) / np.float32(val) * np.float32(100)
     b = correct / np.float32(val) * np.float32(100)
     return a.astype(np.float64) - b.astype(np.float64)
@@ -180,6 +180,12 @@ def test_a_near_tie_is_not_holds():
         assert v.verdict == INCONCLUSIVE and v.low < 0 < v.high, (sequential, v)
     # without the resolution, the plain t-test calls it certain
     assert stats.ttest_1samp(d, 0).pvalue < 1e-6
+    # and it stays a tie with more seeds: 6 and 10 seeds of +1 image, fixed n and sequential
+    for n in (6, 10):
+        d = _top1_differences([1] * n)
+        for sequential in (False, True):
+            v = verdicts([ClaimLooks(tuple(d), (n,), None, resolution=H360)], Design(), sequential=sequential)[0]
+            assert v.verdict == INCONCLUSIVE, (n, sequential, v)
 
 
 def test_p_falls_as_the_effect_grows_when_seeds_agree():
@@ -188,8 +194,10 @@ def test_p_falls_as_the_effect_grows_when_seeds_agree():
     def p(delta: list[int]) -> float:
         return float(look_pvalues(_top1_differences(delta), None, H360)[0])
 
-    assert p([5, 5, 5]) < p([2, 2, 3]) < p([1, 1, 1])
-    assert p([40, 40, 40]) < p([40, 40, 41]) and p([1, 1, 1]) < p([0, 0, 0]) == 1.0
+    assert p([5, 5, 5]) < p([2, 2, 3]) < 1.0
+    assert p([40, 40, 40]) < p([40, 40, 41]) and p([0, 0, 0]) == 1.0
+    # within the resolution the values count as equal (issue 20), however many seeds agree
+    assert p([1, 1, 1]) == p([1] * 6) == p([1] * 10) == p([-1] * 10) == 1.0
     seq = [verdicts([ClaimLooks(tuple(_top1_differences(dl)), (3,), None, resolution=H360)], Design())[0]
            for dl in ([1, 1, 1], [2, 2, 3], [5, 5, 5], [40, 40, 40])]
     assert [v.verdict for v in seq] == [INCONCLUSIVE, INCONCLUSIVE, HOLDS, HOLDS]

@@ -89,3 +89,60 @@ def test_server_pool_outlasts_mlflows_nested_sessions(tmp_path, monkeypatch):
     assert seen["env"]["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] == "10"
     assert seen["env"]["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] == "50"
     assert seen["cmd"][seen["cmd"].index("--workers") + 1] == "2"  # 2 × (10 + 31) = 82 < PostgreSQL's 100
+
+
+def test_a_tracking_server_that_is_down_is_refused_at_once(tmp_path, capsys):
+    """A forgotten `sslgrid server`: `run` waited about 4 minutes in MLflow's retries, then printed a
+    traceback with exit 1. Now one line, exit 2, within the server check's timeout."""
+    import time
+
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.time()
+    code = main(["run", str(_grid(tmp_path)), "--workdir", str(tmp_path / "runs"), "--tracking-uri", uri])
+    out = capsys.readouterr().out
+    assert code == 2 and time.time() - t0 < 60, out
+    assert f"no MLflow tracking server answers at {uri}" in " ".join(out.split()) and "sslgrid server" in out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_postgres_spelling_and_plan_hide_nothing_secret(tmp_path, capsys):
+    """`postgres://` (Heroku's spelling) ended in a traceback that printed the password; `plan`
+    printed the password in its `tracking:` line."""
+    grid = str(_grid(tmp_path))
+    code = main(["run", grid, "--workdir", str(tmp_path / "runs"), "--tracking-uri", "postgres://u:s3cret@127.0.0.1/db"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and "Write postgresql://" in out and "s3cret" not in out, out
+    assert main(["plan", grid, "--tracking-uri", "postgresql://u:s3cret@127.0.0.1/db"]) == 0
+    out = capsys.readouterr().out
+    assert "postgresql://u:***@127.0.0.1/db" in out and "s3cret" not in out, out
+
+
+def test_an_older_sqlite_schema_names_mlflow_db_upgrade(tmp_path, capsys):
+    """The default store, an mlflow.db from an older MLflow: MLflow's "Detected out-of-date database
+    schema" traceback (exit 1) becomes one line naming `mlflow db upgrade` (exit 2)."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path / "old.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()  # a current store
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '17e22815139b'")  # an older MLflow's revision
+    code = main(["run", str(_grid(tmp_path)), "--workdir", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{db}"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and "mlflow db upgrade" in out and str(db) in out, out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "0", "-5", "inf"])
+def test_a_tracking_patience_that_is_no_duration_is_refused(tmp_path, capsys, monkeypatch, value):
+    """`abc` silently became 1800 s and `nan` made a stage wait forever for an unanswering store."""
+    from pipeline.tracking import PATIENCE_S, patience_s
+
+    monkeypatch.setenv("SSLGRID_TRACKING_PATIENCE_S", value)
+    assert patience_s() == PATIENCE_S  # a worker never waits forever
+    code = main(["run", str(_grid(tmp_path)), "--workdir", str(tmp_path / "runs"), "--tracking-uri",
+                 f"sqlite:///{tmp_path / 'm.db'}"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and f"SSLGRID_TRACKING_PATIENCE_S={value!r} is not a number of seconds above 0" in out, out
+    assert not (tmp_path / "runs").exists()
