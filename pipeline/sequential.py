@@ -23,8 +23,9 @@ The procedure here, for a family of C claims decided together, at level ``alpha`
      freedom (scipy's t distribution). For a contrast of values each rounded at hᵢ the rounding
      variance is Σ cᵢ²hᵢ²/12, i.e. h² = Σ (cᵢhᵢ)² (pipeline/claims.py ``resolution``; at least the
      float32 noise, 1e-6 relative). So seeds that agree (+5, +5, +5 images) are not certainty, nor
-     are they nothing: p falls as the effect grows, whatever the spread, and +1 image on every seed
-     decides nothing at 3 seeds. On continuous data (h = 0) this is the plain t-test; h > 0 only makes
+     are they nothing: p falls as the effect grows, whatever the spread. A directional claim whose mean
+     is within h of 0 is a tie (p = 1: issue 20's "values within one image count as equal"), so +1
+     image on every seed decides nothing at any n. On continuous data (h = 0) this is the plain t-test; h > 0 only makes
      a test more conservative. Exact float equality plays no part.
 2. **Looks are paid from a budget of α** (an α-spending function, Lan & DeMets 1983): the look at
    n seeds may spend the share s(n) = F(n/N) − F((n−1)/N) of α, N = ``max_seeds`` (the first look,
