@@ -546,8 +546,8 @@ def unwritable(grid: Grid) -> str | None:
                     f"{flag}, or make {p} writable.")
         free = shutil.disk_usage(p).free
         if free < MIN_FREE_BYTES:
-            return (f"{flag}: {folder} cannot be written: the disk under {p} is full ({free:,} bytes free). Free "
-                    f"space there, or choose another {flag}.")
+            return (f"{flag}: {folder} cannot be written: the disk under {p} is full or nearly ({free:,} bytes free; "
+                    f"a run needs {MIN_FREE_BYTES >> 20} MiB to start). Free space there, or choose another {flag}.")
     problem = store_problem(grid.tracking_uri)
     if problem:
         return problem
@@ -559,7 +559,19 @@ def unwritable(grid: Grid) -> str | None:
     return None
 
 
-MIN_FREE_BYTES = 1 << 20  # below this free under --workdir, the store or the cache, `run` refuses before launching
+MIN_FREE_BYTES = 64 << 20  # below this free under --workdir, the store or the cache, `run` refuses before launching
+# (a new SQLite store alone is about 1 MB, a tiny ResNet's checkpoint pair about 30 MB)
+
+
+def spelling_problem(uri: str, flag: str = "--tracking-uri") -> str | None:
+    """``postgres://`` (Heroku's spelling), which SQLAlchemy 2 does not read (MLflow's answer is a
+    traceback that prints the password), or None."""
+    from pipeline.stores import shown
+
+    if uri.startswith("postgres://"):
+        return (f"{flag}: {shown(uri)}: SQLAlchemy reads PostgreSQL stores as postgresql://, not postgres://. "
+                f"Write postgresql://USER:PASSWORD@HOST:PORT/DATABASE.")
+    return None
 
 
 def store_problem(uri: str) -> str | None:
@@ -570,9 +582,8 @@ def store_problem(uri: str) -> str | None:
     from pipeline.tracking import sqlite_path
 
     db = sqlite_path(uri)
-    if uri.startswith("postgres://"):  # Heroku's spelling; SQLAlchemy 2 knows only postgresql://
-        return (f"--tracking-uri: {shown(uri)}: SQLAlchemy reads PostgreSQL stores as postgresql://, not "
-                f"postgres://. Write postgresql://USER:PASSWORD@HOST:PORT/DATABASE.")
+    if spelling_problem(uri):
+        return spelling_problem(uri)
     if uri.startswith(("http://", "https://")):
         return server_problem(uri)
     if db is None:
@@ -615,11 +626,21 @@ def server_problem(uri: str) -> str | None:
     """Why no MLflow tracking server answers at ``uri`` (http/https), asked once with a
     ``SERVER_TIMEOUT_S`` timeout before anything is launched; MLflow's client would retry for about
     4 minutes and end in a traceback. None when ``/health`` answers 200."""
+    import base64
     import urllib.error
     import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
 
+    from pipeline.stores import shown
+
+    parts = urlsplit(uri)
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])).rstrip("/")
+                                     + "/health")
+    if parts.username is not None:  # credentials in the URI: asked with them, shown without the password
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=SERVER_TIMEOUT_S) as r:
+        with urllib.request.urlopen(request, timeout=SERVER_TIMEOUT_S) as r:
             if r.status == 200:
                 return None
             reason = f"HTTP {r.status}"
@@ -627,7 +648,7 @@ def server_problem(uri: str) -> str | None:
         reason = f"HTTP {err.code} {err.reason}"
     except (OSError, ValueError) as err:
         reason = str(getattr(err, "reason", None) or err)
-    return (f"--tracking-uri: no MLflow tracking server answers at {uri} ({reason}). Start one there with "
+    return (f"--tracking-uri: no MLflow tracking server answers at {shown(uri)} ({reason}). Start one there with "
             f"`sslgrid server` (docs/slurm.md), or pass the address it printed.")
 
 
@@ -707,7 +728,7 @@ def cmd_server(args: argparse.Namespace, console: Console) -> int:
     from pipeline.stores import SERVER_POOL, database_problem, shown
 
     store = _absolute_uri(args.backend_store_uri, Path.cwd())
-    problem = database_problem(store, "--backend-store-uri")
+    problem = spelling_problem(store, "--backend-store-uri") or database_problem(store, "--backend-store-uri")
     if problem:
         console.print(f"[red]{escape(problem)}[/] Nothing was started.", highlight=False, soft_wrap=True)
         return EXIT_USAGE

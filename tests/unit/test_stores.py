@@ -112,6 +112,13 @@ def test_postgres_spelling_and_plan_hide_nothing_secret(tmp_path, capsys):
     code = main(["run", grid, "--workdir", str(tmp_path / "runs"), "--tracking-uri", "postgres://u:s3cret@127.0.0.1/db"])
     out = " ".join(capsys.readouterr().out.split())
     assert code == 2 and "Write postgresql://" in out and "s3cret" not in out, out
+    assert main(["server", "--backend-store-uri", "postgres://u:s3cret@127.0.0.1/db", "--port", str(_closed_port())]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Write postgresql://" in out and "s3cret" not in out, out
+    code = main(["run", grid, "--workdir", str(tmp_path / "runs"), "--tracking-uri",
+                 f"http://u:s3cret@127.0.0.1:{_closed_port()}"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2 and "no MLflow tracking server answers at http://u:***@127.0.0.1" in out and "s3cret" not in out
     assert main(["plan", grid, "--tracking-uri", "postgresql://u:s3cret@127.0.0.1/db"]) == 0
     out = capsys.readouterr().out
     assert "postgresql://u:***@127.0.0.1/db" in out and "s3cret" not in out, out
