@@ -170,12 +170,15 @@ def test_ctrl_c_stops_watching_with_130_and_no_traceback(tmp_path, monkeypatch, 
     moco = _stage(plan, "pretrain", "b")
     client(plan.grid.tracking_uri).update_run(run_ids[moco.key], status="RUNNING")  # never finishes
     monkeypatch.chdir(tmp_path)
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left (a CI run timed out here)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         code = main(["status", *args, "--watch", "--interval", "0.2"])
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     captured = capsys.readouterr()
     assert code == 130 and "stopped watching" in captured.out
     assert "Traceback" not in captured.out + captured.err
