@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from tests.integration.helpers import REPO, free_port
+from tests.integration.helpers import REPO, start_server
 
 LOCAL_CLUSTER = REPO / "cluster" / "slurm" / "local_cluster.sh"
 
@@ -43,22 +40,7 @@ def slurm_cluster():
 def mlflow_server(tmp_path_factory):
     """``sslgrid server`` on a free loopback port; yields its http URI."""
     d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{d / 'store.db'}", "--artifacts-destination",
-                             str(d / "artifacts")], cwd=d, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                            stdout=open(d / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, (d / "server.log").read_text()
-        time.sleep(0.5)
+    proc, uri = start_server(f"sqlite:///{d / 'store.db'}", d)
     yield uri
     os.killpg(proc.pid, 15)
     proc.wait(timeout=30)

@@ -5,6 +5,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -67,3 +69,27 @@ def all_runs(tmp: Path, experiment: str = "tiny") -> list:
 def history(tmp: Path, run_id: str, metric: str) -> list[tuple[int, float]]:
     c = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     return sorted((m.step, m.value) for m in c.get_metric_history(run_id, metric))
+
+
+def start_server(store: str, folder: Path, port: int | None = None, log: Path | None = None
+                 ) -> tuple[subprocess.Popen, str]:
+    """``sslgrid server`` on loopback (its own process group) with ``store`` and artifacts under
+    ``folder``, its output appended to ``log`` (default folder/server.log); returns (process, its
+    http URI) once ``/health`` answers, at most 120 s. Raises AssertionError with the log otherwise."""
+    port = port or free_port()
+    log = log or folder / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port), "--backend-store-uri",
+                             store, "--artifacts-destination", str(folder / "artifacts")], cwd=folder,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(log, "a"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri
+        except OSError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log.read_text()
+        time.sleep(0.3)

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.integration.helpers import REPO, cli_args, free_port, history, stage_runs, write_grid
+from tests.integration.helpers import REPO, cli_args, free_port, history, stage_runs, start_server, write_grid
 
 pytestmark = pytest.mark.integration
 
@@ -63,20 +62,7 @@ resources:
 
 def _server(store: Path, port: int, log: Path) -> subprocess.Popen:
     """``sslgrid server`` on loopback, with a SQLite store; returns once /health answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port), "--backend-store-uri",
-                             f"sqlite:///{store}", "--artifacts-destination", str(store.parent / "artifacts")],
-                            cwd=store.parent, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(log, "a"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, log.read_text()
-        time.sleep(0.3)
+    return start_server(f"sqlite:///{store}", store.parent, port, log)[0]
 
 
 def test_tracking_server_restart_while_a_stage_logs(tmp_path):

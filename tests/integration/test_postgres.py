@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pandas as pd
 import psycopg
@@ -15,7 +13,7 @@ import pytest
 import sqlalchemy
 from mlflow.tracking import MlflowClient
 
-from tests.integration.helpers import REPO, TINY, free_port, sslgrid, write_grid
+from tests.integration.helpers import REPO, free_port, sslgrid, start_server, write_grid
 from tests.integration.postgres import pg_database  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -89,22 +87,7 @@ def test_grid_straight_to_postgres_lands_as_in_sqlite(tmp_path, pg_database):
 
 
 def _start_server(store: str, tmp) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "server", "--port", str(port),
-                             "--backend-store-uri", store, "--artifacts-destination", str(tmp / "artifacts")],
-                            cwd=tmp, env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=open(tmp / "server.log", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, uri
-        except OSError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, (tmp / "server.log").read_text()
-        time.sleep(0.5)
+    return start_server(store, tmp)
 
 
 def test_grid_through_a_server_backed_by_postgres(tmp_path, pg_database):
